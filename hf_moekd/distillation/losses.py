@@ -1,0 +1,242 @@
+"""Pluggable distillation loss terms and their registry.
+
+A term is an `nn.Module` (so it may own parameters, e.g. a projection) that turns a `DistillationBatch`
+into a scalar. Terms return *sums* normalised by the batch's global counts (`per_item` / `per_example`),
+which makes the loss exact under gradient accumulation and data parallelism: the gradient of a
+global batch does not depend on how it is split into micro-batches or processes.
+
+Add a term from any module::
+
+    @register_loss("my_term")
+    class MyTerm(LossTerm):
+        def forward(self, batch): return batch.per_example(...)
+
+and enable it with ``DistillationArguments(extra_loss_terms=["my_term=0.1"])``.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, ContextManager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .capture import capture_qkv, find_blocks
+
+LOSS_REGISTRY: dict[str, type["LossTerm"]] = {}
+
+
+def register_loss(name: str) -> Callable[[type["LossTerm"]], type["LossTerm"]]:
+    """Class decorator: make a `LossTerm` available under `name`."""
+    def decorator(cls: type[LossTerm]) -> type[LossTerm]:
+        if name in LOSS_REGISTRY and LOSS_REGISTRY[name] is not cls:
+            raise ValueError(f"A loss term named {name!r} is already registered ({LOSS_REGISTRY[name].__name__}).")
+        cls.name = name
+        LOSS_REGISTRY[name] = cls
+        return cls
+    return decorator
+
+
+@dataclass
+class DistillationBatch:
+    """Everything a loss term may read for one micro-batch."""
+
+    inputs: dict[str, Any]
+    labels: torch.Tensor | None
+    student: Any
+    teacher: Any | None
+    teacher_logits: torch.Tensor | None
+    n_items: torch.Tensor
+    """Labelled items (examples, or tokens whose label is not -100) in the whole optimizer step, all processes."""
+    n_examples: torch.Tensor
+    """Examples in the whole optimizer step, all processes."""
+    scale: float = 1.0
+    """Number of data-parallel processes (their gradients are averaged, so sums are scaled back up)."""
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def per_item(self, total: torch.Tensor) -> torch.Tensor:
+        return total * self.scale / self.n_items.clamp_min(1)
+
+    def per_example(self, total: torch.Tensor) -> torch.Tensor:
+        return total * self.scale / self.n_examples.clamp_min(1)
+
+    def token_mask(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Boolean [batch, seq] mask of real tokens for a [batch, seq, dim] tensor."""
+        mask = self.inputs.get("attention_mask")
+        if mask is None or mask.shape != hidden.shape[:2]:
+            return torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        return mask.bool()
+
+
+class LossTerm(nn.Module):
+    """Base class of loss terms. Subclasses set the class flags and implement `forward`."""
+
+    name: ClassVar[str] = ""
+    needs_teacher: ClassVar[bool] = True
+    """Needs teacher logits (from a teacher forward or a precomputed cache)."""
+    needs_teacher_forward: ClassVar[bool] = False
+    """Needs teacher internals, so a teacher forward even when logits are cached."""
+    needs_hidden_states: ClassVar[bool] = False
+    needs_labels: ClassVar[bool] = False
+
+    def __init__(self, args: Any, student: nn.Module, teacher: nn.Module | None) -> None:
+        super().__init__()
+        self.args = args
+
+    def capture(self, role: str, model: nn.Module) -> ContextManager:
+        """Context entered around the `role` ('student' or 'teacher') forward pass; hooks go here."""
+        return nullcontext()
+
+    def forward(self, batch: DistillationBatch) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def is_regression(logits: torch.Tensor) -> bool:
+    """Transformers' heads with a single output are regression heads."""
+    return logits.shape[-1] == 1
+
+
+def _label_mask(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels of shape {tuple(labels.shape)} do not match logits of shape {tuple(logits.shape)}.")
+    return labels.ne(-100)
+
+
+def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher/T || student/T) * T^2 over the last axis, unreduced."""
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return (log_t.exp() * (log_t - log_s)).sum(-1) * temperature**2
+
+
+@register_loss("ce")
+class HardLabelLoss(LossTerm):
+    """Cross-entropy with the labels (MSE for regression heads), -100 positions ignored."""
+
+    needs_teacher = False
+    needs_labels = True
+
+    def forward(self, batch: DistillationBatch) -> torch.Tensor:
+        logits, labels = batch.student.logits, batch.labels
+        mask = _label_mask(logits, labels)
+        if is_regression(logits):
+            total = ((logits.squeeze(-1).float() - labels.float()) ** 2 * mask).sum()
+        else:
+            total = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten().long(), ignore_index=-100, reduction="sum")
+        return batch.per_item(total)
+
+
+@register_loss("logits_kd")
+class LogitsKD(LossTerm):
+    """KL(teacher/T || student/T) * T^2 per labelled item (MSE to the teacher's prediction for regression).
+
+    Without labels it is averaged over each example's real tokens (token heads) and summed per example.
+    """
+
+    def forward(self, batch: DistillationBatch) -> torch.Tensor:
+        student, teacher = batch.student.logits, batch.teacher_logits
+        if student.shape != teacher.shape:
+            raise ValueError(f"Student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ in shape.")
+        if is_regression(student):
+            per_position = (student.float() - teacher.float()).squeeze(-1) ** 2
+        else:
+            per_position = soft_kl(student, teacher, self.args.temperature)
+        if batch.labels is not None:
+            return batch.per_item((per_position * _label_mask(student, batch.labels)).sum())
+        if per_position.dim() == 2:  # token-level heads: mean over real tokens
+            mask = batch.token_mask(student).float()
+            per_position = (per_position * mask).sum(1) / mask.sum(1).clamp_min(1)
+        return batch.per_example(per_position.sum())
+
+
+def uniform_layer_map(student_layers: int, teacher_layers: int) -> dict[int, int]:
+    """Student block i -> teacher block round(i * L_t / L_s), for i in 1..L_s (0 is the embedding output)."""
+    return {i: round(i * teacher_layers / student_layers) for i in range(1, student_layers + 1)}
+
+
+@register_loss("hidden_mse")
+class HiddenStateMSE(LossTerm):
+    """MSE between mapped hidden states, through a learned linear projection when widths differ.
+
+    Per example: mean over real tokens and features, averaged over the mapped layer pairs.
+    """
+
+    needs_teacher_forward = True
+    needs_hidden_states = True
+
+    def __init__(self, args: Any, student: nn.Module, teacher: nn.Module | None) -> None:
+        super().__init__(args, student, teacher)
+        if teacher is None:
+            raise ValueError("hidden_mse needs a teacher model (teacher hidden states cannot come from a logits cache).")
+        n_student, n_teacher = len(find_blocks(student)), len(find_blocks(teacher))
+        self.layer_map = args.parsed_layer_map() or uniform_layer_map(n_student, n_teacher)
+        for s, t in self.layer_map.items():
+            if not (0 <= s <= n_student and 0 <= t <= n_teacher):
+                raise ValueError(
+                    f"hidden_layer_map entry {s}->{t} is out of range: the student has hidden states 0..{n_student}, "
+                    f"the teacher 0..{n_teacher}."
+                )
+        d_student, d_teacher = student.config.hidden_size, teacher.config.hidden_size
+        self.projections = nn.ModuleDict(
+            {str(s): nn.Linear(d_student, d_teacher) for s in self.layer_map} if d_student != d_teacher else {}
+        )
+
+    def forward(self, batch: DistillationBatch) -> torch.Tensor:
+        total = 0.0
+        for s, t in self.layer_map.items():
+            hs, ht = batch.student.hidden_states[s], batch.teacher.hidden_states[t]
+            if str(s) in self.projections:
+                hs = self.projections[str(s)](hs)
+            if hs.shape != ht.shape:
+                raise ValueError(f"Hidden states {s}->{t} differ in shape: {tuple(hs.shape)} vs {tuple(ht.shape)}.")
+            mask = batch.token_mask(hs).float()
+            per_token = ((hs.float() - ht.float()) ** 2).mean(-1)
+            total = total + ((per_token * mask).sum(1) / mask.sum(1).clamp_min(1)).sum()
+        return batch.per_example(total / len(self.layer_map))
+
+
+def relation_log_probs(x: torch.Tensor, heads: int, key_mask: torch.Tensor) -> torch.Tensor:
+    """MiniLMv2 relation: log softmax(x_h x_h^T / sqrt(d_h)) over keys, per relation head -> [B, heads, L, L]."""
+    batch, length, width = x.shape
+    if width % heads:
+        raise ValueError(f"relation_heads={heads} does not divide the projection width {width}; pick a divisor.")
+    xh = x.float().view(batch, length, heads, width // heads).transpose(1, 2)
+    scores = xh @ xh.transpose(-1, -2) / math.sqrt(width // heads)
+    scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
+    return F.log_softmax(scores, dim=-1)
+
+
+@register_loss("attention_relation")
+class AttentionRelationKD(LossTerm):
+    """MiniLMv2 self-attention relation distillation: KL of Q-Q, K-K, V-V relations, averaged over the three.
+
+    Per example: mean over relation heads and real query tokens.
+    """
+
+    needs_teacher_forward = True
+
+    def __init__(self, args: Any, student: nn.Module, teacher: nn.Module | None) -> None:
+        super().__init__(args, student, teacher)
+        if teacher is None:
+            raise ValueError("attention_relation needs a teacher model, not only precomputed logits.")
+        self.layers = {"student": args.relation_student_layer, "teacher": args.relation_teacher_layer}
+        self.stores: dict[str, dict[str, torch.Tensor]] = {}
+
+    def capture(self, role: str, model: nn.Module) -> ContextManager:
+        self.stores[role] = {}
+        return capture_qkv(model, self.layers[role], self.stores[role])
+
+    def forward(self, batch: DistillationBatch) -> torch.Tensor:
+        student, teacher = self.stores.pop("student"), self.stores.pop("teacher")
+        heads = self.args.relation_heads
+        mask = batch.token_mask(student["q"])
+        total = 0.0
+        for kind in ("q", "k", "v"):
+            log_s = relation_log_probs(student[kind], heads, mask)
+            log_t = relation_log_probs(teacher[kind], heads, mask)
+            kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean(1)  # [B, L]
+            total = total + ((kl * mask).sum(1) / mask.sum(1).clamp_min(1)).sum()
+        return batch.per_example(total / 3)

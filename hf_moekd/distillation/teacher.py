@@ -1,0 +1,76 @@
+"""Loading, freezing and checking the teacher."""
+from __future__ import annotations
+
+import os
+
+import torch
+import transformers
+from torch import nn
+
+# Student class-name suffix -> Auto class used to load a teacher with the same kind of head.
+_AUTO_BY_SUFFIX = {
+    "ForSequenceClassification": "AutoModelForSequenceClassification",
+    "ForTokenClassification": "AutoModelForTokenClassification",
+    "ForImageClassification": "AutoModelForImageClassification",
+    "ForMaskedLM": "AutoModelForMaskedLM",
+    "ForCausalLM": "AutoModelForCausalLM",
+}
+
+
+def auto_class_like(model: nn.Module | None) -> type:
+    """The Auto class that loads a model with the same kind of head as `model`."""
+    name = type(model).__name__ if model is not None else ""
+    for suffix, auto in _AUTO_BY_SUFFIX.items():
+        if name.endswith(suffix):
+            return getattr(transformers, auto)
+    return transformers.AutoModel
+
+
+def load_teacher(name_or_path: str, like: nn.Module | None = None, **kwargs) -> nn.Module:
+    """Load a teacher checkpoint (safetensors only) with the head kind of the student `like`."""
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.path.isabs(name_or_path) or name_or_path.count("/") > 1
+    if looks_local and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise FileNotFoundError(f"Teacher folder {name_or_path!r} does not exist: pass a trained teacher's output directory.")
+    try:
+        return auto_class_like(like).from_pretrained(name_or_path, use_safetensors=True, **kwargs)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(
+            f"Could not load teacher {name_or_path!r} ({first}); pass a local folder with config.json and "
+            "model.safetensors, or a Hub id while online."
+        ) from err
+
+
+def prepare_teacher(teacher: nn.Module, device: torch.device | str) -> nn.Module:
+    """Freeze the teacher and put it in eval mode on the student's device."""
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher.to(device)
+
+
+def _is_default_labels(id2label: dict | None) -> bool:
+    return not id2label or all(str(v) == f"LABEL_{k}" for k, v in id2label.items())
+
+
+def check_compatible(student: nn.Module, teacher: nn.Module) -> None:
+    """Raise a clear error when teacher and student disagree on labels or vocabulary."""
+    s_cfg, t_cfg = getattr(student, "config", None), getattr(teacher, "config", None)
+    if s_cfg is None or t_cfg is None:
+        return
+    if "Classification" in type(student).__name__ and s_cfg.num_labels != t_cfg.num_labels:
+        raise ValueError(
+            f"The teacher has {t_cfg.num_labels} labels but the student has {s_cfg.num_labels}: distil from a teacher "
+            "fine-tuned on the same task (same label set)."
+        )
+    s_labels, t_labels = getattr(s_cfg, "id2label", None), getattr(t_cfg, "id2label", None)
+    if not (_is_default_labels(s_labels) or _is_default_labels(t_labels)) and dict(s_labels) != dict(t_labels):
+        raise ValueError(
+            f"Teacher labels {dict(t_labels)} differ from student labels {dict(s_labels)}: give the student the "
+            "teacher's id2label/label2id."
+        )
+    s_vocab, t_vocab = getattr(s_cfg, "vocab_size", None), getattr(t_cfg, "vocab_size", None)
+    if s_vocab is not None and t_vocab is not None and s_vocab != t_vocab:
+        raise ValueError(
+            f"The teacher's vocabulary has {t_vocab} tokens but the student's has {s_vocab}: student and teacher must "
+            "share the tokenizer."
+        )

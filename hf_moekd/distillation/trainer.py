@@ -1,0 +1,197 @@
+"""`DistillationTrainer`: a `transformers.Trainer` that distils a frozen teacher into the student."""
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from .arguments import DistillationArguments
+from .losses import LOSS_REGISTRY, DistillationBatch, LossTerm
+from .teacher import check_compatible, load_teacher, prepare_teacher
+from .teacher_outputs import TEACHER_LOGITS, TeacherLogitsCollator
+
+Counts = torch.Tensor  # [labelled items, examples] of one optimizer step, summed over all processes
+
+
+class DistillationTrainer(Trainer):
+    """Trainer whose training loss is a weighted sum of registered distillation terms.
+
+    Args:
+        model: the student.
+        args: `DistillationArguments`.
+        teacher_model: the teacher; loaded from `args.teacher_model_name_or_path` when None. May stay None when
+            the training set carries precomputed `teacher_logits` (see `precompute_teacher_logits`).
+        loss_terms: extra term instances ``{name: (weight, term)}``, for terms that need constructor arguments.
+        **kwargs: the usual `Trainer` arguments (train_dataset, processing_class, data_collator, ...).
+
+    The loss of a micro-batch is normalised by the number of labelled items (or examples) of the whole
+    optimizer step across all processes, so gradient accumulation and multi-process training give the
+    gradients of one large batch. Evaluation reports the student's own loss and never runs the teacher.
+    """
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: DistillationArguments | None = None,
+        teacher_model: nn.Module | None = None,
+        loss_terms: dict[str, tuple[float, LossTerm]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(args, DistillationArguments):
+            raise TypeError("DistillationTrainer needs `args=DistillationArguments(...)`.")
+        if teacher_model is None and args.teacher_model_name_or_path:
+            teacher_model = load_teacher(args.teacher_model_name_or_path, like=model)
+        if teacher_model is not None:
+            check_compatible(model, teacher_model)
+        super().__init__(model=model, args=args, **kwargs)
+        # We count items ourselves (see get_batch_samples); evaluation then gets local means.
+        self.model_accepts_loss_kwargs = False
+        self.teacher = prepare_teacher(teacher_model, self.args.device) if teacher_model is not None else None
+        self.loss_terms = self._build_terms(loss_terms or {}).to(self.args.device)
+        self._check_teacher_source()
+        if self._has_cached_logits(self.train_dataset) and not isinstance(self.data_collator, TeacherLogitsCollator):
+            self.data_collator = TeacherLogitsCollator(self.data_collator)
+        self._term_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.args.device))
+        self._term_steps = 0
+
+    # ---- set-up ---------------------------------------------------------------------------------
+    def _build_terms(self, given: dict[str, tuple[float, LossTerm]]) -> nn.ModuleDict:
+        terms, self.loss_weights = nn.ModuleDict(), {}
+        for name, weight in self.args.loss_weights().items():
+            if name not in LOSS_REGISTRY:
+                raise ValueError(f"Unknown loss term {name!r}; registered terms: {sorted(LOSS_REGISTRY)}.")
+            terms[name] = LOSS_REGISTRY[name](self.args, self.model, self.teacher)
+            self.loss_weights[name] = weight
+        for name, (weight, term) in given.items():
+            terms[name], self.loss_weights[name] = term, weight
+        return terms
+
+    @staticmethod
+    def _has_cached_logits(dataset: Any) -> bool:
+        return TEACHER_LOGITS in (getattr(dataset, "column_names", None) or [])
+
+    def _check_teacher_source(self) -> None:
+        if self.teacher is not None:
+            return
+        for name, term in self.loss_terms.items():
+            if term.needs_teacher_forward or (term.needs_teacher and not self._has_cached_logits(self.train_dataset)):
+                raise ValueError(
+                    f"Loss term {name!r} needs a teacher: pass teacher_model=..., set --teacher_model_name_or_path, "
+                    f"or add a '{TEACHER_LOGITS}' column with hf_moekd.distillation.precompute_teacher_logits."
+                )
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if TEACHER_LOGITS not in self._signature_columns:
+            self._signature_columns.append(TEACHER_LOGITS)
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)
+        extra = [p for p in self.loss_terms.parameters() if p.requires_grad]
+        if extra:  # e.g. hidden-state projections: trained with the student, never saved with it
+            self.optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
+        return optimizer
+
+    # ---- counting -------------------------------------------------------------------------------
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Counts | None]:
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not batch_samples:
+            return batch_samples, None
+        self._term_steps += 1
+        counts = torch.zeros(2, dtype=torch.float64, device=device)
+        for batch in batch_samples:
+            labels = batch.get("labels")
+            if labels is not None:
+                counts[0] += labels.ne(-100).sum().item()
+            counts[1] += _batch_size(batch)
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.gather(counts).view(-1, 2).sum(0)
+        return batch_samples, counts
+
+    # ---- the loss -------------------------------------------------------------------------------
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Counts | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        inputs = dict(inputs)
+        cached_logits = inputs.pop(TEACHER_LOGITS, None)
+        if not model.training:  # evaluation: the student's own loss; the teacher is not run
+            outputs = model(**inputs)
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+        labels = inputs.pop("labels", None)
+        terms = self.loss_terms
+        hidden = {"output_hidden_states": True} if any(t.needs_hidden_states for t in terms.values()) else {}
+        with ExitStack() as stack:
+            for term in terms.values():
+                stack.enter_context(term.capture("student", model))
+            student_out = model(**inputs, **hidden)
+
+        teacher_out = None
+        if any(t.needs_teacher_forward or (t.needs_teacher and cached_logits is None) for t in terms.values()):
+            if self.teacher is None:
+                raise ValueError(f"This batch has no '{TEACHER_LOGITS}' and the trainer has no teacher.")
+            with torch.no_grad(), ExitStack() as stack:
+                for term in terms.values():
+                    stack.enter_context(term.capture("teacher", self.teacher))
+                teacher_out = self.teacher(**inputs, **hidden)
+
+        is_global = isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.shape == (2,)
+        if is_global:
+            n_items, n_examples = num_items_in_batch.float()
+        else:  # called outside the training loop: this micro-batch alone
+            n_items = labels.ne(-100).sum().float() if labels is not None else torch.zeros(())
+            n_examples = torch.tensor(float(_batch_size(inputs)))
+        batch = DistillationBatch(
+            inputs=inputs,
+            labels=labels,
+            student=student_out,
+            teacher=teacher_out,
+            teacher_logits=cached_logits if cached_logits is not None else getattr(teacher_out, "logits", None),
+            n_items=n_items,
+            n_examples=n_examples,
+            scale=float(self.accelerator.num_processes) if is_global else 1.0,
+        )
+        loss = torch.zeros((), device=self.args.device)
+        for name, term in terms.items():
+            if term.needs_labels and labels is None:
+                raise ValueError(f"Loss term {name!r} needs labels; for label-free distillation set alpha=1.0.")
+            value = term(batch)
+            loss = loss + self.loss_weights[name] * value
+            self._term_sums[name] += value.detach()
+        return (loss, student_out) if return_outputs else loss
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.num_processes > 1:  # loss-term parameters live outside DDP: average their gradients
+            for param in self.loss_terms.parameters():
+                if param.grad is not None:
+                    torch.distributed.all_reduce(param.grad)
+                    param.grad /= self.accelerator.num_processes
+        return loss
+
+    # ---- logging --------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._term_steps:
+            for name, total in sorted(self._term_sums.items()):
+                value = self.accelerator.gather(total.reshape(1)).mean().item() if self.accelerator.num_processes > 1 else total.item()
+                logs[f"loss_{name}"] = round(value / self._term_steps, 6)
+            self._term_sums.clear()
+            self._term_steps = 0
+        super().log(logs, start_time)
+
+
+def _batch_size(batch: dict[str, Any]) -> int:
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    raise ValueError("Cannot tell the batch size: the batch holds no tensor.")
