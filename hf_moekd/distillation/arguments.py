@@ -55,6 +55,10 @@ class DistillationArguments(TrainingArguments):
         default=-1,
         metadata={"help": "Student block that learns the relations (negative counts from the end)."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Allow writing into an existing, non-empty output_dir (refused otherwise)."},
+    )
     extra_loss_terms: list[str] = field(
         default_factory=list,
         metadata={"help": "More registered loss terms as 'name=weight' (see hf_moekd.distillation.LOSS_REGISTRY)."},

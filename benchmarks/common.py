@@ -1,0 +1,46 @@
+"""Helpers shared by the benchmark scripts: provenance, result files, mean/spread."""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine, recorded with every result."""
+    import os
+
+    return {
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpu_count": os.cpu_count(),
+        "versions": {p: version(p) for p in ("torch", "transformers", "accelerate", "datasets", "hf_moekd")},
+    }
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+        "values": values,
+    }
+
+
+def write_result(name: str, payload: dict[str, Any]) -> Path:
+    """Write `benchmarks/results/<name>.json` and print the headline as the last output line."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "command": " ".join([Path(sys.executable).name, *sys.argv]), **payload,
+               "environment": environment()}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False))
+    print(json.dumps(payload.get("headline", payload)))
+    return path

