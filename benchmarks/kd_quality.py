@@ -31,9 +31,9 @@ VARIANTS = {
     ],
 }
 TASKS = {
-    "sst2": {"script": "examples/run_glue.py", "data": "glue", "metric": "eval_accuracy",
+    "sst2": {"script": "examples/run_glue.py", "data": "glue", "metric": "eval_accuracy", "train_samples": 4000,
              "args": ["--task_name", "sst2", "--max_seq_length", "64"]},
-    "conll": {"script": "examples/run_conll.py", "data": "conll2003", "metric": "test_f1",
+    "conll": {"script": "examples/run_conll.py", "data": "conll2003", "metric": "test_f1", "train_samples": 2000,
               "args": ["--max_seq_length", "128"]},
 }
 
@@ -42,7 +42,7 @@ def command(task: str, variant: str, seed: int, out: Path, teacher: Path, a: arg
     spec = TASKS[task]
     cmd = [
         sys.executable, spec["script"], *spec["args"], "--data_dir", str(Path(a.data_dir) / spec["data"]),
-        "--output_dir", str(out), "--seed", str(seed), "--max_train_samples", str(a.train_samples),
+        "--output_dir", str(out), "--seed", str(seed), "--max_train_samples", str(a.train_samples or spec["train_samples"]),
         "--num_train_epochs", str(a.epochs), "--per_device_train_batch_size", "32", "--learning_rate", str(a.lr),
         "--logging_steps", "25", "--save_strategy", "no", "--disable_tqdm", "true", "--overwrite_output_dir", "true",
         *VARIANTS[variant],
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--work_dir", default=str(REPO / "runs" / "kd_quality"))
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--train_samples", type=int, default=4000)
+    parser.add_argument("--train_samples", type=int, default=None, help="per-task default: SST-2 4000, CoNLL 2000")
     parser.add_argument("--epochs", type=float, default=2)
     parser.add_argument("--lr", type=float, default=1e-4)
     a = parser.parse_args()
@@ -85,7 +85,7 @@ def main() -> None:
     headline = {k: round(v["mean"], 4) for k, v in table.items()}
     write_result("kd_quality", {
         "headline": headline, "table": table, "seeds": a.seeds, "metric": {t: TASKS[t]["metric"] for t in a.tasks},
-        "settings": {"train_samples": a.train_samples, "epochs": a.epochs, "lr": a.lr, "batch_size": 32},
+        "settings": {"train_samples": {t: a.train_samples or TASKS[t]["train_samples"] for t in a.tasks}, "epochs": a.epochs, "lr": a.lr, "batch_size": 32},
         "runs": commands,
     })
 

@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="Distil a ViT on scikit-learn digits and print a results table (no arguments needed).")
     demo.add_argument("--output_dir", default="outputs/demo", help="where the distilled student is saved")
     demo.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds")
-    demo.add_argument("--epochs", type=float, default=30, help="training epochs of every model")
+    demo.add_argument("--epochs", type=float, default=15, help="training epochs of every model")
     demo.set_defaults(func=_demo)
     return parser
 

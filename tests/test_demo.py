@@ -1,0 +1,43 @@
+"""The main job (`python3 dev.py main` -> `hf-moekd demo`) at a tiny budget, and the CLI surface."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForImageClassification
+
+from hf_moekd.cli import build_parser, main
+from hf_moekd.demo import load_digits_splits, run_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_digits_splits_are_stratified_and_disjoint():
+    data = load_digits_splits()
+    assert len(data["train"]) + len(data["test"]) == 1797
+    assert data["train"][0]["pixel_values"].shape == (1, 8, 8)
+    assert sorted({int(y) for y in data["test"]["labels"]}) == list(range(10))
+
+
+def test_demo_prints_table_and_saves_reloadable_student(tmp_path, capsys):
+    results = run_demo(output_dir=str(tmp_path / "demo"), seeds=(0,), epochs=1)
+    out = capsys.readouterr().out
+    assert len(results) == 4 and all(0.0 <= a <= 1.0 for r in results for a in r.accuracies)
+    assert re.search(r"\| student, logits KD\s+\|", out)
+    model = AutoModelForImageClassification.from_pretrained(tmp_path / "demo")
+    assert model.config.num_hidden_layers == 1 and model.config.num_labels == 10
+
+
+def test_cli_help_and_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0 and "demo" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["nope"])
+
+
+def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
+    commands = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("python3 dev.py")]
+    assert [c.split("#")[0].strip() for c in commands[:2]] == ["python3 dev.py main", "python3 dev.py test"]
+    assert "python3 dev.py test" in (ROOT / ".ci" / "run").read_text()
