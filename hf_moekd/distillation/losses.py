@@ -15,6 +15,7 @@ and enable it with ``DistillationArguments(extra_loss_terms=["my_term=0.1"])``.
 """
 from __future__ import annotations
 
+import importlib
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from torch import nn
 from .capture import capture_qkv, find_blocks
 
 LOSS_REGISTRY: dict[str, type["LossTerm"]] = {}
+# Modules of the package that register more terms; imported when a term is looked up and not yet known.
+PLUGIN_MODULES = ("hf_moekd.mpo",)
 
 
 def register_loss(name: str) -> Callable[[type["LossTerm"]], type["LossTerm"]]:
@@ -38,6 +41,16 @@ def register_loss(name: str) -> Callable[[type["LossTerm"]], type["LossTerm"]]:
         LOSS_REGISTRY[name] = cls
         return cls
     return decorator
+
+
+def get_loss_class(name: str) -> type["LossTerm"]:
+    """The registered term class called `name`."""
+    if name not in LOSS_REGISTRY:
+        for module in PLUGIN_MODULES:
+            importlib.import_module(module)
+    if name not in LOSS_REGISTRY:
+        raise ValueError(f"Unknown loss term {name!r}; registered terms: {sorted(LOSS_REGISTRY)}.")
+    return LOSS_REGISTRY[name]
 
 
 @dataclass
@@ -69,6 +82,14 @@ class DistillationBatch:
         if mask is None or mask.shape != hidden.shape[:2]:
             return torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         return mask.bool()
+
+
+def batch_size(batch: dict[str, Any]) -> int:
+    """Number of examples in a batch dict: the first dimension of its first non-scalar tensor."""
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    raise ValueError("Cannot tell the batch size: the batch holds no tensor.")
 
 
 class LossTerm(nn.Module):

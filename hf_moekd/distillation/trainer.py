@@ -10,7 +10,7 @@ from torch import nn
 from transformers import Trainer
 
 from .arguments import DistillationArguments
-from .losses import LOSS_REGISTRY, DistillationBatch, LossTerm
+from .losses import DistillationBatch, LossTerm, batch_size, get_loss_class
 from .teacher import check_compatible, load_teacher, prepare_teacher
 from .teacher_outputs import TEACHER_LOGITS, TeacherLogitsCollator
 
@@ -64,9 +64,7 @@ class DistillationTrainer(Trainer):
     def _build_terms(self, given: dict[str, tuple[float, LossTerm]]) -> nn.ModuleDict:
         terms, self.loss_weights = nn.ModuleDict(), {}
         for name, weight in self.args.loss_weights().items():
-            if name not in LOSS_REGISTRY:
-                raise ValueError(f"Unknown loss term {name!r}; registered terms: {sorted(LOSS_REGISTRY)}.")
-            terms[name] = LOSS_REGISTRY[name](self.args, self.model, self.teacher)
+            terms[name] = get_loss_class(name)(self.args, self.model, self.teacher)
             self.loss_weights[name] = weight
         for name, (weight, term) in given.items():
             terms[name], self.loss_weights[name] = term, weight
@@ -109,7 +107,7 @@ class DistillationTrainer(Trainer):
             labels = batch.get("labels")
             if labels is not None:
                 counts[0] += labels.ne(-100).sum().item()
-            counts[1] += _batch_size(batch)
+            counts[1] += batch_size(batch)
         if self.accelerator.num_processes > 1:
             counts = self.accelerator.gather(counts).view(-1, 2).sum(0)
         return batch_samples, counts
@@ -150,7 +148,7 @@ class DistillationTrainer(Trainer):
             n_items, n_examples = num_items_in_batch.float()
         else:  # called outside the training loop: this micro-batch alone
             n_items = labels.ne(-100).sum().float() if labels is not None else torch.zeros(())
-            n_examples = torch.tensor(float(_batch_size(inputs)))
+            n_examples = torch.tensor(float(batch_size(inputs)))
         batch = DistillationBatch(
             inputs=inputs,
             labels=labels,
@@ -188,10 +186,3 @@ class DistillationTrainer(Trainer):
             self._term_sums.clear()
             self._term_steps = 0
         super().log(logs, start_time)
-
-
-def _batch_size(batch: dict[str, Any]) -> int:
-    for value in batch.values():
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return value.shape[0]
-    raise ValueError("Cannot tell the batch size: the batch holds no tensor.")
