@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .models import minimoe as _minimoe  # noqa: F401  (registers MiniMoE with the Auto classes)
+
 __version__ = "0.1.0"
 
 # Heavy submodules load on first use, so `import hf_moekd.data` stays fast.

@@ -262,3 +262,20 @@ def test_teacher_cache_key_changes_with_teacher(tmp_path):
     precompute_teacher_logits(tiny_bert(1), train, cache_dir=tmp_path)
     precompute_teacher_logits(tiny_bert(2), train, cache_dir=tmp_path)
     assert len([p for p in tmp_path.iterdir() if p.name.startswith("teacher-logits-")]) == 2
+
+
+def test_moe_student_keeps_its_load_balancing_loss(tmp_path):
+    from hf_moekd.models.minimoe import MiniMoEConfig, MiniMoEForSequenceClassification
+
+    config = MiniMoEConfig.from_dense(bert_config(), num_ffn_experts=4, router_aux_loss_coef=0.05)
+    torch.manual_seed(0)
+    student = MiniMoEForSequenceClassification(config)
+    trainer = DistillationTrainer(model=student, teacher_model=tiny_bert(1), args=make_args(tmp_path, alpha=0.0))
+    assert trainer.loss_weights["router_aux"] == 0.05
+    inputs = batch_of(tiny_dataset())
+    student.train()
+    torch.manual_seed(1)
+    loss = trainer.compute_loss(student, dict(inputs))
+    torch.manual_seed(1)  # same router noise
+    out = student(**inputs)
+    torch.testing.assert_close(loss, out.loss, rtol=1e-5, atol=1e-6)  # CE + 0.05 * aux, as the model computes it

@@ -150,6 +150,22 @@ class HardLabelLoss(LossTerm):
         return batch.per_item(total)
 
 
+@register_loss("router_aux")
+class RouterAuxLoss(LossTerm):
+    """The student's own MoE load-balancing loss (`outputs.aux_loss`, a per-batch mean), 0 for dense students.
+
+    Enabled automatically with weight `config.router_aux_loss_coef` when the student's config has one.
+    """
+
+    needs_teacher = False
+
+    def forward(self, batch: DistillationBatch) -> torch.Tensor:
+        aux = getattr(batch.student, "aux_loss", None)
+        if aux is None:
+            return batch.student.logits.new_zeros(())
+        return batch.per_example(aux * batch_size(batch.inputs))
+
+
 @register_loss("logits_kd")
 class LogitsKD(LossTerm):
     """KL(teacher/T || student/T) * T^2 per labelled item (MSE to the teacher's prediction for regression).

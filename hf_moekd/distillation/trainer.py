@@ -66,6 +66,10 @@ class DistillationTrainer(Trainer):
         for name, weight in self.args.loss_weights().items():
             terms[name] = get_loss_class(name)(self.args, self.model, self.teacher)
             self.loss_weights[name] = weight
+        aux_coef = getattr(getattr(self.model, "config", None), "router_aux_loss_coef", 0.0) or 0.0
+        if aux_coef and "router_aux" not in terms:  # MoE students keep their load-balancing loss
+            terms["router_aux"] = get_loss_class("router_aux")(self.args, self.model, self.teacher)
+            self.loss_weights["router_aux"] = aux_coef
         for name, (weight, term) in given.items():
             terms[name], self.loss_weights[name] = term, weight
         return terms
