@@ -22,6 +22,7 @@ from hf_moekd.recipes import (
     build_model,
     check_output_dir,
     configure_losses,
+    model_for_saving,
     removed_on_failure,
     run,
     save_results,
@@ -79,6 +80,7 @@ def main() -> None:
     results: dict = {"mode": mode, "task": "conll2003"}
     if args.do_train or not args.do_eval:
         results.update(trainer.train(resume_from_checkpoint=args.resume_from_checkpoint).metrics)
+        model_for_saving(trainer.model, model_args)
         trainer.save_model()
     results.update(trainer.evaluate())
     results.update(trainer.evaluate(data["test"], metric_key_prefix="test"))

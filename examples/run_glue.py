@@ -26,6 +26,7 @@ from hf_moekd.recipes import (
     build_model,
     check_output_dir,
     configure_losses,
+    model_for_saving,
     removed_on_failure,
     run,
     save_results,
@@ -74,6 +75,7 @@ def main() -> None:
     if args.do_train or not args.do_eval:
         train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
         results.update(train_result.metrics)
+        model_for_saving(trainer.model, model_args)
         trainer.save_model()
     results.update(trainer.evaluate())
     if trainer.is_world_process_zero():

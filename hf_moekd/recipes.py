@@ -35,6 +35,16 @@ class ModelArguments:
         metadata={"help": "Randomly initialised student with the checkpoint's config changed by these fields, e.g. "
                   "'hidden_size=192,num_hidden_layers=4,num_attention_heads=6,intermediate_size=768'."},
     )
+    moe_experts: int = field(
+        default=0,
+        metadata={"help": "Turn the (dense BERT-like) student into a MiniMoE student with this many top-1 FFN experts "
+                  "(hf_moekd.models.minimoe.minimoe_from_dense); 0 keeps it dense."},
+    )
+    mpo_overparameterize: bool = field(
+        default=False,
+        metadata={"help": "Train the student's linears as MPO tensor products (OPDF); they are contracted back to "
+                  "plain nn.Linear before saving, so the checkpoint is a stock one."},
+    )
 
 
 def build_model(model_args: ModelArguments, auto_class: type, **head_kwargs: Any) -> tuple[PreTrainedModel, Any]:
@@ -50,7 +60,24 @@ def build_model(model_args: ModelArguments, auto_class: type, **head_kwargs: Any
     elif model_args.student_config_overrides:
         config = smaller_config(model.config, **parse_overrides(model_args.student_config_overrides))
         model = auto_class.from_config(config)
+    if model_args.moe_experts:
+        from .models.minimoe import minimoe_from_dense
+
+        model = minimoe_from_dense(model, num_ffn_experts=model_args.moe_experts)
+    if model_args.mpo_overparameterize:
+        from .mpo import overparameterize
+
+        overparameterize(model)
     return model, tokenizer
+
+
+def model_for_saving(model: PreTrainedModel, model_args: ModelArguments) -> PreTrainedModel:
+    """The model as it should be saved: MPO cores contracted back to plain linears."""
+    if model_args.mpo_overparameterize:
+        from .mpo import contract
+
+        contract(model)
+    return model
 
 
 def configure_losses(args: DistillationArguments) -> str:

@@ -130,3 +130,21 @@ def test_bad_input_gives_one_line_and_no_output(case, expected, data_dir, tmp_pa
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
     else:
         assert not out.exists(), "a failed run must not leave an output directory"
+
+
+@pytest.mark.parametrize("student_flags, expected_type", [(["--moe_experts", "2"], "minimoe"), (["--mpo_overparameterize", "true"], "bert")])
+def test_moe_and_mpo_students_save_loadable_checkpoints(student_flags, expected_type, glue_teacher, data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "student"
+    code = run_script(
+        "run_glue.py", "--task_name", "sst2", "--data_dir", str(data_dir / "glue"), "--output_dir", str(out),
+        "--teacher_model_name_or_path", str(glue_teacher), "--student_layers", "0,5", *student_flags, *FAST,
+        monkeypatch=monkeypatch,
+    )
+    assert code == 0
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.model_type == expected_type and model.config.num_hidden_layers == 2
+    if expected_type == "bert":  # MPO cores were contracted: a stock BERT checkpoint
+        from safetensors import safe_open
+
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            assert not any("cores" in k for k in f.keys())
