@@ -4,7 +4,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .models import minimoe as _minimoe  # noqa: F401  (registers MiniMoE with the Auto classes)
+from .models import minimoe as _minimoe  # noqa: F401  (registers the models with the Auto classes)
+from .models import ones as _ones  # noqa: F401
+from .models import vmoe as _vmoe  # noqa: F401
 
 __version__ = "0.1.0"
 
