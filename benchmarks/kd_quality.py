@@ -33,7 +33,7 @@ VARIANTS = {
 TASKS = {
     "sst2": {"script": "examples/run_glue.py", "data": "glue", "metric": "eval_accuracy", "train_samples": 4000,
              "args": ["--task_name", "sst2", "--max_seq_length", "64"]},
-    "conll": {"script": "examples/run_conll.py", "data": "conll2003", "metric": "test_f1", "train_samples": 2000,
+    "conll": {"script": "examples/run_conll.py", "data": "conll2003", "metric": "test_f1", "train_samples": 1000,
               "args": ["--max_seq_length", "128"]},
 }
 
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--work_dir", default=str(REPO / "runs" / "kd_quality"))
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--train_samples", type=int, default=None, help="per-task default: SST-2 4000, CoNLL 2000")
+    parser.add_argument("--train_samples", type=int, default=None, help="per-task default: SST-2 4000, CoNLL 1000")
     parser.add_argument("--epochs", type=float, default=2)
     parser.add_argument("--lr", type=float, default=1e-4)
     a = parser.parse_args()
