@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds")
     demo.add_argument("--epochs", type=float, default=15, help="training epochs of every model")
     demo.set_defaults(func=_demo)
+    from .gathering.cli import add_gather_parser
+
+    add_gather_parser(sub)
     return parser
 
 

@@ -1,0 +1,21 @@
+"""OneS knowledge gathering: merge a sparse MoE's experts into a dense twin model (arXiv 2201.10890).
+
+>>> from hf_moekd.gathering import gather_experts
+>>> dense = gather_experts("path/to/mixtral", strategy="svd", output_dir="mistral-gathered")
+"""
+from .families import FAMILIES, MoEFamily, RoutingStats, get_family, register_family
+from .gather import collect_routing_stats, gather_experts
+from .strategies import (
+    MERGE_STRATEGIES,
+    DenseFFN,
+    ExpertWeights,
+    align_experts,
+    merge_experts,
+    register_strategy,
+)
+
+__all__ = [
+    "gather_experts", "collect_routing_stats", "merge_experts", "align_experts", "register_strategy",
+    "MERGE_STRATEGIES", "ExpertWeights", "DenseFFN", "FAMILIES", "MoEFamily", "RoutingStats",
+    "get_family", "register_family",
+]

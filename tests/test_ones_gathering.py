@@ -1,0 +1,58 @@
+"""V-MoE -> OneS knowledge gathering: exact for identical experts, and the output loads without hf_moekd."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from hf_moekd.gathering import gather_experts
+from test_vmoe_ones import pixels, tiny_model
+
+
+def identical_expert_vmoe():
+    vmoe = tiny_model(True, perturb=True)
+    with torch.no_grad():
+        for block in vmoe.config.moe_layers:
+            experts = vmoe.vmoe.encoder.layer[block].mlp.experts
+            for name in ("w_in", "b_in", "w_out", "b_out"):
+                param = getattr(experts, name)
+                param.copy_(param[:1].expand_as(param))
+    return vmoe
+
+
+@pytest.mark.parametrize("strategy", ["average", "topk", "svd"])
+def test_identical_experts_gather_to_the_same_logits(strategy):
+    vmoe = identical_expert_vmoe()
+    ones = gather_experts(vmoe, strategy=strategy, calibration_dataset=[pixels(4, seed=1)], progress=False)
+    assert type(ones).__name__ == "OneSForImageClassification"
+    with torch.no_grad():
+        torch.testing.assert_close(ones(pixels()).logits, vmoe(pixels()).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_streamed_output_loads_with_stock_auto_class(tmp_path):
+    vmoe = identical_expert_vmoe()
+    vmoe.save_pretrained(tmp_path / "vmoe", max_shard_size="20KB")
+    gather_experts(str(tmp_path / "vmoe"), strategy="svd", output_dir=tmp_path / "ones", progress=False, return_model=False)
+    torch.save({"pixel_values": pixels()}, tmp_path / "inputs.pt")
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        from transformers import AutoModelForImageClassification
+        model = AutoModelForImageClassification.from_pretrained("ones", trust_remote_code=True).eval()
+        with torch.no_grad():
+            logits = model(**torch.load("inputs.pt")).logits
+        assert "hf_moekd" not in sys.modules, "hf_moekd was imported"
+        torch.save({"logits": logits, "cls": type(model).__name__}, "out.pt")
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = torch.load(tmp_path / "out.pt")
+    assert result["cls"] == "OneSForImageClassification"
+    with torch.no_grad():
+        torch.testing.assert_close(result["logits"], vmoe(pixels()).logits, rtol=1e-5, atol=1e-5)
