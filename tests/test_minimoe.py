@@ -4,13 +4,11 @@ from __future__ import annotations
 import importlib
 import math
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
+from fresh_process import fresh_process_logits
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     AutoConfig,
@@ -392,26 +390,7 @@ def test_remote_code_loading_without_hf_moekd(tmp_path):
     model = tiny_model().eval()
     inputs = batch()
     model.save_pretrained(tmp_path / "ckpt")
-    torch.save({"inputs": inputs}, tmp_path / "inputs.pt")
-    script = textwrap.dedent(
-        """
-        import sys, torch
-        from transformers import AutoModelForSequenceClassification
-        model = AutoModelForSequenceClassification.from_pretrained("ckpt", trust_remote_code=True).eval()
-        inputs = torch.load("inputs.pt")["inputs"]
-        with torch.no_grad():
-            logits = model(**inputs).logits
-        assert "hf_moekd" not in sys.modules, "hf_moekd was imported"
-        torch.save({"logits": logits, "module": type(model).__module__}, "out.pt")
-        """
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"}
-    env.pop("PYTHONPATH", None)
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = torch.load(tmp_path / "out.pt")
+    result = fresh_process_logits(tmp_path / "ckpt", "AutoModelForSequenceClassification", inputs, tmp_path)
     assert result["module"].startswith("transformers_modules"), result["module"]
     with torch.no_grad():
         torch.testing.assert_close(result["logits"], model(**inputs).logits, rtol=0, atol=0)

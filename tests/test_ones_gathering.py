@@ -1,16 +1,12 @@
 """V-MoE -> OneS knowledge gathering: exact for identical experts, and the output loads without hf_moekd."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
+from fresh_process import fresh_process_logits
+from test_vmoe_ones import pixels, tiny_model
 
 from hf_moekd.gathering import gather_experts
-from test_vmoe_ones import pixels, tiny_model
 
 
 def identical_expert_vmoe():
@@ -37,22 +33,7 @@ def test_streamed_output_loads_with_stock_auto_class(tmp_path):
     vmoe = identical_expert_vmoe()
     vmoe.save_pretrained(tmp_path / "vmoe", max_shard_size="20KB")
     gather_experts(str(tmp_path / "vmoe"), strategy="svd", output_dir=tmp_path / "ones", progress=False, return_model=False)
-    torch.save({"pixel_values": pixels()}, tmp_path / "inputs.pt")
-    script = textwrap.dedent(
-        """
-        import sys, torch
-        from transformers import AutoModelForImageClassification
-        model = AutoModelForImageClassification.from_pretrained("ones", trust_remote_code=True).eval()
-        with torch.no_grad():
-            logits = model(**torch.load("inputs.pt")).logits
-        assert "hf_moekd" not in sys.modules, "hf_moekd was imported"
-        torch.save({"logits": logits, "cls": type(model).__name__}, "out.pt")
-        """
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = torch.load(tmp_path / "out.pt")
-    assert result["cls"] == "OneSForImageClassification"
+    result = fresh_process_logits(tmp_path / "ones", "AutoModelForImageClassification", {"pixel_values": pixels()}, tmp_path)
+    assert result["class"] == "OneSForImageClassification"
     with torch.no_grad():
         torch.testing.assert_close(result["logits"], vmoe(pixels()).logits, rtol=1e-5, atol=1e-5)

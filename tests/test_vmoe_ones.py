@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
+from fresh_process import fresh_process_logits
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 from hf_moekd.distillation.capture import capture_qkv, find_blocks, qkv_modules
@@ -335,25 +333,7 @@ def test_save_load_round_trip_and_auto_classes(moe, tmp_path):
 def test_remote_code_loading_of_ones_without_hf_moekd(tmp_path):
     model = tiny_model(False, perturb=True)
     model.save_pretrained(tmp_path / "ckpt")
-    torch.save({"pixel_values": pixels()}, tmp_path / "inputs.pt")
-    script = textwrap.dedent(
-        """
-        import sys, torch
-        from transformers import AutoModelForImageClassification
-        model = AutoModelForImageClassification.from_pretrained("ckpt", trust_remote_code=True).eval()
-        with torch.no_grad():
-            logits = model(**torch.load("inputs.pt")).logits
-        assert "hf_moekd" not in sys.modules, "hf_moekd was imported"
-        torch.save({"logits": logits, "module": type(model).__module__}, "out.pt")
-        """
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"}
-    env.pop("PYTHONPATH", None)
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = torch.load(tmp_path / "out.pt")
+    result = fresh_process_logits(tmp_path / "ckpt", "AutoModelForImageClassification", {"pixel_values": pixels()}, tmp_path)
     assert result["module"].startswith("transformers_modules"), result["module"]
     with torch.no_grad():
         torch.testing.assert_close(result["logits"], model(pixels()).logits, rtol=0, atol=0)
