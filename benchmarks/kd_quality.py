@@ -30,6 +30,7 @@ VARIANTS = {
         "--hidden_loss_weight", "1.0", "--attention_relation_weight", "1.0", "--relation_heads", "32",
     ],
 }
+KD_VARIANTS = {"student_logits_kd", "student_logits_intermediate_kd"}
 TASKS = {
     "sst2": {"script": "examples/run_glue.py", "data": "glue", "metric": "eval_accuracy", "train_samples": 4000,
              "args": ["--task_name", "sst2", "--max_seq_length", "64"]},
@@ -47,7 +48,7 @@ def command(task: str, variant: str, seed: int, out: Path, teacher: Path, a: arg
         "--logging_steps", "25", "--save_strategy", "no", "--disable_tqdm", "true", "--overwrite_output_dir", "true",
         *VARIANTS[variant],
     ]
-    if variant != "teacher":
+    if variant in KD_VARIANTS:
         cmd += ["--teacher_model_name_or_path", str(teacher)]
     return cmd
 
@@ -78,6 +79,9 @@ def main() -> None:
                     subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
                     print(f"{task} {variant} seed {seed}: {time.time() - start:.0f} s", file=sys.stderr, flush=True)
                 result = json.loads(result_file.read_text())
+                expected_mode = "distil" if variant in KD_VARIANTS else "fine-tune"
+                if result["mode"] != expected_mode:
+                    raise RuntimeError(f"{out} ran in mode {result['mode']!r}, expected {expected_mode!r}: delete it and rerun")
                 scores.append(result[TASKS[task]["metric"]])
             table[f"{task}/{variant}"] = mean_std(scores)
             print(f"{task:6s} {variant:32s} {table[f'{task}/{variant}']['mean']:.4f} "
