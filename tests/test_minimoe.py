@@ -393,7 +393,7 @@ def test_remote_code_loading_without_hf_moekd(tmp_path):
     result = fresh_process_logits(tmp_path / "ckpt", "AutoModelForSequenceClassification", inputs, tmp_path)
     assert result["module"].startswith("transformers_modules"), result["module"]
     with torch.no_grad():
-        torch.testing.assert_close(result["logits"], model(**inputs).logits, rtol=0, atol=0)
+        torch.testing.assert_close(result["logits"], model(**inputs).logits, rtol=1e-5, atol=1e-6)  # thread counts differ
 
 
 # ---- dense -> MiniMoE --------------------------------------------------------------------------------

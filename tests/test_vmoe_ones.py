@@ -336,7 +336,7 @@ def test_remote_code_loading_of_ones_without_hf_moekd(tmp_path):
     result = fresh_process_logits(tmp_path / "ckpt", "AutoModelForImageClassification", {"pixel_values": pixels()}, tmp_path)
     assert result["module"].startswith("transformers_modules"), result["module"]
     with torch.no_grad():
-        torch.testing.assert_close(result["logits"], model(pixels()).logits, rtol=0, atol=0)
+        torch.testing.assert_close(result["logits"], model(pixels()).logits, rtol=1e-5, atol=1e-6)  # thread counts differ
 
 
 # ---- DistillationTrainer ------------------------------------------------------------------------------------
