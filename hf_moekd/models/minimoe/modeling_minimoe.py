@@ -249,9 +249,10 @@ class MiniMoEAttention(nn.Module):
 class MiniMoEExperts(nn.Module):
     """E FFN experts (each `H -> I -> H`, like BERT's intermediate/output dense) stored as fused weights."""
 
-    def __init__(self, config: MiniMoEConfig):
+    def __init__(self, config: MiniMoEConfig, num_experts: int | None = None):
         super().__init__()
-        num_experts, inner, hidden = config.num_ffn_experts, config.intermediate_size, config.hidden_size
+        num_experts = num_experts or config.num_ffn_experts
+        inner, hidden = config.intermediate_size, config.hidden_size
         self.num_experts = num_experts
         self.w_in = nn.Parameter(torch.empty(num_experts, inner, hidden))
         self.b_in = nn.Parameter(torch.empty(num_experts, inner))

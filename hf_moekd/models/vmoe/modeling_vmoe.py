@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
+from ..minimoe.modeling_minimoe import MiniMoEExperts
 from ..ones.configuration_ones import OneSConfig
 from ..ones.modeling_ones import (
     OneSAttention,
@@ -112,23 +112,11 @@ class VMoERouter(nn.Module):
         return self.gate(hidden_states)
 
 
-class VMoEExperts(nn.Module):
-    """E FFN experts (`H -> I -> H`, like `mlp.fc1` / `mlp.fc2`) stored as fused weights."""
+class VMoEExperts(MiniMoEExperts):
+    """E FFN experts (`H -> I -> H`, like `mlp.fc1` / `mlp.fc2`), fused as in MiniMoE; top-k combination."""
 
     def __init__(self, config: VMoEConfig):
-        super().__init__()
-        num_experts, inner, hidden = config.num_experts, config.intermediate_size, config.hidden_size
-        self.num_experts = num_experts
-        self.w_in = nn.Parameter(torch.empty(num_experts, inner, hidden))
-        self.b_in = nn.Parameter(torch.empty(num_experts, inner))
-        self.w_out = nn.Parameter(torch.empty(num_experts, hidden, inner))
-        self.b_out = nn.Parameter(torch.empty(num_experts, hidden))
-        self.act = ACT2FN[config.hidden_act]
-
-    def expert_forward(self, expert: int, hidden_states: torch.Tensor) -> torch.Tensor:
-        """One expert on `[tokens, H]` (the only place expert FFN compute happens)."""
-        inner = self.act(F.linear(hidden_states, self.w_in[expert], self.b_in[expert]))
-        return F.linear(inner, self.w_out[expert], self.b_out[expert])
+        super().__init__(config, num_experts=config.num_experts)
 
     def forward(self, hidden_states: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """`hidden_states [N, H]`, `experts [N, k]`, `weights [N, k]` -> `sum_j weights[:, j] * expert_j(x)`."""
