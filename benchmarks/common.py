@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import sys
@@ -16,8 +17,6 @@ DEFAULT_DATA = REPO.parent / "shared" / "data"
 
 def environment() -> dict[str, Any]:
     """Versions and machine, recorded with every result."""
-    import os
-
     return {
         "python": platform.python_version(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
@@ -35,12 +34,19 @@ def mean_std(values: list[float]) -> dict[str, float]:
     }
 
 
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temporary file, then rename): a killed benchmark never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
 def write_result(name: str, payload: dict[str, Any]) -> Path:
     """Write `benchmarks/results/<name>.json` and print the headline as the last output line."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "command": " ".join([Path(sys.executable).name, *sys.argv]), **payload,
                "environment": environment()}
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2, sort_keys=False))
+    write_json(path, payload)
     print(json.dumps(payload.get("headline", payload)))
     return path

@@ -62,7 +62,7 @@ def main() -> None:
         set_seed(args.seed)
         label_names = list(CONLL_LABELS)
         model, tokenizer = build_model(
-            model_args, AutoModelForTokenClassification, num_labels=len(label_names),
+            model_args, AutoModelForTokenClassification, args.allow_pickle_checkpoints, num_labels=len(label_names),
             id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
         )
 

@@ -59,7 +59,7 @@ def main() -> None:
         labels = {} if task.is_regression else {
             "id2label": dict(enumerate(task.label_names)), "label2id": {n: i for i, n in enumerate(task.label_names)}
         }
-        model, tokenizer = build_model(model_args, AutoModelForSequenceClassification, num_labels=task.num_labels, **labels)
+        model, tokenizer = build_model(model_args, AutoModelForSequenceClassification, args.allow_pickle_checkpoints, num_labels=task.num_labels, **labels)
 
         def tokenize(batch):
             texts = [batch["sentence1"]] + ([batch["sentence2"]] if "sentence2" in batch else [])

@@ -9,16 +9,18 @@ from .recipes import run
 def _demo(ns: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(output_dir=ns.output_dir, seeds=tuple(ns.seeds), epochs=ns.epochs)
+    run_demo(output_dir=ns.output_dir, seeds=tuple(ns.seeds), epochs=ns.epochs, kd_epochs=ns.kd_epochs)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-moekd", description="Knowledge distillation between MoE and dense models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="Distil a ViT on scikit-learn digits and print a results table (no arguments needed).")
-    demo.add_argument("--output_dir", default="outputs/demo", help="where the distilled student is saved")
-    demo.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds")
-    demo.add_argument("--epochs", type=float, default=15, help="training epochs of every model")
+    demo = sub.add_parser("demo", help="OneS on scikit-learn digits: V-MoE -> gathered dense model -> KD; prints a "
+                                       "results table (no arguments needed).")
+    demo.add_argument("--output_dir", default="outputs/demo", help="where the OneS model is saved (replaced)")
+    demo.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (each trains every model)")
+    demo.add_argument("--epochs", type=float, default=20, help="training epochs of the dense baseline and the V-MoE")
+    demo.add_argument("--kd_epochs", type=float, default=10, help="distillation epochs of the gathered model")
     demo.set_defaults(func=_demo)
     from .gathering.cli import add_gather_parser
 

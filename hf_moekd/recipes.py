@@ -15,8 +15,10 @@ from transformers import AutoTokenizer, PreTrainedModel
 from .distillation import DistillationArguments
 from .students import parse_overrides, smaller_config, student_from_teacher_layers
 from .teachers import MINILM, resolve_model_path
+from .utils import refuse_pickle
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+# OSError covers missing/corrupt files (FileNotFoundError, FileExistsError, ...) and full disks.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 
 @dataclass
@@ -47,13 +49,16 @@ class ModelArguments:
     )
 
 
-def build_model(model_args: ModelArguments, auto_class: type, **head_kwargs: Any) -> tuple[PreTrainedModel, Any]:
-    """Load the tokenizer and the (student) model described by `model_args`."""
+def build_model(model_args: ModelArguments, auto_class: type, allow_pickle: bool = False,
+                **head_kwargs: Any) -> tuple[PreTrainedModel, Any]:
+    """Load the tokenizer and the (student) model described by `model_args` (safetensors only unless `allow_pickle`)."""
     path = resolve_model_path(model_args.model_name_or_path)
+    if not allow_pickle:
+        refuse_pickle(path, "--allow_pickle_checkpoints true")
     if model_args.student_layers and model_args.student_config_overrides:
         raise ValueError("Use either --student_layers or --student_config_overrides, not both.")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = auto_class.from_pretrained(path, use_safetensors=True, **head_kwargs)
+    model = auto_class.from_pretrained(path, use_safetensors=None if allow_pickle else True, **head_kwargs)
     if model_args.student_layers:
         layers = [int(i) for i in model_args.student_layers.split(",")]
         model = student_from_teacher_layers(model, layers)
@@ -103,12 +108,15 @@ def check_output_dir(args: DistillationArguments) -> None:
 
 @contextlib.contextmanager
 def removed_on_failure(path: str | os.PathLike) -> Iterator[None]:
-    """Delete `path` if it did not exist before and the block fails, so no half-written output is left."""
+    """Delete `path` if it did not exist before and the block fails, so no half-written output is left.
+
+    A folder that holds a training checkpoint (`checkpoint-*`) is kept: the run can resume from it.
+    """
     existed = Path(path).exists()
     try:
         yield
     except BaseException:
-        if not existed:
+        if not existed and not any(Path(path).glob("checkpoint-*")):
             shutil.rmtree(path, ignore_errors=True)
         raise
 

@@ -8,7 +8,8 @@ import pytest
 from transformers import AutoModelForImageClassification
 
 from hf_moekd.cli import build_parser, main
-from hf_moekd.demo import load_digits_splits, run_demo
+from hf_moekd.demo import run_demo
+from hf_moekd.images import load_digits_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,13 +21,20 @@ def test_digits_splits_are_stratified_and_disjoint():
     assert sorted({int(y) for y in data["test"]["labels"]}) == list(range(10))
 
 
-def test_demo_prints_table_and_saves_reloadable_student(tmp_path, capsys):
-    results = run_demo(output_dir=str(tmp_path / "demo"), seeds=(0,), epochs=1)
+def test_demo_prints_table_and_saves_reloadable_ones_model(tmp_path, capsys):
+    report = run_demo(output_dir=str(tmp_path / "demo"), seeds=(0,), epochs=1, kd_epochs=1)
     out = capsys.readouterr().out
-    assert len(results) == 4 and all(0.0 <= a <= 1.0 for r in results for a in r.accuracies)
-    assert re.search(r"\| student, logits KD\s+\|", out)
+    assert {"dense", "moe", "svd gathered only", "svd + KD (OneS)"} <= set(report.accuracy)
+    assert re.search(r"\| svd \+ KD \(OneS\) \|", out) and "Inference on CPU, dense vs MoE" in out
+    assert report.latency_ms["moe_batch64"] > 0
     model = AutoModelForImageClassification.from_pretrained(tmp_path / "demo")
-    assert model.config.num_hidden_layers == 1 and model.config.num_labels == 10
+    assert model.config.model_type == "ones" and model.config.num_labels == 10
+    run_demo(output_dir=str(tmp_path / "demo"), seeds=(0,), epochs=0.2, kd_epochs=0.2)  # a second run replaces it
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a demo output")
+    with pytest.raises(FileExistsError, match="not empty"):
+        run_demo(output_dir=str(tmp_path / "mine"), seeds=(0,), epochs=0.2, kd_epochs=0.2)
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
 def test_cli_help_and_bad_arguments(capsys):

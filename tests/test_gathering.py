@@ -262,11 +262,17 @@ def test_interrupted_gathering_leaves_no_output(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["moe"]  # neither output nor temporary directory
 
 
-def test_bin_checkpoint_refused(tmp_path):
-    mixtral().config.save_pretrained(tmp_path)
+def test_bin_checkpoint_refused_unless_allowed(tmp_path):
+    model = mixtral()
+    model.config.save_pretrained(tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"\0" * 16)
-    with pytest.raises(ValueError, match=r"\.bin checkpoint.*safetensors"):
+    with pytest.raises(ValueError, match=r"only pickle weights.*safetensors.*allow_pickle=True"):
         gather_experts(tmp_path, "average", progress=False)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # the user trusts this file
+    dense = gather_experts(tmp_path, "average", progress=False, allow_pickle=True)
+    expected = gather_experts(model, "average", progress=False)
+    for name, tensor in expected.state_dict().items():
+        torch.testing.assert_close(dense.state_dict()[name], tensor, rtol=0, atol=0)
 
 
 def test_truncated_shard_and_missing_expert(tmp_path):

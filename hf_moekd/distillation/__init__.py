@@ -2,7 +2,11 @@
 from .arguments import DistillationArguments
 from .losses import LOSS_REGISTRY, DistillationBatch, LossTerm, register_loss
 from .teacher import check_compatible, load_teacher
-from .teacher_outputs import TEACHER_LOGITS, TeacherLogitsCollator, precompute_teacher_logits
+from .teacher_outputs import (
+    TEACHER_LOGITS,
+    TeacherLogitsCollator,
+    precompute_teacher_logits,
+)
 from .trainer import DistillationTrainer
 
 __all__ = [

@@ -59,6 +59,16 @@ class DistillationArguments(TrainingArguments):
         default=False,
         metadata={"help": "Allow writing into an existing, non-empty output_dir (refused otherwise)."},
     )
+    stop_on_nonfinite_loss: bool = field(
+        default=True,
+        metadata={"help": "Stop training with an error naming the loss term and the step when the loss is NaN/inf "
+                  "(before the optimizer step, so no NaN weights are saved)."},
+    )
+    allow_pickle_checkpoints: bool = field(
+        default=False,
+        metadata={"help": "Also load teacher/student checkpoints stored as pickle (pytorch_model.bin). Off: only "
+                  "safetensors are read. Turn on only for files you trust."},
+    )
     extra_loss_terms: list[str] = field(
         default_factory=list,
         metadata={"help": "More registered loss terms as 'name=weight' (see hf_moekd.distillation.LOSS_REGISTRY)."},

@@ -7,6 +7,8 @@ import torch
 import transformers
 from torch import nn
 
+from ..utils import refuse_pickle
+
 # Student class-name suffix -> Auto class used to load a teacher with the same kind of head.
 _AUTO_BY_SUFFIX = {
     "ForSequenceClassification": "AutoModelForSequenceClassification",
@@ -17,22 +19,26 @@ _AUTO_BY_SUFFIX = {
 }
 
 
-def auto_class_like(model: nn.Module | None) -> type:
-    """The Auto class that loads a model with the same kind of head as `model`."""
-    name = type(model).__name__ if model is not None else ""
+def auto_class_like(model: nn.Module | type | None) -> type:
+    """The Auto class that loads a model with the same kind of head as `model` (an instance or a class)."""
+    name = "" if model is None else (model if isinstance(model, type) else type(model)).__name__
     for suffix, auto in _AUTO_BY_SUFFIX.items():
         if name.endswith(suffix):
             return getattr(transformers, auto)
     return transformers.AutoModel
 
 
-def load_teacher(name_or_path: str, like: nn.Module | None = None, **kwargs) -> nn.Module:
-    """Load a teacher checkpoint (safetensors only) with the head kind of the student `like`."""
+def load_teacher(name_or_path: str, like: nn.Module | type | None = None, allow_pickle: bool = False,
+                 **kwargs) -> nn.Module:
+    """Load a teacher checkpoint with the head kind of the student `like`: safetensors only unless `allow_pickle`."""
     looks_local = name_or_path.startswith((".", "/", "~")) or os.path.isabs(name_or_path) or name_or_path.count("/") > 1
     if looks_local and not os.path.isdir(os.path.expanduser(name_or_path)):
         raise FileNotFoundError(f"Teacher folder {name_or_path!r} does not exist: pass a trained teacher's output directory.")
+    if not allow_pickle:
+        refuse_pickle(name_or_path, "--allow_pickle_checkpoints true")
+    kwargs.setdefault("use_safetensors", None if allow_pickle else True)
     try:
-        return auto_class_like(like).from_pretrained(name_or_path, use_safetensors=True, **kwargs)
+        return auto_class_like(like).from_pretrained(name_or_path, **kwargs)
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FileNotFoundError(

@@ -5,7 +5,10 @@ from collections import defaultdict
 from contextlib import ExitStack
 from typing import Any
 
+import os
+
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer
 
@@ -14,6 +17,7 @@ from .losses import DistillationBatch, LossTerm, batch_size, get_loss_class
 from .teacher import check_compatible, load_teacher, prepare_teacher
 from .teacher_outputs import TEACHER_LOGITS, TeacherLogitsCollator
 
+LOSS_TERMS_FILE = "loss_terms.safetensors"
 Counts = torch.Tensor  # [labelled items, examples] of one optimizer step, summed over all processes
 
 
@@ -46,7 +50,7 @@ class DistillationTrainer(Trainer):
         if not isinstance(args, DistillationArguments):
             raise TypeError("DistillationTrainer needs `args=DistillationArguments(...)`.")
         if teacher_model is None and args.teacher_model_name_or_path:
-            teacher_model = load_teacher(args.teacher_model_name_or_path, like=model)
+            teacher_model = load_teacher(args.teacher_model_name_or_path, like=model, allow_pickle=args.allow_pickle_checkpoints)
         if teacher_model is not None:
             check_compatible(model, teacher_model)
         super().__init__(model=model, args=args, **kwargs)
@@ -105,6 +109,9 @@ class DistillationTrainer(Trainer):
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         if not batch_samples:
             return batch_samples, None
+        # A new optimizer step begins: the Trainer zeroes only the model's gradients, so clear the loss terms' too.
+        for param in self.loss_terms.parameters():
+            param.grad = None
         self._term_steps += 1
         counts = torch.zeros(2, dtype=torch.float64, device=device)
         for batch in batch_samples:
@@ -164,13 +171,34 @@ class DistillationTrainer(Trainer):
             scale=float(self.accelerator.num_processes) if is_global else 1.0,
         )
         loss = torch.zeros((), device=self.args.device)
+        values = {}
         for name, term in terms.items():
             if term.needs_labels and labels is None:
                 raise ValueError(f"Loss term {name!r} needs labels; for label-free distillation set alpha=1.0.")
-            value = term(batch)
+            values[name] = value = term(batch)
             loss = loss + self.loss_weights[name] * value
+        if self.args.stop_on_nonfinite_loss and self._any_nonfinite(loss):
+            self._raise_nonfinite(values)
+        for name, value in values.items():
             self._term_sums[name] += value.detach()
         return (loss, student_out) if return_outputs else loss
+
+    def _any_nonfinite(self, loss: torch.Tensor) -> bool:
+        """True on every process when the loss is NaN/inf on any process (so that all of them stop together)."""
+        bad = (~torch.isfinite(loss.detach())).float()
+        if self.accelerator.num_processes > 1:
+            torch.distributed.all_reduce(bad)
+        return bool(bad.item())
+
+    def _raise_nonfinite(self, values: dict[str, torch.Tensor]) -> None:
+        bad = {name: v.item() for name, v in values.items() if not torch.isfinite(v.detach())}
+        names = ", ".join(f"{name}={value}" for name, value in bad.items()) or "a term on another process"
+        raise FloatingPointError(
+            f"non-finite loss at step {self.state.global_step + 1} (epoch {self.state.epoch or 0:.2f}): {names}. Training "
+            "stopped before this step's optimizer update, so no NaN weights were written; the last checkpoint is intact. "
+            "Lower the learning rate or the term's weight, use fp32 instead of fp16, or check the inputs of this batch "
+            "(set stop_on_nonfinite_loss=False to skip this check)."
+        )
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -180,6 +208,37 @@ class DistillationTrainer(Trainer):
                     torch.distributed.all_reduce(param.grad)
                     param.grad /= self.accelerator.num_processes
         return loss
+
+    # ---- checkpoints: the loss terms' own parameters (e.g. hidden-state projections) --------------
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.loss_terms.state_dict().items()}
+        if state and self.args.should_save:
+            save_file(state, os.path.join(output_dir, LOSS_TERMS_FILE), metadata={"format": "pt"})
+
+    def _check_loss_term_state(self, checkpoint: str) -> str | None:
+        """The loss-term state file of `checkpoint` (None when the terms have no parameters); refuse if it is missing."""
+        if not self.loss_terms.state_dict():
+            return None
+        path = os.path.join(checkpoint, LOSS_TERMS_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{checkpoint} has no {LOSS_TERMS_FILE}: the loss terms' parameters ("
+                f"{', '.join(sorted({k.split('.')[0] for k in self.loss_terms.state_dict()}))}) would restart from "
+                "scratch. Resume from a checkpoint written by DistillationTrainer, or start a new run."
+            )
+        return path
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        self._check_loss_term_state(resume_from_checkpoint)  # fail before any weights are loaded
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        # Runs on every resume path (DeepSpeed included, which skips `_load_from_checkpoint`).
+        path = self._check_loss_term_state(checkpoint) if checkpoint is not None else None
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if path is not None:
+            self.loss_terms.load_state_dict(load_file(path, device=str(self.args.device)))
 
     # ---- logging --------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

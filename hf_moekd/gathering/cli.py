@@ -26,6 +26,8 @@ def add_gather_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max_length", type=int, default=512, help="tokens per calibration text")
     p.add_argument("--max_shard_size", default="2GB", help="output shard size (default: 2GB)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--allow_pickle", action="store_true",
+                   help="accept a TEACHER with only pickle weights (pytorch_model.bin); only for files you trust")
     p.set_defaults(func=run_gather)
     return p
 
@@ -61,5 +63,5 @@ def run_gather(ns: argparse.Namespace) -> None:
         ns.calibration_data, ns.teacher, ns.num_calibration_samples, ns.max_length)
     out = gather_experts(ns.teacher, strategy=ns.strategy, rank=ns.rank, calibration_dataset=calib, align=ns.align,
                          output_dir=ns.output, strategy_kwargs=kwargs, max_shard_size=ns.max_shard_size,
-                         overwrite=ns.overwrite, return_model=False)
+                         overwrite=ns.overwrite, return_model=False, allow_pickle=ns.allow_pickle)
     print(f"dense model written to {out}")

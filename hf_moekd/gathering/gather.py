@@ -19,8 +19,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
-import uuid
 import warnings
 from collections import defaultdict
 from contextlib import ExitStack, contextmanager
@@ -31,6 +29,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..utils import atomic_output_dir, checkpoint_format, refuse_pickle
 from .families import BlockReader, MoEFamily, RoutingStats, get_family
 from .strategies import get_strategy, merge_experts, validate_options
 
@@ -76,17 +75,22 @@ class _CheckpointSource:
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"checkpoint directory {self.path} does not exist")
+        self.config = AutoConfig.from_pretrained(self.path)
+        get_family(self.config.model_type)  # an unsupported architecture fails before any shard is opened
         index, single = self.path / "model.safetensors.index.json", self.path / "model.safetensors"
         if index.is_file():
-            self.files = {k: self.path / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{index} is not a valid safetensors index ({type(err).__name__}: {err}); the "
+                                 "checkpoint is incomplete or corrupt, re-download it") from err
+            self.files = {k: self.path / v for k, v in weight_map.items()}
         elif single.is_file():
             self.files = {k: single for k in _open(single).keys()}
         elif any(self.path.glob("pytorch_model*.bin*")):
-            raise ValueError(f"{self.path} holds only a PyTorch .bin checkpoint; gathering reads safetensors only: "
-                             "re-save it with from_pretrained(...).save_pretrained(new_dir), which writes safetensors")
+            refuse_pickle(self.path, "allow_pickle=True (CLI: --allow_pickle)")
         else:
             raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {self.path}")
-        self.config = AutoConfig.from_pretrained(self.path)
         self._raw: dict[str, str] = {}
 
     def keys(self, family: MoEFamily) -> list[str]:
@@ -171,27 +175,6 @@ class _ShardWriter:
             weight_map.update(dict.fromkeys(names, final))
         index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
         (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-@contextmanager
-def _atomic_dir(output_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
-    out = Path(output_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"output directory {out} exists and is not empty; pass overwrite=True or choose another path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        for f in (tmp, *tmp.iterdir()):  # mkdtemp creates 0700: give the usual permissions
-            f.chmod(0o755 if f.is_dir() else 0o644)
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --------------------------------------------------------------------------- calibration
@@ -284,6 +267,7 @@ def gather_experts(
     overwrite: bool = False,
     progress: bool = True,
     return_model: bool = True,
+    allow_pickle: bool = False,
 ):
     """Build the dense twin of a sparse MoE by merging each layer's experts (OneS knowledge gathering).
 
@@ -300,9 +284,14 @@ def gather_experts(
         output_dir: write the dense model here (atomically, sharded by ``max_shard_size``).
         strategy_kwargs: extra strategy options (e.g. ``{"k": 4}`` for topk, ``{"method": "joint"}`` for svd).
         return_model: with ``output_dir``, load and return the written model (else return the path).
+        allow_pickle: accept a folder that holds only pickle weights (``pytorch_model.bin``): the whole model is
+            loaded with transformers (not streamed). Off by default: unpickling can run arbitrary code.
     """
     from transformers.utils.hub import convert_file_size_to_int
 
+    aux_dir = None  # where tokenizer/generation files are copied from
+    if allow_pickle and not isinstance(model_or_path, torch.nn.Module) and checkpoint_format(model_or_path) == "pickle":
+        aux_dir, model_or_path = Path(model_or_path), _load_pickled(model_or_path)
     is_live = isinstance(model_or_path, torch.nn.Module)
     source = _LiveSource(model_or_path) if is_live else _CheckpointSource(model_or_path)
     config = source.config
@@ -333,7 +322,7 @@ def gather_experts(
     max_bytes = convert_file_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
 
     with ExitStack() as stack:
-        tmp = stack.enter_context(_atomic_dir(output_dir, overwrite)) if output_dir is not None else None
+        tmp = stack.enter_context(atomic_output_dir(output_dir, overwrite)) if output_dir is not None else None
         sink: Any = _ShardWriter(tmp, max_bytes) if tmp is not None else {}
         produced: set[str] = set()
         dtypes: list[torch.dtype] = []
@@ -364,11 +353,22 @@ def gather_experts(
         _fill_missing(expected, produced, tied, sink, source, dtype=(dtypes or [torch.float32])[0])
         if tmp is None:
             return _build(make_dense, dense_config, sink)
-        _write_aux(tmp, dense_config, source, make_dense)
+        _write_aux(tmp, dense_config, source, make_dense, aux_dir)
         sink.finish()
     if not return_model:
         return Path(output_dir)
     return make_dense.from_pretrained(output_dir)
+
+
+def _load_pickled(path: str | os.PathLike) -> torch.nn.Module:
+    """A whole MoE from pickle weights, with the class its config names (else the family's Auto class)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    arch = (config.architectures or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    cls = cls or getattr(transformers, get_family(config.model_type).auto_class)
+    return cls.from_pretrained(path, use_safetensors=False)
 
 
 def _gather_block(family: MoEFamily, config, reader: BlockReader, st: RoutingStats | None, strategy: str,
@@ -411,16 +411,17 @@ def _build(cls, dense_config, state: dict[str, Tensor]):
     return model.eval()
 
 
-def _write_aux(tmp: Path, dense_config, source: Any, make_dense: type) -> None:
+def _write_aux(tmp: Path, dense_config, source: Any, make_dense: type, aux_dir: Path | None = None) -> None:
     if getattr(make_dense, "_auto_class", None) is not None:  # the project's own dense classes (OneS): ship their code
         from transformers.dynamic_module_utils import custom_object_save
 
         with torch.device("meta"):
             custom_object_save(make_dense(dense_config), tmp, config=dense_config)
     dense_config.save_pretrained(tmp)
-    if isinstance(source, _CheckpointSource):
+    aux_dir = source.path if isinstance(source, _CheckpointSource) else aux_dir
+    if aux_dir is not None:
         for pattern in _AUX_FILES:
-            for f in source.path.glob(pattern):
+            for f in aux_dir.glob(pattern):
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)
     elif getattr(source.model, "generation_config", None) is not None and source.model.can_generate():

@@ -14,9 +14,22 @@ Typical use::
 Importing this package registers the ``mpo_constraint`` loss term (``extra_loss_terms=["mpo_constraint=0.01"]``).
 """
 from .constraint import MPOConstraintLoss, default_layer_map
-from .decomposition import MPODecomposition, auto_factors, check_factors, mpo_contract, mpo_decompose
+from .decomposition import (
+    MPODecomposition,
+    auto_factors,
+    check_factors,
+    mpo_contract,
+    mpo_decompose,
+)
 from .layers import MPOLinear
-from .model import DEFAULT_TARGET_MODULES, MPOConfig, OverparameterizedReport, contract, mpo_modules, overparameterize
+from .model import (
+    DEFAULT_TARGET_MODULES,
+    MPOConfig,
+    OverparameterizedReport,
+    contract,
+    mpo_modules,
+    overparameterize,
+)
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",

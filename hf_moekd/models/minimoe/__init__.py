@@ -4,7 +4,12 @@ Importing this package registers the model with the transformers Auto classes (i
 for `auto_map`, so `save_pretrained` copies `configuration_minimoe.py` / `modeling_minimoe.py` next to the weights
 and the checkpoint also loads with `trust_remote_code=True` where hf_moekd is not installed.
 """
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
 
 from .configuration_minimoe import MiniMoEConfig
 from .convert_minimoe import minimoe_from_dense

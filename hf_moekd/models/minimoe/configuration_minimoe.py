@@ -62,6 +62,9 @@ class MiniMoEConfig(PreTrainedConfig):
 
     def check_moe_fields(self) -> None:
         """Raise a one-line `ValueError` naming the bad field and the fix."""
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.num_ffn_experts < 1:
             raise ValueError(f"num_ffn_experts must be >= 1 (1 = a dense FFN), got {self.num_ffn_experts}.")
         if self.num_attention_experts < 1:

@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import torch
-from transformers import BertForSequenceClassification, BertForTokenClassification, BertModel, PreTrainedModel
+from transformers import (
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+    PreTrainedModel,
+)
 
 from .configuration_minimoe import MiniMoEConfig
 from .modeling_minimoe import (

@@ -7,7 +7,12 @@ checkpoint also loads with `trust_remote_code=True` where hf_moekd is not instal
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 from .configuration_ones import OneSConfig
-from .modeling_ones import OneSForImageClassification, OneSModel, OneSPreTrainedModel, image_classification_loss
+from .modeling_ones import (
+    OneSForImageClassification,
+    OneSModel,
+    OneSPreTrainedModel,
+    image_classification_loss,
+)
 
 
 def register() -> None:

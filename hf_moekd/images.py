@@ -1,0 +1,133 @@
+"""Image datasets that ship with a dependency or a Debian package: scikit-learn digits and Fashion-MNIST.
+
+Both return a `datasets.DatasetDict` with `train` and `test` splits of `pixel_values` ([1, H, W] float32 in
+[0, 1]) and `labels`, in torch format, ready for the Trainer and for the image models of this package.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Callable
+
+import datasets
+import numpy as np
+import torch
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_LABELS = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+
+
+def _to_dataset(images: np.ndarray, labels: np.ndarray) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"pixel_values": images, "labels": labels.astype(np.int64)}).with_format("torch")
+
+
+def _subsample(images: np.ndarray, labels: np.ndarray, n: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `n` of a fixed random permutation (all classes stay represented on balanced data)."""
+    if n is None or n >= len(labels):
+        return images, labels
+    idx = np.random.default_rng(seed).permutation(len(labels))[:n]
+    return images[idx], labels[idx]
+
+
+def load_digits_splits(test_fraction: float = 0.2, seed: int = 0) -> datasets.DatasetDict:
+    """scikit-learn's 1,797 8x8 digits (pixel values / 16), stratified train/test split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[:, None]
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, digits.target, test_size=test_fraction, random_state=seed, stratify=digits.target
+    )
+    return datasets.DatasetDict(train=_to_dataset(x_train, y_train), test=_to_dataset(x_test, y_test))
+
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    """An IDX file (gzip or plain) as a uint8 array; a clear error when it is not the expected kind."""
+    opener: Callable = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, OSError, zlib.error) as err:
+        raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err}); the file is truncated or corrupt, "
+                         "reinstall dataset-fashion-mnist or replace it.") from err
+    found = struct.unpack(">I", data[:4])[0] if len(data) >= 4 else None
+    if found != magic:
+        raise ValueError(f"{path} is not an IDX file of the expected kind (magic {found}, expected {magic}).")
+    ndim = magic & 0xFF
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path} is truncated inside its header.")
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise ValueError(f"{path} is truncated: header says {shape}, found {array.size} values.")
+    return array.reshape(shape)
+
+
+def _fashion_file(directory: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (directory / name).is_file():
+            return directory / name
+    raise FileNotFoundError(
+        f"Fashion-MNIST file {stem}[.gz] not found in {directory}. Install Debian's package "
+        "(`apt-get install dataset-fashion-mnist`) or pass --data_dir to a folder with the four IDX files."
+    )
+
+
+def load_fashion_mnist(
+    data_dir: str | os.PathLike | None = None,
+    max_train_samples: int | None = None,
+    max_test_samples: int | None = None,
+    seed: int = 0,
+) -> datasets.DatasetDict:
+    """Fashion-MNIST (60,000 train / 10,000 test 28x28 images) from its IDX files, optionally subsampled."""
+    directory = Path(data_dir or os.environ.get("HF_MOEKD_FASHION_MNIST_DIR", FASHION_MNIST_DIR))
+    splits = {}
+    for split, prefix, limit in (("train", "train", max_train_samples), ("test", "t10k", max_test_samples)):
+        images = _read_idx(_fashion_file(directory, f"{prefix}-images-idx3-ubyte"), 2051)
+        labels = _read_idx(_fashion_file(directory, f"{prefix}-labels-idx1-ubyte"), 2049)
+        images, labels = _subsample(images, labels, limit, seed)
+        splits[split] = _to_dataset((images.astype(np.float32) / 255.0)[:, None], labels)
+    return datasets.DatasetDict(splits)
+
+
+def load_digits(data_dir: None = None, max_train_samples: int | None = None, max_test_samples: int | None = None,
+                seed: int = 0) -> datasets.DatasetDict:
+    """`load_digits_splits`, optionally subsampled like `load_fashion_mnist` (`data_dir` is not used)."""
+    splits = load_digits_splits()
+    for split, limit in (("train", max_train_samples), ("test", max_test_samples)):
+        if limit is not None and limit < len(splits[split]):
+            idx = np.random.default_rng(seed).permutation(len(splits[split]))[:limit]
+            splits[split] = splits[split].select(sorted(idx.tolist()))
+    return splits
+
+
+IMAGE_DATASETS: dict[str, Callable[..., datasets.DatasetDict]] = {"digits": load_digits, "fashion_mnist": load_fashion_mnist}
+IMAGE_LABELS = {"digits": tuple(str(i) for i in range(10)), "fashion_mnist": FASHION_MNIST_LABELS}
+
+
+def load_image_dataset(name: str, **kwargs) -> datasets.DatasetDict:
+    """`digits` or `fashion_mnist` (kwargs: data_dir, max_train_samples, max_test_samples, seed)."""
+    if name not in IMAGE_DATASETS:
+        raise ValueError(f"unknown image dataset {name!r}; choose one of {sorted(IMAGE_DATASETS)}.")
+    return IMAGE_DATASETS[name](**kwargs)
+
+
+class InMemoryDataset(torch.utils.data.Dataset):
+    """A `datasets.Dataset`'s columns as tensors: row access without Arrow decoding (much faster for small images)."""
+
+    def __init__(self, dataset: datasets.Dataset, columns: tuple[str, ...] = ("pixel_values", "labels")) -> None:
+        table = dataset.with_format("torch")[:]
+        self.columns = {name: table[name] for name in columns}
+        self._len = len(dataset)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {name: column[index] for name, column in self.columns.items()}

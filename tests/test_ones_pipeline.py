@@ -1,0 +1,172 @@
+"""The OneS image pipeline (train dense + V-MoE, gather, distil, compare), its data loaders and examples/run_ones.py."""
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForImageClassification
+
+from hf_moekd.images import InMemoryDataset, load_fashion_mnist, load_image_dataset
+from hf_moekd.models.vmoe import VMoEForImageClassification
+from hf_moekd.ones_pipeline import (
+    Gathering,
+    OneSArguments,
+    OneSReport,
+    benefit_preserved,
+    model_configs,
+    parse_gathering,
+    run_ones,
+    run_ones_from_teacher,
+)
+from test_examples import run_script
+
+TINY = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_experts=4,
+            epochs=1, kd_epochs=1, batch_size=64, seeds=[0], measure_speed=False)
+
+
+def write_idx(path: Path, array: np.ndarray, magic: int, compress: bool = True) -> None:
+    header = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    (gzip.open if compress else open)(path, "wb").write(payload)
+
+
+@pytest.fixture
+def fake_fashion(tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 40), ("t10k", 20)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)), 2051)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10, 2049, compress=False)
+    return tmp_path
+
+
+def test_parse_gathering():
+    assert parse_gathering("svd") == Gathering("svd")
+    assert parse_gathering("svd-r16+align") == Gathering("svd", 16, True)
+    assert parse_gathering("topk+align") == Gathering("topk", None, True)
+    for bad, message in (("svd+nope", "only suffix"), ("median", "unknown strategy"), ("topk-r4", "svd only"),
+                         ("svd-rx", "svd only")):
+        with pytest.raises(ValueError, match=message):
+            parse_gathering(bad)
+    for bad in ("svd-r0", "svd-r"):
+        with pytest.raises(ValueError, match="svd-r<int>"):
+            parse_gathering(bad)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        OneSArguments(gatherings=["svd", "bogus"])
+    with pytest.raises(ValueError, match="repeat a variant"):
+        OneSArguments(gatherings=["svd", "svd"])
+    with pytest.raises(ValueError, match="rank 64 exceeds min"):
+        OneSArguments(gatherings=["svd-r64"], hidden_size=32, intermediate_size=32)
+
+
+def test_benefit_preserved():
+    assert benefit_preserved(0.85, 0.80, 0.90) == pytest.approx(50.0)
+    assert benefit_preserved(0.95, 0.80, 0.90) == pytest.approx(150.0)
+    assert benefit_preserved(0.85, 0.90, 0.90) is None  # the MoE did not beat the dense baseline
+
+
+def test_fashion_mnist_reader(fake_fashion):
+    data = load_fashion_mnist(fake_fashion, max_train_samples=25)
+    assert len(data["train"]) == 25 and len(data["test"]) == 20
+    row = data["train"][0]
+    assert row["pixel_values"].shape == (1, 28, 28) and row["pixel_values"].dtype == torch.float32
+    test = data["test"][:]
+    assert 0.0 <= float(test["pixel_values"].min()) and float(test["pixel_values"].max()) <= 1.0
+    labels = np.fromfile(fake_fashion / "t10k-labels-idx1-ubyte", dtype=np.uint8)[8:]
+    assert test["labels"].tolist() == labels.tolist()  # no subsampling: file order kept
+
+
+def test_fashion_mnist_errors(fake_fashion, tmp_path):
+    (fake_fashion / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        load_fashion_mnist(fake_fashion)
+    write_idx(fake_fashion / "t10k-labels-idx1-ubyte", np.zeros((20, 2)), 2051, compress=False)  # images, not labels
+    with pytest.raises(ValueError, match="not an IDX file of the expected kind"):
+        load_fashion_mnist(fake_fashion)
+    with pytest.raises(ValueError, match="unknown image dataset"):
+        load_image_dataset("cifar")
+    gz = fake_fashion / "train-images-idx3-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:100])  # truncated download
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_fashion_mnist(fake_fashion)
+
+
+def test_digits_subsample():
+    data = load_image_dataset("digits", max_train_samples=100, max_test_samples=50)
+    assert (len(data["train"]), len(data["test"])) == (100, 50)
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Debian dataset-fashion-mnist not installed")
+def test_real_fashion_mnist():
+    data = load_fashion_mnist(max_train_samples=100, max_test_samples=100)
+    assert len(data["train"]) == 100 and data["train"][0]["pixel_values"].shape == (1, 28, 28)
+    assert set(data["test"][:]["labels"].tolist()) <= set(range(10))
+
+
+def test_in_memory_dataset_matches_rows():
+    data = load_image_dataset("digits")["test"]
+    fast = InMemoryDataset(data)
+    assert len(fast) == len(data)
+    for i in (0, 7, len(data) - 1):
+        assert torch.equal(fast[i]["pixel_values"], data[i]["pixel_values"]) and fast[i]["labels"] == data[i]["labels"]
+
+
+def test_run_ones_tiny_on_digits(tmp_path):
+    out = tmp_path / "ones"
+    report = run_ones(OneSArguments(**TINY, gatherings=["svd", "topk+align"], output_dir=str(out)), progress=False)
+    expected = {"dense", "moe", "dense, +1 epochs", "svd gathered only", "svd + fine-tune, no KD", "svd + KD (OneS)",
+                "topk+align gathered only", "topk+align + KD (OneS)"}
+    assert set(report.accuracy) == expected and all(len(v) == 1 and 0 <= v[0] <= 1 for v in report.accuracy.values())
+    assert report.params["moe"] > report.params["dense"]
+    table = report.table()
+    assert "| svd + KD (OneS) |" in table and table.count("\n") == len(expected) + 1
+    model = AutoModelForImageClassification.from_pretrained(out)
+    assert type(model).__name__ == "OneSForImageClassification" and model.config.hidden_size == 16
+    saved = json.loads((out / "all_results.json").read_text())
+    assert saved["per_seed"]["svd + KD (OneS)"] == report.accuracy["svd + KD (OneS)"]
+
+
+def test_report_summary_speedup_and_benefit():
+    report = OneSReport(args={}, accuracy={"dense": [0.8, 0.8], "moe": [0.9, 0.9], "svd + KD (OneS)": [0.85, 0.87]},
+                        latency_ms={"dense_batch1": 1.0, "moe_batch1": 2.5, "dense_batch64": 4.0, "moe_batch64": 6.0},
+                        params={"dense": 10, "moe": 20})
+    summary = report.summary()
+    assert summary["speedup_batch1"] == pytest.approx(2.5) and summary["speedup_batch64"] == pytest.approx(1.5)
+    assert summary["models"]["svd + KD (OneS)"]["benefit_preserved_pct"] == pytest.approx(60.0)
+    assert summary["models"]["svd + KD (OneS)"]["accuracy_std"] == pytest.approx(100 * np.std([0.85, 0.87], ddof=1))
+
+
+def test_refuses_non_empty_output_before_training(tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        run_ones(OneSArguments(**TINY, output_dir=str(out)), progress=False)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_run_ones_from_a_saved_teacher(tmp_path, monkeypatch):
+    args = OneSArguments(**TINY, output_dir=None)
+    _, moe_config = model_configs(args, 8, tuple(str(i) for i in range(10)))
+    torch.manual_seed(0)
+    VMoEForImageClassification(moe_config).save_pretrained(tmp_path / "vmoe")
+    results = run_ones_from_teacher(OneSArguments(**TINY, output_dir=str(tmp_path / "out")), str(tmp_path / "vmoe"))
+    assert set(results) == {"teacher_accuracy", "gathered_accuracy", "ones_accuracy"}
+    assert AutoModelForImageClassification.from_pretrained(tmp_path / "out").config.model_type == "ones"
+    code = run_script("run_ones.py", "--teacher_model_name_or_path", str(tmp_path / "missing"), "--output_dir",
+                      str(tmp_path / "never"), monkeypatch=monkeypatch)
+    assert code == 2 and not (tmp_path / "never").exists()
+
+
+def test_example_script_runs_the_comparison(tmp_path, monkeypatch, capsys):
+    code = run_script("run_ones.py", "--hidden_size", "16", "--intermediate_size", "16", "--num_hidden_layers", "2",
+                      "--num_experts", "4", "--epochs", "0.5", "--kd_epochs", "0.5", "--seeds", "1",
+                      "--measure_speed", "false", "--controls", "false", "--output_dir", str(tmp_path / "o"),
+                      monkeypatch=monkeypatch)
+    out = capsys.readouterr().out
+    assert code == 0 and "| svd + KD (OneS) |" in out and "fine-tune, no KD" not in out
+    assert (tmp_path / "o" / "model.safetensors").is_file()
