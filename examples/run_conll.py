@@ -24,6 +24,7 @@ from hf_moekd.recipes import (
     configure_losses,
     model_for_saving,
     removed_on_failure,
+    trainable_parameters,
     run,
     save_results,
 )
@@ -77,7 +78,7 @@ def main() -> None:
             processing_class=tokenizer, data_collator=DataCollatorForTokenClassification(tokenizer),
             compute_metrics=conll_compute_metrics(label_names),
         )
-    results: dict = {"mode": mode, "task": "conll2003"}
+    results: dict = {"mode": mode, "task": "conll2003", "trainable_params": trainable_parameters(trainer.model)}
     if args.do_train or not args.do_eval:
         results.update(trainer.train(resume_from_checkpoint=args.resume_from_checkpoint).metrics)
         model_for_saving(trainer.model, model_args)

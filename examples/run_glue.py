@@ -28,6 +28,7 @@ from hf_moekd.recipes import (
     configure_losses,
     model_for_saving,
     removed_on_failure,
+    trainable_parameters,
     run,
     save_results,
 )
@@ -71,7 +72,7 @@ def main() -> None:
             processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
             compute_metrics=glue_compute_metrics(task.name),
         )
-    results: dict = {"mode": mode, "task": task.name}
+    results: dict = {"mode": mode, "task": task.name, "trainable_params": trainable_parameters(trainer.model)}
     if args.do_train or not args.do_eval:
         train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
         results.update(train_result.metrics)

@@ -185,7 +185,9 @@ class OneSReport:
         rows = {}
         for name, values in self.accuracy.items():
             mean, std = _mean_std(values)
+            delta_mean, delta_std = _mean_std([100 * (v - d) for v, d in zip(values, self.accuracy["dense"])])
             rows[name] = {"accuracy_mean": 100 * mean, "accuracy_std": 100 * std, "seeds": len(values),
+                          "delta_vs_dense_mean": delta_mean, "delta_vs_dense_std": delta_std,
                           "benefit_preserved_pct": None if _is_baseline(name) else benefit_preserved(mean, dense, moe)}
         speedup = {f"speedup_batch{b}": self.latency_ms[f"moe_batch{b}"] / self.latency_ms[f"dense_batch{b}"]
                    for b in (1, 64) if f"dense_batch{b}" in self.latency_ms}
@@ -193,13 +195,15 @@ class OneSReport:
 
     def table(self) -> str:
         names = {"dense": "dense baseline", "moe": "MoE teacher"}
-        lines = ["| model | params | accuracy % (mean ± std) | % of MoE benefit preserved |", "|---|---:|---:|---:|"]
+        lines = ["| model | params | accuracy % (mean ± std) | Δ vs dense, paired by seed | % of MoE benefit preserved |",
+                 "|---|---:|---:|---:|---:|"]
         for name, row in self.summary()["models"].items():
             kept = row["benefit_preserved_pct"]
             kept_text = "-" if _is_baseline(name) else ("n/a (MoE <= dense)" if kept is None else f"{kept:.1f}")
             params = self.params["moe" if name == "moe" else "dense"]
+            delta = "-" if name == "dense" else f"{row['delta_vs_dense_mean']:+.2f} ± {row['delta_vs_dense_std']:.2f}"
             lines.append(f"| {names.get(name, name)} | {params / 1e3:.1f}k | {row['accuracy_mean']:.2f} ± "
-                         f"{row['accuracy_std']:.2f} | {kept_text} |")
+                         f"{row['accuracy_std']:.2f} | {delta} | {kept_text} |")
         return "\n".join(lines)
 
 

@@ -85,6 +85,11 @@ def model_for_saving(model: PreTrainedModel, model_args: ModelArguments) -> PreT
     return model
 
 
+def trainable_parameters(model: PreTrainedModel) -> int:
+    """Parameters that train (e.g. MPO cores instead of the linears they replace)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def configure_losses(args: DistillationArguments) -> str:
     """Without a teacher, train on labels alone; returns 'distil' or 'fine-tune'."""
     if args.teacher_model_name_or_path:
