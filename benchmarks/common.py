@@ -34,6 +34,14 @@ def mean_std(values: list[float]) -> dict[str, float]:
     }
 
 
+def same_experiment(saved: dict, current: dict) -> bool:
+    """Saved per-seed results are reused when every setting that shapes them is unchanged (fields added later
+    to OneSArguments and the output/speed options do not count)."""
+    current = json.loads(json.dumps(current))
+    skip = {"output_dir", "overwrite_output_dir", "measure_speed"}
+    return all(saved[k] == v for k, v in current.items() if k in saved and k not in skip)
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temporary file, then rename): a killed benchmark never leaves half a file."""
     tmp = path.with_name(f".{path.name}.tmp")

@@ -3,7 +3,7 @@
 
 Writes a 1-layer Mixtral checkpoint with 8 experts (hidden 4096, intermediate 14336, bf16, random weights, legacy
 per-expert keys, one shard per expert as `save_pretrained` would shard it) to --work_dir, then runs
-`gather_experts(path, strategy, output_dir=...)` in a fresh process per strategy and records its wall time and
+`gather_experts(path, strategy, rank, output_dir=...)` in a fresh process per strategy and records its wall time and
 peak resident memory (`ru_maxrss`). Target: peak RSS under 3x the layer's expert weights (8 x 3 x 4096 x 14336 x
 2 bytes = 2.63 GiB).
 
@@ -28,9 +28,10 @@ import json, resource, sys, time
 import torch
 from hf_moekd.gathering import gather_experts
 torch.set_num_threads(int(sys.argv[4]))
+strategy, _, rank = sys.argv[2].partition("-r")
 start = time.perf_counter()
-gather_experts(sys.argv[1], strategy=sys.argv[2], output_dir=sys.argv[3], overwrite=True, progress=False,
-               return_model=False)
+gather_experts(sys.argv[1], strategy=strategy, rank=int(rank) if rank else None, output_dir=sys.argv[3],
+               overwrite=True, progress=False, return_model=False)
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 """
@@ -80,7 +81,9 @@ def write_checkpoint(path: Path, seed: int = 0) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", default=str(REPO / "runs" / "gather_memory"))
-    parser.add_argument("--strategies", nargs="+", default=["svd", "average"])
+    parser.add_argument("--strategies", nargs="+", default=["svd", "svd-r256", "average"],
+                        help="`svd` is full rank (= usage-weighted average, no decomposition); `svd-r256` runs "
+                             "torch.svd_lowrank on every expert matrix")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint and outputs")
     a = parser.parse_args()

@@ -15,7 +15,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from common import REPO, mean_std, write_json, write_result
+from common import REPO, mean_std, same_experiment, write_json, write_result
 
 from hf_moekd.ones_pipeline import OneSArguments, OneSReport, print_report, run_ones
 
@@ -30,14 +30,6 @@ def bench_args(a: argparse.Namespace, seed: int) -> OneSArguments:
         gatherings=[g for base in a.gatherings for g in (base, f"{base}+align")], seeds=[seed], output_dir=None,
         measure_speed=seed == a.seeds[-1],
     )
-
-
-def same_experiment(saved: dict, current: dict) -> bool:
-    """Saved per-seed results are reused when every setting that shapes them is unchanged (fields added later
-    to OneSArguments and the output/speed options do not count)."""
-    current = json.loads(json.dumps(current))
-    skip = {"output_dir", "overwrite_output_dir", "measure_speed"}
-    return all(saved[k] == v for k, v in current.items() if k in saved and k not in skip)
 
 
 def main() -> None:

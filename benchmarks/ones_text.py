@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from common import DEFAULT_DATA, REPO, mean_std, write_json, write_result
+from common import DEFAULT_DATA, REPO, mean_std, same_experiment, write_json, write_result
 from transformers import (
     AutoTokenizer,
     DataCollatorWithPadding,
@@ -117,7 +117,7 @@ def main() -> None:
     for seed in a.seeds:
         path = work / f"seed{seed}.json"
         key = {**asdict(args), "seeds": [seed], "train_samples": a.train_samples}
-        if path.exists() and json.loads(path.read_text())["args"] == key:
+        if path.exists() and same_experiment(json.loads(path.read_text())["args"], key):
             saved = json.loads(path.read_text())
             print(f"[ones_text] seed {seed}: reusing {path}", flush=True)
         else:
@@ -134,7 +134,9 @@ def main() -> None:
     best = max(ones_rows, key=lambda k: ones_rows[k]["accuracy_mean"])
     headline = {"dense_acc": models["dense"]["accuracy_mean"], "moe_acc": models["moe"]["accuracy_mean"],
                 "best_ones": best, "best_ones_acc": ones_rows[best]["accuracy_mean"],
-                "best_benefit_preserved_pct": ones_rows[best]["benefit_preserved_pct"]}
+                "best_benefit_preserved_pct": ones_rows[best]["benefit_preserved_pct"],
+                "best_ones_delta_vs_dense": ones_rows[best]["delta_vs_dense_mean"],
+                "controls_acc": {k: v["accuracy_mean"] for k, v in models.items() if k.startswith("dense,") or "no KD" in k}}
     write_result("ones_text", {"headline": headline, "summary": summary,
                                "per_seed": {k: mean_std(v) for k, v in merged.accuracy.items()},
                                "seeds": a.seeds, "args": merged.args, "table": merged.table()})
