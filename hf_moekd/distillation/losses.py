@@ -29,7 +29,7 @@ from .capture import capture_qkv, find_blocks
 
 LOSS_REGISTRY: dict[str, type["LossTerm"]] = {}
 # Modules of the package that register more terms; imported when a term is looked up and not yet known.
-PLUGIN_MODULES = ("hf_moekd.mpo",)
+PLUGIN_MODULES = ("hf_moekd.mpo", "hf_moekd.mode")
 
 
 def register_loss(name: str) -> Callable[[type["LossTerm"]], type["LossTerm"]]:

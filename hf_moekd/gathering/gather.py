@@ -7,9 +7,9 @@ written as they fill, so peak memory is about one layer's experts plus one outpu
 directories appear atomically (temporary sibling directory, then rename).
 
 Measured on one Mixtral-8x7B-shaped layer (8 experts, hidden 4096, intermediate 14336, bf16, random
-weights, 1 CPU thread): default ``svd`` (full rank) streamed in 13.9 s with 4.1 GiB peak RSS (the
-layer's experts are 2.8 GB); a truncated rank adds one ``svd_lowrank`` per expert matrix
-(6.3 s each at rank 128, 24 per layer).
+weights, 2 CPU threads; ``benchmarks/gather_memory.py``): default ``svd`` (full rank) streamed in 6.6 s
+with 4.07 GiB peak RSS, 1.55x the layer's 2.625 GiB of expert weights; rank 256 (``svd_lowrank`` on each
+of the 24 expert matrices) took 162 s and 4.84 GiB.
 """
 from __future__ import annotations
 

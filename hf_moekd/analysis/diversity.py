@@ -1,0 +1,66 @@
+"""How different the experts of each MoE layer are: mean pairwise cosine similarity of their outputs on the same
+tokens, and of their flattened weights. 1 = identical (collapsed) experts; about 0 for independent random ones."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..mode.experts import find_experts, patch_experts
+from ..mode.loss import real_tokens
+from .batches import iterate_batches, to_device
+
+
+def mean_pairwise_cosine(vectors: torch.Tensor) -> torch.Tensor:
+    """``[...]``: mean over pairs i < j of cos(v_i, v_j) for vectors ``[..., E, D]`` (E >= 2)."""
+    n = vectors.shape[-2]
+    if n < 2:
+        raise ValueError("mean_pairwise_cosine needs at least two vectors.")
+    unit = F.normalize(vectors.float(), dim=-1)
+    gram = unit @ unit.transpose(-1, -2)
+    return (gram.sum((-1, -2)) - gram.diagonal(dim1=-2, dim2=-1).sum(-1)) / (n * (n - 1))
+
+
+@torch.no_grad()
+def expert_weight_similarity(model: nn.Module) -> dict[str, float]:
+    """Per MoE layer: mean pairwise cosine of the experts' flattened parameters (every parameter of the experts
+    module whose first dimension is the expert index, concatenated)."""
+    result = {}
+    for name, adapter in find_experts(model).items():
+        E = adapter.num_experts
+        params = [p.reshape(E, -1) for p in adapter.module.parameters(recurse=False) if p.dim() and p.shape[0] == E]
+        result[name] = float(mean_pairwise_cosine(torch.cat(params, dim=1)))
+    return result
+
+
+@torch.no_grad()
+def expert_output_similarity(model: nn.Module, data: Any, batch_size: int = 64, collate_fn: Callable | None = None,
+                             max_batches: int | None = None, label_key: str = "labels") -> dict[str, float]:
+    """Per MoE layer: mean pairwise cosine of all E experts' outputs (before gate weighting) on each real token,
+    averaged over the tokens of `data` (every expert runs on every token, as MoDE's 'all' mode)."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in iterate_batches(data, batch_size, collate_fn, max_batches):
+            inputs = to_device(batch, model)
+            inputs.pop(label_key, None)
+            with patch_experts(model, record="all") as calls:
+                model(**inputs)
+            n_examples = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0]
+            for call in calls:
+                mask = real_tokens(call.outputs.shape[0], n_examples, inputs.get("attention_mask")).reshape(-1)
+                cos = mean_pairwise_cosine(call.outputs)[mask.to(call.outputs.device)]
+                sums[call.layer] = sums.get(call.layer, 0.0) + float(cos.sum())
+                counts[call.layer] = counts.get(call.layer, 0) + cos.numel()
+    finally:
+        model.train(was_training)
+    if not counts:
+        raise ValueError("expert_output_similarity got no batches.")
+    return {layer: sums[layer] / counts[layer] for layer in sums}
+
+
+__all__ = ["expert_output_similarity", "expert_weight_similarity", "mean_pairwise_cosine"]
