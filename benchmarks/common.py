@@ -5,7 +5,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -58,3 +60,41 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
     write_json(path, payload)
     print(json.dumps(payload.get("headline", payload)))
     return path
+
+
+def run_script(cmd: list[str], out: Path, tag: str) -> dict:
+    """Run one example-script command (offline) unless `out/all_results.json` exists; return that file's content."""
+    result_file = Path(out) / "all_results.json"
+    if not result_file.exists():
+        start = time.time()
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+        print(f"[{tag}] {Path(out).name}: {time.time() - start:.0f} s", file=sys.stderr, flush=True)
+    return json.loads(result_file.read_text())
+
+
+# Teachers: all-MiniLM-L6-v2 fine-tuned 3 epochs on a fixed subset of each task's train split (batch 32, lr 1e-4).
+TEACHER_SAMPLES = {"sst2": 4000, "mrpc": 3668, "rte": 2490, "cola": 4000, "stsb": 4000, "conll": 4000}
+MAX_SEQ_LENGTH = {"sst2": 64, "mrpc": 128, "rte": 128, "cola": 64, "stsb": 128, "conll": 128}
+
+
+def task_command(task: str, out: Path, seed: int, data_dir: str | Path, samples: int, epochs: float, lr: float,
+                 extra: list[str]) -> list[str]:
+    """Command of examples/run_glue.py (GLUE tasks) or run_conll.py (`conll`); `data_dir` holds glue/ and conll2003/."""
+    script, data = ("run_conll.py", Path(data_dir) / "conll2003") if task == "conll" else ("run_glue.py", Path(data_dir) / "glue")
+    return [
+        sys.executable, f"examples/{script}", *([] if task == "conll" else ["--task_name", task]), "--data_dir", str(data),
+        "--output_dir", str(out), "--seed", str(seed), "--max_train_samples", str(samples),
+        "--max_seq_length", str(MAX_SEQ_LENGTH[task]), "--num_train_epochs", str(epochs),
+        "--per_device_train_batch_size", "32", "--learning_rate", str(lr), "--logging_steps", "25",
+        "--save_strategy", "no", "--disable_tqdm", "true", "--overwrite_output_dir", "true", *extra,
+    ]
+
+
+def teacher(task: str, work_dir: Path, data_dir: str | Path, given: dict[str, str], tag: str) -> Path:
+    """The task's fine-tuned teacher: `given[task]` if passed, else trained once into `work_dir/<task>/teacher`."""
+    if task in given:
+        return Path(given[task])
+    out = Path(work_dir, task, "teacher")
+    run_script(task_command(task, out, 0, data_dir, TEACHER_SAMPLES[task], 3, 1e-4, []), out, tag)
+    return out

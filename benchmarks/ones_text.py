@@ -44,6 +44,17 @@ def moe_config(tokenizer, a: argparse.Namespace) -> MixtralConfig:
     )
 
 
+def sst2_data(data_dir: str, train_samples: int, max_length: int):
+    """`(tokenizer, data, collator)`: SST-2 tokenized with MiniLM-L6's tokenizer, `train_samples` random training
+    sentences (fixed shuffle), the whole validation split."""
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    raw = load_glue("sst2", data_dir)
+    raw["train"] = raw["train"].shuffle(seed=0).select(range(min(train_samples, len(raw["train"]))))
+    data = raw.map(lambda b: tokenizer(b["sentence1"], truncation=True, max_length=max_length), batched=True,
+                   remove_columns=["sentence1"]).rename_column("label", "labels")
+    return tokenizer, data, DataCollatorWithPadding(tokenizer)
+
+
 @torch.no_grad()
 def accuracy(model, data, collator, batch_size: int = 128) -> float:
     model.eval()
@@ -101,12 +112,7 @@ def main() -> None:
     parser.add_argument("--max_length", type=int, default=64)
     parser.add_argument("--gatherings", nargs="+", default=["svd", "svd+align", "topk"])
     a = parser.parse_args()
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    raw = load_glue("sst2", a.data_dir)
-    raw["train"] = raw["train"].shuffle(seed=0).select(range(min(a.train_samples, len(raw["train"]))))
-    data = raw.map(lambda b: tokenizer(b["sentence1"], truncation=True, max_length=a.max_length), batched=True,
-                   remove_columns=["sentence1"]).rename_column("label", "labels")
-    collator = DataCollatorWithPadding(tokenizer)
+    tokenizer, data, collator = sst2_data(a.data_dir, a.train_samples, a.max_length)
     config = moe_config(tokenizer, a)
     args = OneSArguments(dataset="sst2", epochs=a.epochs, kd_epochs=a.kd_epochs, batch_size=32, learning_rate=1e-3,
                          gatherings=a.gatherings, output_dir=None, measure_speed=False, hidden_size=a.hidden_size,

@@ -24,6 +24,7 @@ from hf_moekd.recipes import (
     configure_losses,
     model_for_saving,
     removed_on_failure,
+    resume_checkpoint,
     trainable_parameters,
     run,
     save_results,
@@ -80,7 +81,7 @@ def main() -> None:
         )
     results: dict = {"mode": mode, "task": "conll2003", "trainable_params": trainable_parameters(trainer.model)}
     if args.do_train or not args.do_eval:
-        results.update(trainer.train(resume_from_checkpoint=args.resume_from_checkpoint).metrics)
+        results.update(trainer.train(resume_from_checkpoint=resume_checkpoint(args)).metrics)
         model_for_saving(trainer.model, model_args)
         trainer.save_model()
     results.update(trainer.evaluate())

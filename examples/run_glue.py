@@ -28,6 +28,7 @@ from hf_moekd.recipes import (
     configure_losses,
     model_for_saving,
     removed_on_failure,
+    resume_checkpoint,
     trainable_parameters,
     run,
     save_results,
@@ -74,7 +75,7 @@ def main() -> None:
         )
     results: dict = {"mode": mode, "task": task.name, "trainable_params": trainable_parameters(trainer.model)}
     if args.do_train or not args.do_eval:
-        train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        train_result = trainer.train(resume_from_checkpoint=resume_checkpoint(args))
         results.update(train_result.metrics)
         model_for_saving(trainer.model, model_args)
         trainer.save_model()

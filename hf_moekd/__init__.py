@@ -16,6 +16,9 @@ _LAZY = {
     "DistillationTrainer": "hf_moekd.distillation",
     "precompute_teacher_logits": "hf_moekd.distillation",
     "register_loss": "hf_moekd.distillation",
+    "MoDEConfig": "hf_moekd.mode",
+    "MoDETrainer": "hf_moekd.mode",
+    "probe_experts": "hf_moekd.analysis",
 }
 __all__ = [*_LAZY, "__version__"]
 

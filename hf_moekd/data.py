@@ -216,3 +216,29 @@ def _read_conll_file(path: Path) -> dict[str, list[list]]:
         sentences["tokens"].append(tokens)
         sentences["ner_tags"].append(tags)
     return sentences
+
+
+CORPUS_SOURCES: tuple[str, ...] = ("sst2", "cola", "mrpc", "rte", "stsb", "conll")
+
+
+def load_text_corpus(data_dir: str | Path | None = None, sources: tuple[str, ...] | list[str] = CORPUS_SOURCES) -> datasets.Dataset:
+    """Unlabelled sentences for task-agnostic distillation: the train splits of `sources`, one `text` column.
+
+    ``data_dir`` holds glue/ and conll2003/ (None: the Hub copies). Every GLUE text column counts (both sentences of
+    a pair), CoNLL sentences are their tokens joined by spaces; exact duplicates and empty lines are dropped, the
+    first occurrence kept, so the corpus is the same on every run. Dev and test splits are never read.
+    """
+    unknown = sorted(set(sources) - set(CORPUS_SOURCES))
+    if unknown or not sources:
+        raise ValueError(f"Unknown corpus sources {unknown or list(sources)}: choose from {', '.join(CORPUS_SOURCES)}.")
+    root = None if data_dir is None else Path(data_dir)
+    texts: list[str] = []
+    for source in sources:
+        if source == "conll":
+            train = load_conll(None if root is None else root / "conll2003")["train"]
+            texts += [" ".join(tokens) for tokens in train["tokens"]]
+        else:
+            train = load_glue(source, None if root is None else root / "glue")["train"]
+            texts += [t for column in ("sentence1", "sentence2") if column in train.column_names for t in train[column]]
+    unique = list(dict.fromkeys(t.strip() for t in texts if t and t.strip()))
+    return datasets.Dataset.from_dict({"text": unique})

@@ -107,10 +107,11 @@ def model_configs(args: OneSArguments, image_size: int, labels: tuple[str, ...])
 
 
 def train(model: PreTrainedModel, data, args: OneSArguments, seed: int, epochs: float, teacher=None,
-          data_collator=None) -> PreTrainedModel:
+          data_collator=None, extra_loss_terms: list[str] | None = None) -> PreTrainedModel:
     """Train `model` in place (with KD from `teacher` when given: logits + every block's hidden states).
 
     `data` is a `datasets.Dataset` of images (read into memory) or, with `data_collator`, any dataset it batches.
+    `extra_loss_terms` are registered loss terms as 'name=weight' (e.g. MoDE's 'mode=0.1').
     """
     loss = {"alpha": 0.0}
     if teacher is not None:
@@ -119,7 +120,7 @@ def train(model: PreTrainedModel, data, args: OneSArguments, seed: int, epochs: 
         targs = DistillationArguments(
             output_dir=tmp, num_train_epochs=epochs, per_device_train_batch_size=args.batch_size,
             learning_rate=args.learning_rate, weight_decay=0.01, save_strategy="no", report_to=[], disable_tqdm=True,
-            seed=seed, use_cpu=True, logging_strategy="no", **loss,
+            seed=seed, use_cpu=True, logging_strategy="no", extra_loss_terms=list(extra_loss_terms or []), **loss,
         )
         trainer = DistillationTrainer(model=model, args=targs, teacher_model=teacher, data_collator=data_collator,
                                       train_dataset=data if data_collator else InMemoryDataset(data))

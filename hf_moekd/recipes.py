@@ -111,6 +111,16 @@ def check_output_dir(args: DistillationArguments) -> None:
         )
 
 
+def resume_checkpoint(args: DistillationArguments) -> str | None:
+    """`--resume_from_checkpoint`: a checkpoint folder, or 'last' for the newest `checkpoint-*` in output_dir
+    (None when there is none yet, so the same command starts or resumes a run)."""
+    if args.resume_from_checkpoint != "last":
+        return args.resume_from_checkpoint
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+
+
 @contextlib.contextmanager
 def removed_on_failure(path: str | os.PathLike) -> Iterator[None]:
     """Delete `path` if it did not exist before and the block fails, so no half-written output is left.

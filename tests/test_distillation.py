@@ -257,6 +257,23 @@ def test_precomputed_logits_give_the_online_loss(tmp_path, token):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_teacher_logits_cache_argument_skips_the_teacher_forward(tmp_path):
+    train = tiny_dataset(n=16, ragged=True)
+    teacher = tiny_bert(1)
+    online = DistillationTrainer(model=tiny_bert(0), teacher_model=teacher, args=make_args(tmp_path, max_steps=3), train_dataset=train)
+    online.train()
+    cached = DistillationTrainer(model=tiny_bert(0), teacher_model=teacher, train_dataset=train, eval_dataset=train,
+                                 args=make_args(tmp_path, max_steps=3, teacher_logits_cache=str(tmp_path / "cache")))
+    assert "teacher_logits" in cached.train_dataset.column_names and len(list((tmp_path / "cache").iterdir())) == 1
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    cached.train()
+    assert not calls, "with cached logits, training must not run the teacher"
+    for a, b in zip(online.state.log_history[:3], cached.state.log_history[:3]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert cached.evaluate()["eval_loss"] > 0  # the evaluation set has no teacher logits: collated as usual
+
+
 def test_teacher_cache_key_changes_with_teacher(tmp_path):
     train = tiny_dataset(n=4)
     precompute_teacher_logits(tiny_bert(1), train, cache_dir=tmp_path)

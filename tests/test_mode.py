@@ -133,14 +133,16 @@ def test_patched_experts_reproduce_the_model_and_record_outputs(family):
 def test_hand_computed_loss_and_detached_target():
     y = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [2.0, 4.0]]], requires_grad=True)  # one token, m = 3, H = 2
     others = torch.tensor([[2.5, 3.0], [1.5, 2.0], [2.0, 1.0]])
-    expected = ((y.detach()[0] - others) ** 2).mean()
+    scale = (0.5 + 6.5 + 10.0) / 3  # mean over experts of mean_h y^2
+    expected = ((y.detach()[0] - others) ** 2).mean() / scale
     loss = mutual_distillation(y)
     assert loss.shape == (1,) and loss.item() == pytest.approx(expected.item())
     loss.sum().backward()
-    # Target detached: d/dy_j = 2 / (m H) (y_j - mean of the others), nothing from being the others' target.
-    torch.testing.assert_close(y.grad[0], 2 / 6 * (y.detach()[0] - others))
-    pair = torch.tensor([[[1.0, 2.0], [3.0, -2.0]]])  # m = 2: mean((y1 - y2)^2)
-    assert mutual_distillation(pair).item() == pytest.approx((4 + 16) / 2)
+    # Target and scale detached: d/dy_j = 2 / (m H s) (y_j - mean of the others), nothing from being a target.
+    torch.testing.assert_close(y.grad[0], 2 / (6 * scale) * (y.detach()[0] - others))
+    pair = torch.tensor([[[1.0, 2.0], [3.0, -2.0]]])  # m = 2: mean((y1 - y2)^2) / mean(y^2)
+    assert mutual_distillation(pair).item() == pytest.approx(((4 + 16) / 2) / ((2.5 + 6.5) / 2))
+    assert mutual_distillation(100 * pair).item() == pytest.approx(mutual_distillation(pair).item())  # scale-free
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -268,6 +270,34 @@ def test_plain_trainer_mixin(tmp_path):
     assert len(values) == 3 and all(v > 0 for v in values)
 
 
+def lm_dataset(n: int = 8) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(1, VOCAB, (8,), generator=g) for _ in range(n)]
+    return [{"input_ids": ids, "attention_mask": torch.ones(8, dtype=torch.long), "labels": ids} for ids in rows]
+
+
+@pytest.mark.parametrize("family", ["vmoe", "olmoe"])  # the Trainer divides by the accumulation steps / the model normalises
+def test_plain_trainer_mixin_is_exact_under_gradient_accumulation(tmp_path, family):
+    """One SGD step on 8 examples equals two accumulated micro-batches of 4, and MoDE visibly changes the step."""
+    data = image_dataset(8) if family == "vmoe" else lm_dataset(8)
+    params = {}
+    for alpha, batch, accumulation in ((0.0, 8, 1), (100.0, 8, 1), (100.0, 4, 2)):
+        model = build(family).train()
+        model.config.router_aux_loss_coef = 0.0  # V-MoE's balancing loss is not additive over micro-batches
+        with torch.no_grad():  # larger expert outputs than at initialisation, so that MoDE weighs in the step
+            for adapter in find_experts(model).values():
+                for param in adapter.module.parameters(recurse=False):
+                    param.mul_(5)
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=batch,
+                                 gradient_accumulation_steps=accumulation, learning_rate=0.5, optim="sgd",
+                                 lr_scheduler_type="constant", max_grad_norm=0.0, save_strategy="no", report_to=[],
+                                 use_cpu=True, disable_tqdm=True)
+        MoDETrainer(model=model, args=args, train_dataset=data, mode_config=MoDEConfig(mode_alpha=alpha)).train()
+        params[alpha, batch] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert (params[100.0, 8] - params[0.0, 8]).abs().max() > 1e-2
+    torch.testing.assert_close(params[100.0, 4], params[100.0, 8], rtol=1e-4, atol=1e-6)
+
+
 # ---- probing -------------------------------------------------------------------------------------------------
 
 class HandBuiltMoE(nn.Module):
@@ -347,6 +377,13 @@ def test_probing_sample_allocation_is_the_majority_top1_over_real_tokens():
     for row, mask in zip(top1, batch["attention_mask"].bool()):
         expected[int(torch.bincount(row[mask], minlength=4).argmax())] += 1
     assert [r.samples for r in result.rows if r.layer == calls[0].layer] == expected
+    lengths = batch["attention_mask"].sum(1)
+    for position, picked in ((0, top1[:, 0]), (-1, top1[torch.arange(6), lengths - 1])):
+        result = probe_experts(model, iter([batch]), allocate_by=position)
+        counts = torch.bincount(picked, minlength=4).tolist()
+        assert [r.samples for r in result.rows if r.layer == calls[0].layer] == counts
+    with pytest.raises(ValueError, match="outside some samples' real tokens"):
+        probe_experts(model, iter([batch]), allocate_by=7)
 
 
 def test_plot_probe_writes_a_png(tmp_path):

@@ -1,6 +1,7 @@
 """Batches for the analyses: from a DataLoader (or any iterable of dict batches) or from a dataset."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
 import torch
@@ -19,7 +20,7 @@ def iterate_batches(data: Any, batch_size: int = 64, collate_fn: Callable | None
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             return
-        if not isinstance(batch, dict):
+        if not isinstance(batch, Mapping):  # dicts, transformers' BatchEncoding
             raise TypeError(f"Expected dict batches (model keyword arguments), got {type(batch).__name__}; pass a "
                             "DataLoader of dicts or a dataset with a collate_fn that returns dicts.")
         yield dict(batch)

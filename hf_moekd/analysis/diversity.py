@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..mode.experts import find_experts, patch_experts
-from ..mode.loss import real_tokens
+from ..mode.loss import mode_loss_per_example, real_tokens
 from .batches import iterate_batches, to_device
 
 
@@ -63,4 +63,29 @@ def expert_output_similarity(model: nn.Module, data: Any, batch_size: int = 64, 
     return {layer: sums[layer] / counts[layer] for layer in sums}
 
 
-__all__ = ["expert_output_similarity", "expert_weight_similarity", "mean_pairwise_cosine"]
+@torch.no_grad()
+def mode_loss_on_data(model: nn.Module, data: Any, mode: str = "all", batch_size: int = 64,
+                      collate_fn: Callable | None = None, max_batches: int | None = None,
+                      label_key: str = "labels") -> float:
+    """The MoDE loss (`hf_moekd.mode.loss`, per example, averaged over the examples of `data`) in eval mode: the
+    experts' mean squared deviation from their peers' mean, i.e. the quantity MoDE minimises."""
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in iterate_batches(data, batch_size, collate_fn, max_batches):
+            inputs = to_device(batch, model)
+            inputs.pop(label_key, None)
+            with patch_experts(model, record=mode) as calls:
+                model(**inputs)
+            n_examples = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0]
+            total += float(mode_loss_per_example(calls, n_examples, inputs.get("attention_mask")).sum())
+            count += n_examples
+    finally:
+        model.train(was_training)
+    if not count:
+        raise ValueError("mode_loss_on_data got no batches.")
+    return total / count
+
+
+__all__ = ["expert_output_similarity", "expert_weight_similarity", "mean_pairwise_cosine", "mode_loss_on_data"]

@@ -3,7 +3,7 @@ allocates to it, when that expert alone serves them.
 
 * Allocation: in MoE layer l, a sample goes to the expert that is the top-1 router choice of most of its real tokens
   (attention_mask = 1; ties go to the lower index), or, with ``allocate_by=p``, of its token at position p (e.g. 0:
-  a ViT's CLS token; -1: the last real token, which decoder classifiers pool). A one-token sample simply goes to its
+  a ViT's CLS token; -1: the last real token of right-padded text, which decoder classifiers pool). A one-token sample simply goes to its
   top-1 expert.
 * Serving alone: the allocated samples run again with every token of layer l sent to that expert only, with weight 1
   (top-1 routing with renormalised weights, as Mixtral / V-MoE compute for k = 1); the other layers route as usual.

@@ -55,6 +55,17 @@ class DistillationArguments(TrainingArguments):
         default=-1,
         metadata={"help": "Student block that learns the relations (negative counts from the end)."},
     )
+    teacher_logits_cache: str | None = field(
+        default=None,
+        metadata={"help": "Folder for the teacher's logits on the training set: computed once before training (keyed on "
+                  "the data and the teacher's weights, reused by later runs), then KD runs no teacher forward for "
+                  "logits. Terms that read teacher internals (hidden_mse, attention_relation) still run the teacher."},
+    )
+    task_agnostic: bool = field(
+        default=False,
+        metadata={"help": "Label- and logit-free distillation of intermediate representations only (e.g. stage 1 of "
+                  "MiniLMv2 / MiniMoE on unlabelled text): the ce and logits_kd terms are off, whatever alpha is."},
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Allow writing into an existing, non-empty output_dir (refused otherwise)."},
@@ -82,6 +93,9 @@ class DistillationArguments(TrainingArguments):
             raise ValueError(f"temperature must be > 0, got {self.temperature}.")
         if self.hidden_layer_map != "uniform":
             self.parsed_layer_map()  # validate early
+        if self.task_agnostic and not self.loss_weights():
+            raise ValueError("task_agnostic distillation has no loss term: set attention_relation_weight, "
+                             "hidden_loss_weight or extra_loss_terms.")
 
     def parsed_layer_map(self) -> dict[int, int] | None:
         """The hidden layer map as ``{student_index: teacher_index}``, or None for 'uniform'."""
@@ -97,9 +111,8 @@ class DistillationArguments(TrainingArguments):
 
     def loss_weights(self) -> dict[str, float]:
         """Registered loss-term name -> weight, for every term with a non-zero weight."""
-        weights = {
-            "ce": 1.0 - self.alpha,
-            "logits_kd": self.alpha,
+        weights = {} if self.task_agnostic else {"ce": 1.0 - self.alpha, "logits_kd": self.alpha}
+        weights |= {
             "hidden_mse": self.hidden_loss_weight,
             "attention_relation": self.attention_relation_weight,
         }

@@ -88,12 +88,15 @@ def _save_atomically(dataset: datasets.Dataset, target: Path, meta: dict[str, st
 
 
 class TeacherLogitsCollator:
-    """Wraps a collator: collates the other features with it and pads/stacks `teacher_logits` alongside."""
+    """Wraps a collator: collates the other features with it and pads/stacks `teacher_logits` alongside.
+    Batches without `teacher_logits` (evaluation sets) pass straight to the wrapped collator."""
 
     def __init__(self, base: Callable[[list[dict]], dict] | None = None) -> None:
         self.base = base or default_data_collator
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        if not any(TEACHER_LOGITS in f for f in features):
+            return self.base(features)
         logits = [torch.as_tensor(f.pop(TEACHER_LOGITS), dtype=torch.float32) for f in features]
         batch = self.base(features)
         if logits[0].dim() == 1:

@@ -15,7 +15,7 @@ from transformers import Trainer
 from .arguments import DistillationArguments
 from .losses import DistillationBatch, LossTerm, batch_size, get_loss_class
 from .teacher import check_compatible, load_teacher, prepare_teacher
-from .teacher_outputs import TEACHER_LOGITS, TeacherLogitsCollator
+from .teacher_outputs import TEACHER_LOGITS, TeacherLogitsCollator, precompute_teacher_logits
 
 LOSS_TERMS_FILE = "loss_terms.safetensors"
 Counts = torch.Tensor  # [labelled items, examples] of one optimizer step, summed over all processes
@@ -53,6 +53,13 @@ class DistillationTrainer(Trainer):
             teacher_model = load_teacher(args.teacher_model_name_or_path, like=model, allow_pickle=args.allow_pickle_checkpoints)
         if teacher_model is not None:
             check_compatible(model, teacher_model)
+            train = kwargs.get("train_dataset")
+            if args.teacher_logits_cache and train is not None and not self._has_cached_logits(train):
+                with args.main_process_first(desc="teacher logits"):
+                    kwargs["train_dataset"] = precompute_teacher_logits(
+                        prepare_teacher(teacher_model, args.device), train, kwargs.get("data_collator"),
+                        batch_size=args.per_device_eval_batch_size, cache_dir=args.teacher_logits_cache,
+                    )
         super().__init__(model=model, args=args, **kwargs)
         # We count items ourselves (see get_batch_samples); evaluation then gets local means.
         self.model_accepts_loss_kwargs = False

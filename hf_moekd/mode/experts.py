@@ -13,7 +13,9 @@ Supported experts modules (found by `find_experts`):
 one that runs every expert FFN once per group of tokens and also records, per call, the routing and the per-expert
 outputs *before* gate weighting. A forward hook could only recompute those outputs next to the module's own
 forward (k more FFNs per token); the swap costs nothing extra in `routed` mode. The swapped forward returns what the
-original returns (tested against it for every family), in whichever `transformers` experts implementation.
+original returns (tested against it for every family); for transformers models it stands in for whichever experts
+implementation the config selected (`eager`, `grouped_mm`, ...) with one dense FFN call per expert. Refused: expert-
+parallel experts, and modules whose `forward` is already replaced on the instance (e.g. accelerate offloading hooks).
 """
 from __future__ import annotations
 
@@ -53,10 +55,11 @@ class ExpertsAdapter:
         self.module = module
         self.num_experts = int(module.num_experts)
 
+    arg_names: tuple[str, str, str] = ("hidden_states", "top_k_index", "top_k_weights")
+
     def parse(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """`(hidden [N, H], index [N, k], weights [N, k] or None)` from the forward's arguments."""
-        names = ("hidden_states", "top_k_index", "top_k_weights")
-        values = [*args, *(kwargs[n] for n in names[len(args):] if n in kwargs)]
+        values = [*args, *(kwargs[n] for n in self.arg_names[len(args):] if n in kwargs)]
         return values[0], values[1], values[2]
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -87,10 +90,7 @@ class MiniMoEAdapter(ExpertsAdapter):
 class VMoEAdapter(ExpertsAdapter):
     """V-MoE: top-k, `forward(hidden, experts [N, k], weights [N, k])`, weighted sum."""
 
-    def parse(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        names = ("hidden_states", "experts", "weights")
-        values = [*args, *(kwargs[n] for n in names[len(args):] if n in kwargs)]
-        return values[0], values[1], values[2]
+    arg_names = ("hidden_states", "experts", "weights")
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return self.module.expert_forward(e, x)
@@ -187,6 +187,10 @@ def _patched_forward(name: str, adapter: ExpertsAdapter, record: Record | None, 
                      calls: list[ExpertCall]) -> Callable[..., torch.Tensor]:
     def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
         hidden, index, weights = adapter.parse(args, kwargs)
+        if index.dim() != 2 or (weights is not None and weights.shape != index.shape):
+            raise ValueError(f"{name}: expected routing as expert indices [tokens, k] with matching weights, got "
+                             f"{tuple(index.shape)} and {None if weights is None else tuple(weights.shape)}; this "
+                             f"experts module ({type(adapter.module).__name__}) is not supported.")
         if route is not None:
             index, weights = route(index, weights)
         if record == "all":
@@ -204,7 +208,7 @@ def _patched_forward(name: str, adapter: ExpertsAdapter, record: Record | None, 
 def patch_experts(model: nn.Module, record: Record | None = None, route: dict[str, Route] | None = None
                   ) -> Iterator[list[ExpertCall]]:
     """Within the context, every forward of an MoE experts module of `model` appends an `ExpertCall` to the yielded
-    list (cleared on entry), with per-expert outputs when `record` is 'routed' or 'all'.
+    (new) list, with per-expert outputs when `record` is 'routed' or 'all'.
 
     `route` maps experts-module names to functions `(index [N, k], weights [N, k] or None) -> (index, weights)` that
     replace the router's choice (used by expert probing).

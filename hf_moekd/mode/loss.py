@@ -5,16 +5,21 @@ What is compared: for every MoE layer and every token, the FFN outputs ``y_1 .. 
 (``mode="routed"``, no extra expert compute, needs top-k >= 2) or all E experts (``mode="all"``, every expert runs on
 every token: E FFNs per token instead of k; the model's own output still uses only the routed k).
 
-Divergence: each expert's output is pulled toward the mean of the others',
-``l_token = 1/m * sum_j mean_h (y_j - sg(mean_{i != j} y_i))^2``. Expert outputs are hidden vectors (summands of the
-residual stream), not distributions, so a KL needs an arbitrary softmax over features; MSE compares them as they
-are. ``sg`` is stop-gradient: the target side is detached, as in deep mutual learning / KD, so an expert learns from
-its peers without being moved by the loss terms in which it serves as their target; gradients reach each participating
-expert only through its own output, ``d l / d y_j = 2 / (m H) * (y_j - mean_{i != j} y_i)``.
+Divergence: each expert's output is pulled toward the mean of the others', in relative squared error,
+``l_token = 1/m * sum_j mean_h (y_j - sg(mean_{i != j} y_i))^2 / sg(1/m * sum_j mean_h y_j^2)``. Expert outputs are
+hidden vectors (summands of the residual stream), not distributions, so a KL needs an arbitrary softmax over features;
+a squared error compares them as they are. Dividing by the (detached) mean squared size of the outputs makes the loss
+scale-free: it is ~1-2 for unrelated experts and 0 for identical ones whatever the outputs' size, so one alpha means the
+same early and late in training and across models (a plain MSE follows the outputs' size, ~1e-5 at initialisation).
+``sg`` is stop-gradient: the target side and the scale are detached, as in deep mutual learning / KD, so an expert learns
+from its peers without being moved by the loss terms in which it serves as their target; gradients reach each
+participating expert only through its own output, ``d l / d y_j = 2 / (m H s) * (y_j - mean_{i != j} y_i)`` with ``s``
+the scale. These gradients sum to 0 over j: MoDE shrinks the experts' spread around their mean output and never moves
+the mean itself.
 
 Normalisation: ``l_token`` is averaged over an example's real tokens (``attention_mask``), then over MoE layers; the
 result is a per-example value (summed over examples by `MoDELoss`, averaged by `MoDETrainerMixin`). All experts equal
-gives exactly 0.
+gives 0 (up to rounding).
 """
 from __future__ import annotations
 
@@ -68,14 +73,15 @@ def _top1_message() -> str:
 
 
 def mutual_distillation(outputs: torch.Tensor) -> torch.Tensor:
-    """Per-token loss ``[N]`` from expert outputs ``[N, m, H]``: mean over the m experts of
-    MSE(y_j, detached mean of the other m - 1)."""
+    """Per-token loss ``[N]`` from expert outputs ``[N, m, H]``: mean over the m experts of MSE(y_j, detached mean
+    of the other m - 1), relative to the detached mean squared size of the m outputs."""
     m = outputs.shape[1]
     if m < 2:
         raise ValueError(_top1_message())
     y = outputs.float()
     others = ((y.sum(1, keepdim=True) - y) / (m - 1)).detach()
-    return (y - others).pow(2).mean(-1).mean(-1)
+    scale = y.detach().pow(2).mean((1, 2)).clamp_min(1e-12)
+    return (y - others).pow(2).mean(-1).mean(-1) / scale
 
 
 def real_tokens(n_tokens: int, n_examples: int, attention_mask: torch.Tensor | None) -> torch.Tensor:

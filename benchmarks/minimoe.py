@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""MiniMoE vs dense students of the same per-token FLOPs, at two sizes, with the same two-stage budget.
+
+Teacher per task: all-MiniLM-L6-v2 fine-tuned (benchmarks/common.py's recipe). Students, randomly initialised:
+dense BERT (3L-384H and 4L-192H by default) and its MiniMoE twin (`--moe_experts 4`: four top-1 FFN experts, each
+the size of the dense FFN, so the same FLOPs per token plus a router). For every student:
+stage 1 (task-agnostic, examples/run_task_agnostic.py): MiniLMv2 Q-Q/K-K/V-V relations of the teacher's last layer
+on a fixed subset of the unlabelled corpus (GLUE + CoNLL train sentences), seed 0; stage 2 (task-specific,
+examples/run_glue.py / run_conll.py): (CE + T^2 soft CE)/2 with T = 2 from the task's teacher (logits cached once
+per task), three seeds. Reports dev scores (CoNLL: test entity F1), parameters, FLOPs per token and the CPU latency
+ratio MiniMoE / dense at batch 1 and 32 (interleaved, median). Every run is cached in --work_dir (resumable).
+
+    python benchmarks/minimoe.py --data_dir ../shared/data
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+import hf_moekd  # noqa: F401  (registers MiniMoE with the Auto classes)
+from common import DEFAULT_DATA, REPO, mean_std, run_script, task_command, teacher, write_result
+
+METRICS = {"sst2": "eval_accuracy", "mrpc": "eval_f1", "rte": "eval_accuracy", "cola": "eval_matthews_correlation",
+           "stsb": "eval_pearson", "conll": "test_f1"}
+SIZES = {  # student_config_overrides of MiniLM-L6's config (hidden 384, 12 heads, FFN 1536)
+    "3L-384H": "num_hidden_layers=3",
+    "4L-192H": "num_hidden_layers=4,hidden_size=192,num_attention_heads=6,intermediate_size=768",
+}
+KINDS = {"dense": [], "minimoe": ["--moe_experts", "4"]}
+
+
+def stage1(size: str, kind: str, a: argparse.Namespace) -> Path:
+    out = Path(a.work_dir, "stage1", f"{kind}-{size}")
+    cmd = [
+        sys.executable, "examples/run_task_agnostic.py", "--data_dir", a.data_dir, "--output_dir", str(out),
+        "--student_config_overrides", SIZES[size], *KINDS[kind], "--max_train_samples", str(a.stage1_samples),
+        "--num_train_epochs", str(a.stage1_epochs), "--per_device_train_batch_size", "32", "--learning_rate",
+        str(a.stage1_lr), "--seed", "0", "--logging_steps", "50", "--save_strategy", "steps", "--save_steps", "200",
+        "--save_total_limit", "1", "--resume_from_checkpoint", "last", "--disable_tqdm", "true",
+    ]
+    run_script(cmd, out, "minimoe")
+    return out
+
+
+def flops_per_token(config, seq_len: int = 64) -> int:
+    """Multiply-adds x 2 of one token through the encoder: Q/K/V/O projections, attention over `seq_len` keys, the
+    FFN of the one expert it is routed to, the router; embeddings, pooler and head excluded."""
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    router = h * getattr(config, "num_ffn_experts", 1) if getattr(config, "num_ffn_experts", 1) > 1 else 0
+    return 2 * layers * (4 * h * h + 2 * seq_len * h + 2 * h * i + router)
+
+
+@torch.inference_mode()
+def latency_ratio(moe_dir: Path, dense_dir: Path, batch: int, repeats: int = 30) -> float:
+    """Median forward time (`batch` x 64 tokens) of the MiniMoE student over the dense one, interleaved."""
+    models = [AutoModelForSequenceClassification.from_pretrained(d).eval() for d in (moe_dir, dense_dir)]
+    inputs = {"input_ids": torch.randint(1000, 2000, (batch, 64)), "attention_mask": torch.ones(batch, 64, dtype=torch.long)}
+    times: list[list[float]] = [[], []]
+    for step in range(repeats + 3):
+        for k, model in enumerate(models):
+            start = time.perf_counter()
+            model(**inputs)
+            if step >= 3:
+                times[k].append(time.perf_counter() - start)
+    return statistics.median(times[0]) / statistics.median(times[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", default=str(DEFAULT_DATA), help="folder holding glue/ and conll2003/")
+    parser.add_argument("--work_dir", default=str(REPO / "runs" / "minimoe"))
+    parser.add_argument("--tasks", nargs="+", default=list(METRICS), choices=list(METRICS))
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--stage1_samples", type=int, default=10000, help="corpus sentences of stage 1")
+    parser.add_argument("--stage1_epochs", type=float, default=1)
+    parser.add_argument("--stage1_lr", type=float, default=5e-4)
+    parser.add_argument("--train_samples", type=int, default=2000, help="stage-2 training subset per task")
+    parser.add_argument("--epochs", type=float, default=2, help="stage-2 epochs")
+    parser.add_argument("--lr", type=float, default=1e-4, help="stage-2 learning rate")
+    parser.add_argument("--teacher", action="append", default=[], metavar="TASK=DIR",
+                        help="reuse a fine-tuned teacher, e.g. sst2=runs/opdf/sst2/teacher")
+    a = parser.parse_args()
+    given = dict(t.split("=", 1) for t in a.teacher)
+
+    table, teachers, models = {}, {}, {}
+    starts = {(size, kind): stage1(size, kind, a) for size in a.sizes for kind in KINDS}
+    for (size, kind), path in starts.items():
+        config = AutoConfig.from_pretrained(path)
+        models[f"{kind}-{size}"] = {"flops_per_token": flops_per_token(config),
+                                    "params": json.loads((path / "all_results.json").read_text())["trainable_params"]}
+    for task in a.tasks:
+        metric = METRICS[task]
+        teacher_dir = teacher(task, Path(a.work_dir), a.data_dir, given, "minimoe")
+        if (teacher_dir / "all_results.json").exists():
+            teachers[task] = json.loads((teacher_dir / "all_results.json").read_text()).get(metric)
+        kd = ["--teacher_model_name_or_path", str(teacher_dir), "--alpha", "0.5", "--temperature", "2",
+              "--teacher_logits_cache", str(Path(a.work_dir, task, "teacher-logits"))]
+        for (size, kind), start in starts.items():
+            scores = []
+            for seed in a.seeds:
+                out = Path(a.work_dir, task, f"{kind}-{size}-seed{seed}")
+                cmd = task_command(task, out, seed, a.data_dir, a.train_samples, a.epochs, a.lr,
+                                   ["--model_name_or_path", str(start), *kd])
+                result = run_script(cmd, out, "minimoe")
+                if result["mode"] != "distil":
+                    raise RuntimeError(f"{out} did not distil; delete it and rerun")
+                scores.append(result[metric])
+            table[f"{task}/{kind}-{size}"] = mean_std(scores)
+            print(f"[minimoe] {task} {kind}-{size}: {statistics.fmean(scores):.4f} ± {table[f'{task}/{kind}-{size}']['std']:.4f}",
+                  file=sys.stderr, flush=True)
+    probe_task = next((t for t in a.tasks if t != "conll"), None)
+    latency = {}
+    if probe_task is not None:  # saved stage-2 sequence classifiers of seed 0
+        for size in a.sizes:
+            pair = [Path(a.work_dir, probe_task, f"{kind}-{size}-seed{a.seeds[0]}") for kind in ("minimoe", "dense")]
+            latency[size] = {f"batch{b}": latency_ratio(*pair, batch=b) for b in (1, 32)}
+    gaps = {}
+    for task in a.tasks:
+        for size in a.sizes:
+            moe, dense = table[f"{task}/minimoe-{size}"]["values"], table[f"{task}/dense-{size}"]["values"]
+            gaps[f"{task}/{size}"] = mean_std([m - d for m, d in zip(moe, dense)])
+    headline = {k: round(v["mean"], 4) for k, v in table.items()}
+    headline.update({f"{t}/{s}/minimoe_minus_dense": round(v["mean"], 4) for k, v in gaps.items() for t, s in [k.split("/")]})
+    headline.update({f"latency_ratio/{s}/{b}": round(r, 3) for s, v in latency.items() for b, r in v.items()})
+    write_result("minimoe", {
+        "headline": headline, "table": table, "minimoe_minus_dense_paired": gaps, "teachers": teachers,
+        "models": models, "latency_ratio_minimoe_over_dense": latency, "seeds": a.seeds, "metric": {t: METRICS[t] for t in a.tasks},
+        "settings": {"sizes": {s: SIZES[s] for s in a.sizes}, "experts": 4, "stage1_samples": a.stage1_samples,
+                     "stage1_epochs": a.stage1_epochs, "stage1_lr": a.stage1_lr, "train_samples": a.train_samples,
+                     "epochs": a.epochs, "lr": a.lr, "batch_size": 32, "alpha": 0.5, "temperature": 2},
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Stage 1 (task-agnostic relation distillation) on the real corpus, then stage 2 from its output; resume."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoModelForSequenceClassification
+
+from hf_moekd.data import load_text_corpus
+from hf_moekd.distillation import DistillationArguments
+from test_examples import FAST, run_script
+
+SMALL = "hidden_size=96,num_hidden_layers=2,num_attention_heads=4,intermediate_size=192"
+STAGE1 = ["--max_train_samples", "32", "--per_device_train_batch_size", "8", "--max_seq_length", "32",
+          "--disable_tqdm", "true", "--report_to", "none", "--student_config_overrides", SMALL, "--logging_steps", "1"]
+
+
+def test_corpus_is_deduplicated_train_text_only(data_dir):
+    corpus = load_text_corpus(data_dir, ["mrpc", "conll"])
+    texts = corpus["text"]
+    assert len(texts) == len(set(texts)) and all(t == t.strip() and t for t in texts)
+    assert "EU rejects German call to boycott British lamb ." in texts  # CoNLL train, tokens joined
+    dev_sentence = "He said the foodservice pie business doesn't fit the company's long-term growth strategy."
+    assert dev_sentence not in texts  # MRPC dev
+    with pytest.raises(ValueError, match="Unknown corpus sources"):
+        load_text_corpus(data_dir, ["sst2", "wiki"])
+
+
+def test_task_agnostic_turns_off_labels_and_logits(tmp_path):
+    args = DistillationArguments(output_dir=str(tmp_path), task_agnostic=True, attention_relation_weight=1.0, alpha=0.5)
+    assert args.loss_weights() == {"attention_relation": 1.0}
+    with pytest.raises(ValueError, match="no loss term"):
+        DistillationArguments(output_dir=str(tmp_path), task_agnostic=True)
+
+
+def test_stage1_minimoe_then_stage2(data_dir, tmp_path, monkeypatch):
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    code = run_script("run_task_agnostic.py", "--data_dir", str(data_dir), "--output_dir", str(stage1), "--moe_experts", "2",
+                      "--max_steps", "2", "--save_strategy", "no", *STAGE1, monkeypatch=monkeypatch)
+    assert code == 0
+    results = json.loads((stage1 / "all_results.json").read_text())
+    assert results["mode"] == "task-agnostic distil" and results["corpus_sentences"] == 32
+    base = AutoModel.from_pretrained(stage1)
+    assert base.config.model_type == "minimoe" and base.config.num_ffn_experts == 2
+    code = run_script("run_glue.py", "--task_name", "rte", "--data_dir", str(data_dir / "glue"), "--output_dir", str(stage2),
+                      "--model_name_or_path", str(stage1), *FAST, monkeypatch=monkeypatch)
+    assert code == 0
+    model = AutoModelForSequenceClassification.from_pretrained(stage2)
+    assert model.config.model_type == "minimoe" and model.config.num_labels == 2
+    assert model.config.hidden_size == 96 and model.config.vocab_size == base.config.vocab_size
+
+
+def test_stage1_resume_last_matches_uninterrupted(data_dir, tmp_path, monkeypatch):
+    out, reference = tmp_path / "stage1", tmp_path / "reference.safetensors"
+    common = ["--data_dir", str(data_dir), "--output_dir", str(out), "--max_steps", "3", "--save_strategy", "steps",
+              "--save_steps", "1", "--seed", "3", *STAGE1]
+    assert run_script("run_task_agnostic.py", *common, monkeypatch=monkeypatch) == 0
+    shutil.copy(out / "model.safetensors", reference)
+    for leftover in ("checkpoint-2", "checkpoint-3"):  # as if killed right after the first checkpoint
+        shutil.rmtree(out / leftover)
+    (out / "model.safetensors").unlink()
+    (out / "all_results.json").unlink()
+    state_file = out / "checkpoint-1" / "trainer_state.json"  # a marker only a resumed run carries forward
+    state = json.loads(state_file.read_text())
+    state["log_history"].append({"step": 1, "resume_marker": 1.0})
+    state_file.write_text(json.dumps(state))
+    assert run_script("run_task_agnostic.py", *common, "--resume_from_checkpoint", "last", monkeypatch=monkeypatch) == 0
+    resumed, expected = load_file(out / "model.safetensors"), load_file(reference)
+    assert resumed.keys() == expected.keys()
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)
+    final_state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert {"step": 1, "resume_marker": 1.0} in final_state["log_history"], "the run did not resume from checkpoint-1"
