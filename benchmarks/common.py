@@ -98,3 +98,23 @@ def teacher(task: str, work_dir: Path, data_dir: str | Path, given: dict[str, st
     out = Path(work_dir, task, "teacher")
     run_script(task_command(task, out, 0, data_dir, TEACHER_SAMPLES[task], 3, 1e-4, []), out, tag)
     return out
+
+
+def latency_ratio(model_dir: Path, reference_dir: Path, batch: int = 32, seq_len: int = 64, repeats: int = 30) -> float:
+    """Median forward time (`batch` x `seq_len` tokens, CPU) of the sequence classifier in `model_dir` over that of
+    `reference_dir`, measured interleaved after 3 warm-up rounds so that machine load affects both alike."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    models = [AutoModelForSequenceClassification.from_pretrained(d).eval() for d in (model_dir, reference_dir)]
+    inputs = {"input_ids": torch.randint(1000, 2000, (batch, seq_len)),
+              "attention_mask": torch.ones(batch, seq_len, dtype=torch.long)}
+    times: list[list[float]] = [[], []]
+    with torch.inference_mode():
+        for step in range(repeats + 3):
+            for k, model in enumerate(models):
+                start = time.perf_counter()
+                model(**inputs)
+                if step >= 3:
+                    times[k].append(time.perf_counter() - start)
+    return statistics.median(times[0]) / statistics.median(times[1])

@@ -18,14 +18,12 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers import AutoConfig
 
 import hf_moekd  # noqa: F401  (registers MiniMoE with the Auto classes)
-from common import DEFAULT_DATA, REPO, mean_std, run_script, task_command, teacher, write_result
+from common import DEFAULT_DATA, REPO, latency_ratio, mean_std, run_script, task_command, teacher, write_result
 
 METRICS = {"sst2": "eval_accuracy", "mrpc": "eval_f1", "rte": "eval_accuracy", "cola": "eval_matthews_correlation",
            "stsb": "eval_pearson", "conll": "test_f1"}
@@ -55,21 +53,6 @@ def flops_per_token(config, seq_len: int = 64) -> int:
     h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     router = h * getattr(config, "num_ffn_experts", 1) if getattr(config, "num_ffn_experts", 1) > 1 else 0
     return 2 * layers * (4 * h * h + 2 * seq_len * h + 2 * h * i + router)
-
-
-@torch.inference_mode()
-def latency_ratio(moe_dir: Path, dense_dir: Path, batch: int, repeats: int = 30) -> float:
-    """Median forward time (`batch` x 64 tokens) of the MiniMoE student over the dense one, interleaved."""
-    models = [AutoModelForSequenceClassification.from_pretrained(d).eval() for d in (moe_dir, dense_dir)]
-    inputs = {"input_ids": torch.randint(1000, 2000, (batch, 64)), "attention_mask": torch.ones(batch, 64, dtype=torch.long)}
-    times: list[list[float]] = [[], []]
-    for step in range(repeats + 3):
-        for k, model in enumerate(models):
-            start = time.perf_counter()
-            model(**inputs)
-            if step >= 3:
-                times[k].append(time.perf_counter() - start)
-    return statistics.median(times[0]) / statistics.median(times[1])
 
 
 def main() -> None:

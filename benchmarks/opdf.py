@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import DEFAULT_DATA, REPO, TEACHER_SAMPLES, mean_std, run_script, task_command, teacher, write_result
+from common import DEFAULT_DATA, REPO, TEACHER_SAMPLES, latency_ratio, mean_std, run_script, task_command, teacher, write_result
 
 TASKS = {  # metric, student training subset and epochs (MRPC/RTE: the whole train split)
     "sst2": ("eval_accuracy", 2000, 1), "mrpc": ("eval_f1", 3668, 1), "rte": ("eval_accuracy", 2490, 1),
@@ -70,22 +70,6 @@ def kd_step_time_ratio(teacher_dir: Path, repeats: int = 20) -> float:
             optimizer.zero_grad()
             if step >= 2:  # first two steps warm up allocator and optimizer state
                 times[i].append(time.perf_counter() - start)
-    return statistics.median(times[0]) / statistics.median(times[1])
-
-
-@torch.inference_mode()
-def latency_ratio(model_dir: Path, reference_dir: Path, repeats: int = 30) -> float:
-    """Median forward time (batch 32 x 64 tokens) of `model_dir` over that of `reference_dir`, interleaved."""
-    from transformers import AutoModelForSequenceClassification
-
-    models = [AutoModelForSequenceClassification.from_pretrained(d).eval() for d in (model_dir, reference_dir)]
-    inputs = {"input_ids": torch.randint(1000, 2000, (32, 64)), "attention_mask": torch.ones(32, 64, dtype=torch.long)}
-    times: list[list[float]] = [[], []]
-    for _ in range(repeats):
-        for i, model in enumerate(models):
-            start = time.perf_counter()
-            model(**inputs)
-            times[i].append(time.perf_counter() - start)
     return statistics.median(times[0]) / statistics.median(times[1])
 
 

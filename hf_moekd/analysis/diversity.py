@@ -2,13 +2,13 @@
 tokens, and of their flattened weights. 1 = identical (collapsed) experts; about 0 for independent random ones."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..mode.experts import find_experts, patch_experts
+from ..mode.experts import ExpertCall, find_experts, patch_experts
 from ..mode.loss import mode_loss_per_example, real_tokens
 from .batches import iterate_batches, to_device
 
@@ -35,6 +35,22 @@ def expert_weight_similarity(model: nn.Module) -> dict[str, float]:
     return result
 
 
+def _expert_calls(model: nn.Module, data: Any, record: str, batch_size: int, collate_fn: Callable | None,
+                  max_batches: int | None, label_key: str) -> Iterator[tuple[list[ExpertCall], dict, int]]:
+    """Run `model` in eval mode over `data`, yielding each batch's recorded expert calls, inputs and example count."""
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in iterate_batches(data, batch_size, collate_fn, max_batches):
+            inputs = to_device(batch, model)
+            inputs.pop(label_key, None)
+            with patch_experts(model, record=record) as calls:
+                model(**inputs)
+            yield calls, inputs, next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0]
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def expert_output_similarity(model: nn.Module, data: Any, batch_size: int = 64, collate_fn: Callable | None = None,
                              max_batches: int | None = None, label_key: str = "labels") -> dict[str, float]:
@@ -42,22 +58,12 @@ def expert_output_similarity(model: nn.Module, data: Any, batch_size: int = 64, 
     averaged over the tokens of `data` (every expert runs on every token, as MoDE's 'all' mode)."""
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in iterate_batches(data, batch_size, collate_fn, max_batches):
-            inputs = to_device(batch, model)
-            inputs.pop(label_key, None)
-            with patch_experts(model, record="all") as calls:
-                model(**inputs)
-            n_examples = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0]
-            for call in calls:
-                mask = real_tokens(call.outputs.shape[0], n_examples, inputs.get("attention_mask")).reshape(-1)
-                cos = mean_pairwise_cosine(call.outputs)[mask.to(call.outputs.device)]
-                sums[call.layer] = sums.get(call.layer, 0.0) + float(cos.sum())
-                counts[call.layer] = counts.get(call.layer, 0) + cos.numel()
-    finally:
-        model.train(was_training)
+    for calls, inputs, n_examples in _expert_calls(model, data, "all", batch_size, collate_fn, max_batches, label_key):
+        for call in calls:
+            mask = real_tokens(call.outputs.shape[0], n_examples, inputs.get("attention_mask")).reshape(-1)
+            cos = mean_pairwise_cosine(call.outputs)[mask.to(call.outputs.device)]
+            sums[call.layer] = sums.get(call.layer, 0.0) + float(cos.sum())
+            counts[call.layer] = counts.get(call.layer, 0) + cos.numel()
     if not counts:
         raise ValueError("expert_output_similarity got no batches.")
     return {layer: sums[layer] / counts[layer] for layer in sums}
@@ -68,21 +74,11 @@ def mode_loss_on_data(model: nn.Module, data: Any, mode: str = "all", batch_size
                       collate_fn: Callable | None = None, max_batches: int | None = None,
                       label_key: str = "labels") -> float:
     """The MoDE loss (`hf_moekd.mode.loss`, per example, averaged over the examples of `data`) in eval mode: the
-    experts' mean squared deviation from their peers' mean, i.e. the quantity MoDE minimises."""
+    experts' relative squared deviation from their peers' mean, i.e. the quantity MoDE minimises."""
     total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in iterate_batches(data, batch_size, collate_fn, max_batches):
-            inputs = to_device(batch, model)
-            inputs.pop(label_key, None)
-            with patch_experts(model, record=mode) as calls:
-                model(**inputs)
-            n_examples = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0]
-            total += float(mode_loss_per_example(calls, n_examples, inputs.get("attention_mask")).sum())
-            count += n_examples
-    finally:
-        model.train(was_training)
+    for calls, inputs, n_examples in _expert_calls(model, data, mode, batch_size, collate_fn, max_batches, label_key):
+        total += float(mode_loss_per_example(calls, n_examples, inputs.get("attention_mask")).sum())
+        count += n_examples
     if not count:
         raise ValueError("mode_loss_on_data got no batches.")
     return total / count
