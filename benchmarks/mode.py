@@ -49,7 +49,7 @@ from hf_moekd.mode import mode_loss_per_example, patch_experts
 from hf_moekd.models.vmoe import VMoEForImageClassification
 from hf_moekd.ones_pipeline import OneSArguments, accuracy, load_data, model_configs, train
 
-ALPHAS = [0.0, 0.01, 0.03, 0.1, 0.3, 1.0]
+ALPHAS = [0.0, 0.001, 0.003, 0.01, 0.1, 1.0]
 TERMS = {"routed": "mode", "all": "mode_all"}  # registered DistillationTrainer loss terms
 
 

@@ -27,7 +27,7 @@ from hf_moekd.recipes import (
     resume_checkpoint,
     trainable_parameters,
     run,
-    save_results,
+    save_run,
 )
 
 
@@ -80,14 +80,15 @@ def main() -> None:
             compute_metrics=conll_compute_metrics(label_names),
         )
     results: dict = {"mode": mode, "task": "conll2003", "trainable_params": trainable_parameters(trainer.model)}
-    if args.do_train or not args.do_eval:
+    trained = args.do_train or not args.do_eval  # an evaluation-only run saves no model
+    if trained:
         results.update(trainer.train(resume_from_checkpoint=resume_checkpoint(args)).metrics)
         model_for_saving(trainer.model, model_args)
         trainer.save_model()
     results.update(trainer.evaluate())
     results.update(trainer.evaluate(data["test"], metric_key_prefix="test"))
+    save_run(trainer, results, model_args, ["conll2003"], model_saved=trained)
     if trainer.is_world_process_zero():
-        save_results(args.output_dir, results)
         print({k: v for k, v in results.items() if k.startswith(("eval_", "test_"))})
 
 

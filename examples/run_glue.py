@@ -31,7 +31,7 @@ from hf_moekd.recipes import (
     resume_checkpoint,
     trainable_parameters,
     run,
-    save_results,
+    save_run,
 )
 
 
@@ -74,14 +74,15 @@ def main() -> None:
             compute_metrics=glue_compute_metrics(task.name),
         )
     results: dict = {"mode": mode, "task": task.name, "trainable_params": trainable_parameters(trainer.model)}
-    if args.do_train or not args.do_eval:
+    trained = args.do_train or not args.do_eval  # an evaluation-only run saves no model
+    if trained:
         train_result = trainer.train(resume_from_checkpoint=resume_checkpoint(args))
         results.update(train_result.metrics)
         model_for_saving(trainer.model, model_args)
         trainer.save_model()
     results.update(trainer.evaluate())
+    save_run(trainer, results, model_args, [task.name], model_saved=trained)
     if trainer.is_world_process_zero():
-        save_results(args.output_dir, results)
         print({k: v for k, v in results.items() if k.startswith("eval_")})
 
 

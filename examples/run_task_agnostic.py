@@ -31,7 +31,7 @@ from hf_moekd.recipes import (
     removed_on_failure,
     resume_checkpoint,
     run,
-    save_results,
+    save_run,
     trainable_parameters,
 )
 from hf_moekd.teachers import MINILM
@@ -73,8 +73,8 @@ def main() -> None:
     results.update(trainer.train(resume_from_checkpoint=resume_checkpoint(args)).metrics)
     model_for_saving(trainer.model, model_args)
     trainer.save_model()
+    save_run(trainer, results, model_args, list(corpus_args.corpus_sources))
     if trainer.is_world_process_zero():
-        save_results(args.output_dir, results)
         print({k: v for k, v in results.items() if k.startswith(("train_", "corpus"))})
 
 

@@ -22,9 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=float, default=20, help="training epochs of the dense baseline and the V-MoE")
     demo.add_argument("--kd_epochs", type=float, default=10, help="distillation epochs of the gathered model")
     demo.set_defaults(func=_demo)
+    from .cards.cli import add_card_parser
     from .gathering.cli import add_gather_parser
 
     add_gather_parser(sub)
+    add_card_parser(sub)
     return parser
 
 

@@ -16,6 +16,7 @@ from datasets import ClassLabel, DatasetDict, Features, Sequence, Value
 CONLL_LABELS: tuple[str, ...] = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")
 CONLL_FILES = {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"}
 GLUE_FILES = {"train": "train.tsv", "validation": "dev.tsv"}
+GLUE_HUB_ID, CONLL_HUB_ID = "nyu-mll/glue", "eriktks/conll2003"  # the Hub copies of the data (also model card metadata)
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def load_glue(task_name: str, data_dir: str | Path | None = None) -> DatasetDict
     """
     task = get_glue_task(task_name)
     if data_dir is None:
-        hub = datasets.load_dataset("nyu-mll/glue", task.name)
+        hub = datasets.load_dataset(GLUE_HUB_ID, task.name)
         splits = DatasetDict({split: hub[split] for split in GLUE_FILES})
         if len(task.text_columns) == 1:
             splits = splits.rename_column("sentence", "sentence1")
@@ -95,7 +96,7 @@ def load_conll(data_dir: str | Path | None = None) -> DatasetDict:
     sentences); None loads ``eriktks/conll2003`` from the Hub. Tags are ClassLabel ids in CONLL_LABELS order.
     """
     if data_dir is None:
-        hub = datasets.load_dataset("eriktks/conll2003", revision="refs/convert/parquet")
+        hub = datasets.load_dataset(CONLL_HUB_ID, revision="refs/convert/parquet")
         return hub.select_columns(["tokens", "ner_tags"])
     tags = ClassLabel(names=list(CONLL_LABELS))
     features = Features({"tokens": Sequence(Value("string")), "ner_tags": Sequence(tags)})

@@ -14,13 +14,15 @@ from .ones_pipeline import OneSArguments, OneSReport, print_report, run_ones
 
 
 def is_previous_output(output_dir: str | Path) -> bool:
-    """True for a folder written by an earlier run of the pipeline (a OneS model with its results)."""
+    """True for a folder written by an earlier run of the pipeline (a OneS model with its per-seed results; a
+    model from `hf-moekd gather` has results without them)."""
     folder = Path(output_dir)
     try:
         config = json.loads((folder / "config.json").read_text())
+        results = json.loads((folder / "all_results.json").read_text())
     except (OSError, ValueError):
         return False
-    return config.get("model_type") == "ones" and (folder / "all_results.json").is_file()
+    return config.get("model_type") == "ones" and isinstance(results, dict) and "per_seed" in results
 
 
 def run_demo(output_dir: str = "outputs/demo", seeds: tuple[int, ...] = (0, 1, 2), epochs: float = 20,

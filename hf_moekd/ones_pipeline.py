@@ -14,7 +14,8 @@ import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -31,6 +32,9 @@ from .images import IMAGE_LABELS, InMemoryDataset, load_image_dataset
 from .models.ones import OneSConfig, OneSForImageClassification
 from .models.vmoe import VMoEConfig, VMoEForImageClassification
 from .utils import atomic_output_dir, check_output_free
+
+if TYPE_CHECKING:
+    from .cards import RunFacts
 
 
 @dataclass
@@ -252,8 +256,11 @@ def run_ones(args: OneSArguments, progress: bool = True) -> OneSReport:
             report.latency_ms[f"dense_batch{batch}"] = latency_ms(dense, pixels)
             report.latency_ms[f"moe_batch{batch}"] = latency_ms(moe, pixels)
     if args.output_dir and saved is not None:
+        results = {"summary": report.summary(), "per_seed": report.accuracy,
+                   "test_accuracy": report.accuracy[f"{args.gatherings[0]} + KD (OneS)"][-1]}  # the saved model's
+        teacher = f"the V-MoE trained in the same run, {args.num_experts} experts, top-{args.num_experts_per_tok}"
         save_and_check(saved, args.output_dir, data["test"][:8]["pixel_values"], args.overwrite_output_dir,
-                       results={"summary": report.summary(), "per_seed": report.accuracy})
+                       results=results, facts=card_facts(args, teacher))
         report.saved_model = str(args.output_dir)
     return report
 
@@ -278,7 +285,8 @@ def run_ones_from_teacher(args: OneSArguments, teacher_path: str, allow_pickle: 
     results["ones_accuracy"] = accuracy(student, data["test"])
     if args.output_dir:
         save_and_check(student, args.output_dir, data["test"][:8]["pixel_values"], args.overwrite_output_dir,
-                       results={**results, "gathering": spec, "teacher": str(teacher_path)})
+                       results={**results, "gathering": spec, "teacher": str(teacher_path)},
+                       facts=card_facts(args, str(teacher_path)))
     return results
 
 
@@ -298,14 +306,28 @@ def gather(moe: PreTrainedModel, spec: str, calibration: list[torch.Tensor] | No
     return gather_experts(moe, g.strategy, rank=g.rank, calibration_dataset=calibration, align=g.align, progress=False)
 
 
+_NOT_HYPERPARAMETERS = {"data_dir", "output_dir", "overwrite_output_dir", "controls", "measure_speed"}
+
+
+def card_facts(args: OneSArguments, teacher: str) -> RunFacts:
+    """What the saved OneS model's card says; `teacher`: a saved V-MoE's folder, or words for the run's own."""
+    from .cards import run_facts
+
+    settings = {k: v for k, v in asdict(args).items() if k not in _NOT_HYPERPARAMETERS and v is not None}
+    return run_facts(["ones"], teacher=teacher, data=[args.dataset], hyperparameters=settings, device="cpu")
+
+
 def save_and_check(model: PreTrainedModel, output_dir: str, pixel_values: torch.Tensor, overwrite: bool = False,
-                   results: dict[str, Any] | None = None) -> None:
-    """Save `model` (atomically) with `all_results.json`, and check that `AutoModelForImageClassification` reloads
-    it to the same logits."""
+                   results: dict[str, Any] | None = None, facts: RunFacts | None = None) -> None:
+    """Save `model` (atomically) with `all_results.json` and its model card (README.md), and check that
+    `AutoModelForImageClassification` reloads it to the same logits."""
+    from .cards import CARD_KEY, run_facts, write_model_card
+
+    facts = facts or run_facts(["ones"])
     with atomic_output_dir(output_dir, overwrite) as tmp:
         model.save_pretrained(tmp)
-        if results is not None:
-            (tmp / "all_results.json").write_text(json.dumps(results, indent=2))
+        (tmp / "all_results.json").write_text(json.dumps({**(results or {}), CARD_KEY: facts.to_dict()}, indent=2))
+        write_model_card(tmp, facts, model_id=Path(output_dir).name)
         reloaded = AutoModelForImageClassification.from_pretrained(tmp)
         with torch.no_grad():
             same = torch.allclose(reloaded(pixel_values=pixel_values).logits, model(pixel_values=pixel_values).logits,

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 from transformers import AutoTokenizer, PreTrainedModel
 
-from .distillation import DistillationArguments
+from .distillation import DistillationArguments, DistillationTrainer
 from .students import parse_overrides, smaller_config, student_from_teacher_layers
 from .teachers import MINILM, resolve_model_path
 from .utils import refuse_pickle
@@ -139,6 +139,24 @@ def removed_on_failure(path: str | os.PathLike) -> Iterator[None]:
 def save_results(output_dir: str, results: dict[str, Any]) -> None:
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     Path(output_dir, "all_results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+
+
+def save_run(trainer: DistillationTrainer, results: dict[str, Any], model_args: ModelArguments | None,
+             data: list[str], model_saved: bool = True) -> None:
+    """End of an example script: all_results.json (with what the model card says under "model_card") and, when the
+    model was saved, its model card README.md; with --push_to_hub the folder is then uploaded. Call on every process.
+
+    `data` names the training data for the card (GLUE task names, "conll2003", ...).
+    """
+    from .cards import CARD_KEY, training_facts
+
+    trainer.model_card_facts = facts = training_facts(trainer, model_args, data)
+    if trainer.is_world_process_zero():
+        save_results(trainer.args.output_dir, {**results, CARD_KEY: facts.to_dict()})
+    if model_saved and trainer.args.push_to_hub:
+        trainer.push_to_hub()  # saves the model again, writes the card, uploads (main process)
+    elif model_saved:
+        trainer.create_model_card()
 
 
 def run(main: Callable[[], Any]) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from contextlib import ExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import os
 
@@ -17,8 +17,15 @@ from .losses import DistillationBatch, LossTerm, batch_size, get_loss_class
 from .teacher import check_compatible, load_teacher, prepare_teacher
 from .teacher_outputs import TEACHER_LOGITS, TeacherLogitsCollator, precompute_teacher_logits
 
+if TYPE_CHECKING:
+    from ..cards import RunFacts
+
 LOSS_TERMS_FILE = "loss_terms.safetensors"
 Counts = torch.Tensor  # [labelled items, examples] of one optimizer step, summed over all processes
+
+
+def _as_list(value: str | list[str] | None) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or [])
 
 
 class DistillationTrainer(Trainer):
@@ -70,6 +77,7 @@ class DistillationTrainer(Trainer):
             self.data_collator = TeacherLogitsCollator(self.data_collator)
         self._term_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.args.device))
         self._term_steps = 0
+        self.model_card_facts: RunFacts | None = None  # what the model card says; None: worked out from this trainer
 
     # ---- set-up ---------------------------------------------------------------------------------
     def _build_terms(self, given: dict[str, tuple[float, LossTerm]]) -> nn.ModuleDict:
@@ -246,6 +254,28 @@ class DistillationTrainer(Trainer):
         super()._load_optimizer_and_scheduler(checkpoint)
         if path is not None:
             self.loss_terms.load_state_dict(load_file(path, device=str(self.args.device)))
+
+    # ---- model card (also what push_to_hub uploads) ---------------------------------------------
+    def create_model_card(self, language: str | None = None, license: str | None = None,
+                          tags: str | list[str] | None = None, model_name: str | None = None,
+                          finetuned_from: str | None = None, dataset_tags: str | list[str] | None = None,
+                          **_: Any) -> None:
+        """Write hf_moekd's model card to output_dir/README.md in place of transformers' generic one.
+
+        The facts are `self.model_card_facts` (set by `hf_moekd.recipes.save_run`) or worked out from this trainer;
+        the arguments add Hub metadata (`finetuned_from` -> base_model, `dataset_tags` -> datasets); the
+        Trainer's other arguments (tasks, dataset, dataset_args) are not used.
+        """
+        if not self.is_world_process_zero():
+            return
+        from ..cards import RunFacts, training_facts, write_model_card
+
+        facts = (self.model_card_facts or training_facts(self)).to_dict()
+        facts["tags"] = list(dict.fromkeys([*facts["tags"], *_as_list(tags)]))
+        for key, value in {"language": language, "license": license, "base_model": _as_list(finetuned_from),
+                           "datasets": _as_list(dataset_tags)}.items():
+            facts[key] = value or facts[key]
+        write_model_card(self.args.output_dir, RunFacts.from_dict(facts), model_id=self.hub_model_id or model_name)
 
     # ---- logging --------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

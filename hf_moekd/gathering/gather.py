@@ -355,9 +355,23 @@ def gather_experts(
             return _build(make_dense, dense_config, sink)
         _write_aux(tmp, dense_config, source, make_dense, aux_dir)
         sink.finish()
+        origin = getattr(model_or_path, "name_or_path", None) if is_live else source.path
+        _write_card(tmp, Path(output_dir).name, origin, {
+            "strategy": strategy, "align": align, **options, "rank": options.get("rank"),
+            "calibration_tokens": max((st.tokens for st in stats.values()), default=None)})
     if not return_model:
         return Path(output_dir)
     return make_dense.from_pretrained(output_dir)
+
+
+def _write_card(tmp: Path, name: str, source: str | os.PathLike | None, hyperparameters: dict[str, Any]) -> None:
+    """all_results.json (what the card says, under "model_card") and the model card README.md of a gathered model."""
+    from ..cards import CARD_KEY, run_facts, write_model_card
+
+    facts = run_facts(["gathering"], teacher=str(source) if source else None, hyperparameters=hyperparameters,
+                      data_text="none: the weights were merged from the MoE's, without training")
+    (tmp / "all_results.json").write_text(json.dumps({CARD_KEY: facts.to_dict()}, indent=2) + "\n")
+    write_model_card(tmp, facts, model_id=name)
 
 
 def _load_pickled(path: str | os.PathLike) -> torch.nn.Module:
