@@ -6,6 +6,7 @@ Both return a `datasets.DatasetDict` with `train` and `test` splits of `pixel_va
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import zlib
@@ -15,6 +16,7 @@ from typing import Callable
 import datasets
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_LABELS = (
@@ -131,3 +133,22 @@ class InMemoryDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {name: column[index] for name, column in self.columns.items()}
+
+
+def rotate_images(pixel_values: torch.Tensor, degrees: float) -> torch.Tensor:
+    """`[batch, channels, H, W]` images rotated by `degrees` about their centre (bilinear, zeros outside)."""
+    cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    matrix = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=pixel_values.dtype)
+    grid = F.affine_grid(matrix.expand(len(pixel_values), 2, 3), list(pixel_values.shape), align_corners=False)
+    return F.grid_sample(pixel_values, grid, align_corners=False)
+
+
+def shifted_test_sets(test: datasets.Dataset, rotation: float = 30.0, noise_std: float = 0.3,
+                      seed: int = 0) -> dict[str, datasets.Dataset]:
+    """Out-of-distribution copies of an image split: `rotated` by `rotation` degrees, and `noised` with Gaussian
+    noise of std `noise_std` (fixed by `seed`, pixels clipped to [0, 1])."""
+    columns = test.with_format("torch")[:]
+    pixels, labels = columns["pixel_values"], columns["labels"].numpy()
+    noise = noise_std * torch.randn(pixels.shape, generator=torch.Generator().manual_seed(seed))
+    shifted = {"rotated": rotate_images(pixels, rotation), "noised": (pixels + noise).clamp(0.0, 1.0)}
+    return {name: _to_dataset(images.numpy(), labels) for name, images in shifted.items()}

@@ -1,0 +1,15 @@
+"""m2mKD (Lo et al., 2024): module-to-module distillation from a monolithic teacher into a modular (MoE) student.
+
+* `modules`: cut a model into N modules of consecutive blocks (`split_model`), the shallow meta model
+  (`build_meta`), stitch layers (`Stitch`), and assembly of trained modules into the full student (`assemble`).
+* `path`: the hybrid networks that train one module (`student_path`) against the teacher's (`teacher_path`).
+* `pipeline`: the image pipeline end to end (`run_m2mkd(M2MArguments(...))`), resumable per stage and module.
+"""
+from .families import FAMILIES, family_of
+from .modules import Segment, Stitch, assemble, build_meta, module_state, run_segments, split_model
+from .path import M2MPath, M2MPathOutput, student_path, teacher_path
+
+__all__ = [
+    "FAMILIES", "M2MPath", "M2MPathOutput", "Segment", "Stitch", "assemble", "build_meta", "family_of",
+    "module_state", "run_segments", "split_model", "student_path", "teacher_path",
+]
