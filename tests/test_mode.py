@@ -295,7 +295,8 @@ def test_plain_trainer_mixin_is_exact_under_gradient_accumulation(tmp_path, fami
         MoDETrainer(model=model, args=args, train_dataset=data, mode_config=MoDEConfig(mode_alpha=alpha)).train()
         params[alpha, batch] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     assert (params[100.0, 8] - params[0.0, 8]).abs().max() > 1e-2
-    torch.testing.assert_close(params[100.0, 4], params[100.0, 8], rtol=1e-4, atol=1e-6)
+    # Float reduction order differs between batch shapes and thread counts; a scaling error would be ~1e-2.
+    torch.testing.assert_close(params[100.0, 4], params[100.0, 8], rtol=1e-3, atol=1e-5)
 
 
 # ---- probing -------------------------------------------------------------------------------------------------
