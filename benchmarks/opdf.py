@@ -13,6 +13,7 @@ Each run is one call of examples/run_glue.py, reused when its all_results.json e
 logits on the training subset are computed once per task (`--teacher_logits_cache`) and shared by every student run.
 
     python benchmarks/opdf.py --data_dir ../shared/data
+    python benchmarks/opdf.py --tasks rte       # one task; the others are kept from the result file if unchanged
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import DEFAULT_DATA, REPO, TEACHER_SAMPLES, latency_ratio, mean_std, run_script, task_command, teacher, write_result
+from common import DEFAULT_DATA, REPO, RESULTS, TEACHER_SAMPLES, latency_ratio, mean_std, run_script, task_command, teacher, write_result
 
 TASKS = {  # metric, student training subset and epochs (MRPC/RTE: the whole train split)
     "sst2": ("eval_accuracy", 2000, 1), "mrpc": ("eval_f1", 3668, 1), "rte": ("eval_accuracy", 2490, 1),
@@ -87,45 +88,64 @@ def main() -> None:
                         help="reuse a fine-tuned teacher, e.g. sst2=runs/kd_quality/sst2/teacher-seed0")
     a = parser.parse_args()
     given = dict(t.split("=", 1) for t in a.teacher)
-    table, runs, extras = {}, {}, {}
+    tasks = kept_tasks(a)
     for task in a.tasks:
-        metric, samples, epochs = TASKS[task]
-        teacher_dir = teacher(task, Path(a.work_dir), a.data_dir, given, "opdf")
-        if (teacher_dir / "all_results.json").exists():
-            runs[f"{task}/teacher"] = json.loads((teacher_dir / "all_results.json").read_text()).get(metric)
-        kd = ["--teacher_model_name_or_path", str(teacher_dir), "--teacher_logits_cache", str(Path(a.work_dir, task, "teacher-logits"))]
-        for name, extra in variants(a.constraint_weight).items():
-            scores, runtimes, trainable = [], [], []
-            for seed in a.seeds:
-                out = Path(a.work_dir, task, f"{name}-seed{seed}")
-                cmd = task_command(task, out, seed, a.data_dir, a.train_samples or samples, a.epochs or epochs, a.lr, [*extra, *kd])
-                result = run_script(cmd, out, "opdf")
-                if result["mode"] != "distil":
-                    raise RuntimeError(f"{out} did not distil; delete it and rerun")
-                scores.append(result[metric])
-                runtimes.append(result["train_runtime"])
-                trainable.append(result["trainable_params"])
-            table[f"{task}/{name}"] = mean_std(scores)
-            extras[f"{task}/{name}"] = {"train_runtime_mean": statistics.fmean(runtimes), "trainable_params": trainable[0]}
-            print(f"[opdf] {task} {name}: {table[f'{task}/{name}']['mean']:.4f} ± {table[f'{task}/{name}']['std']:.4f}",
-                  file=sys.stderr, flush=True)
-        plain = extras[f"{task}/plain_kd"]["train_runtime_mean"]
-        for name in ("opdf", "opdf_constraint"):
-            extras[f"{task}/{name}"]["step_time_ratio"] = extras[f"{task}/{name}"]["train_runtime_mean"] / plain
-        extras[f"{task}/opdf"]["kd_step_time_ratio_interleaved"] = kd_step_time_ratio(teacher_dir)
-        extras[f"{task}/opdf"]["latency_ratio_contracted"] = latency_ratio(
-            Path(a.work_dir, task, "opdf-seed0"), Path(a.work_dir, task, "plain_kd-seed0"))
-    headline = {k: round(v["mean"], 4) for k, v in table.items()}
-    headline.update({f"{k}/step_time_ratio": round(v["step_time_ratio"], 3) for k, v in extras.items() if "step_time_ratio" in v})
-    headline.update({f"{k}/kd_step_time_ratio_interleaved": round(v["kd_step_time_ratio_interleaved"], 3)
-                     for k, v in extras.items() if "kd_step_time_ratio_interleaved" in v})
-    headline.update({f"{k}/latency_ratio": round(v["latency_ratio_contracted"], 3) for k, v in extras.items()
-                     if "latency_ratio_contracted" in v})
-    write_result("opdf", {"headline": headline, "table": table, "extras": extras, "teachers": runs, "seeds": a.seeds,
-                          "settings": {"student_samples_epochs": {t: [a.train_samples or TASKS[t][1], a.epochs or TASKS[t][2]] for t in a.tasks},
-                                       "teacher_samples": TEACHER_SAMPLES, "teacher_epochs": 3, "lr": a.lr,
-                                       "constraint_weight": a.constraint_weight, "batch_size": 32}})
+        tasks[task] = run_task(task, a, given)
+    headline = {}
+    for task, r in tasks.items():
+        headline.update({f"{task}/{name}": round(v["mean"], 4) for name, v in r["table"].items()})
+        headline.update({f"{task}/{name}_minus_plain": round(v["mean"], 4) for name, v in r["paired_delta"].items()})
+        headline.update({f"{task}/{k}": round(v, 3) for k, v in r["ratios"].items()})
+    write_result("opdf", {"headline": headline, "tasks": tasks, "seeds": a.seeds,
+                          "settings": {"teacher_samples": TEACHER_SAMPLES, "teacher_epochs": 3, "batch_size": 32}})
 
+
+def task_settings(task: str, a: argparse.Namespace) -> dict:
+    """What shapes one task's rows (a saved task is kept in the result file only when these are unchanged)."""
+    _, samples, epochs = TASKS[task]
+    return {"train_samples": a.train_samples or samples, "epochs": a.epochs or epochs, "lr": a.lr, "seeds": a.seeds,
+            "constraint_weight": a.constraint_weight}
+
+
+def kept_tasks(a: argparse.Namespace) -> dict:
+    """Tasks of the previous result file that this run does not redo, kept when their settings are unchanged, so
+    that tasks can be measured in separate sessions."""
+    path = RESULTS / "opdf.json"
+    previous = json.loads(path.read_text()).get("tasks", {}) if path.exists() else {}
+    return {t: r for t, r in previous.items() if t not in a.tasks and t in TASKS and r["settings"] == task_settings(t, a)}
+
+
+def run_task(task: str, a: argparse.Namespace, given: dict[str, str]) -> dict:
+    metric, samples, epochs = TASKS[task]
+    teacher_dir = teacher(task, Path(a.work_dir), a.data_dir, given, "opdf")
+    teacher_file = teacher_dir / "all_results.json"
+    kd = ["--teacher_model_name_or_path", str(teacher_dir), "--teacher_logits_cache", str(Path(a.work_dir, task, "teacher-logits"))]
+    table, extras, values = {}, {}, {}
+    for name, extra in variants(a.constraint_weight).items():
+        results = []
+        for seed in a.seeds:
+            out = Path(a.work_dir, task, f"{name}-seed{seed}")
+            cmd = task_command(task, out, seed, a.data_dir, a.train_samples or samples, a.epochs or epochs, a.lr, [*extra, *kd])
+            result = run_script(cmd, out, "opdf")
+            if result["mode"] != "distil":
+                raise RuntimeError(f"{out} did not distil; delete it and rerun")
+            results.append(result)
+        values[name] = [r[metric] for r in results]
+        table[name] = mean_std(values[name])
+        extras[name] = {"train_runtime_mean": statistics.fmean(r["train_runtime"] for r in results),
+                        "trainable_params": results[0]["trainable_params"]}
+        print(f"[opdf] {task} {name}: {table[name]['mean']:.4f} ± {table[name]['std']:.4f}", file=sys.stderr, flush=True)
+    plain = extras["plain_kd"]["train_runtime_mean"]
+    ratios = {f"{name}/train_runtime_ratio": extras[name]["train_runtime_mean"] / plain for name in ("opdf", "opdf_constraint")}
+    ratios["opdf/kd_step_time_ratio_interleaved"] = kd_step_time_ratio(teacher_dir)
+    ratios["opdf/latency_ratio_contracted"] = latency_ratio(Path(a.work_dir, task, "opdf-seed0"), Path(a.work_dir, task, "plain_kd-seed0"))
+    return {
+        "metric": metric, "table": table, "extras": extras, "ratios": ratios,
+        "paired_delta": {name: mean_std([x - y for x, y in zip(values[name], values["plain_kd"])])
+                         for name in ("opdf", "opdf_constraint")},
+        "teacher": json.loads(teacher_file.read_text()).get(metric) if teacher_file.exists() else None,
+        "settings": task_settings(task, a), "command": " ".join(["python", *sys.argv]),
+    }
 
 if __name__ == "__main__":
     main()
