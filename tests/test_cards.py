@@ -179,10 +179,11 @@ def test_push_to_hub_uploads_our_card_and_the_student_only(tmp_path, monkeypatch
     save_run(trainer, {"eval_accuracy": 0.4}, None, ["sst2"])
     assert len(hub.uploads) == 1
     upload = hub.uploads[0]
-    assert upload["repo_id"] == "me/tiny-student"
+    repo_id = "me/tiny-student"  # never downloaded: the upload is captured by a fake Hub client
+    assert upload["repo_id"] == repo_id
     assert {"README.md", "config.json", "model.safetensors", "all_results.json"} <= set(upload["files"])
     assert upload["readme"] == (tmp_path / "out" / "README.md").read_text()
-    assert "hf_moekd" in upload["readme"] and '.from_pretrained("me/tiny-student")' in upload["readme"]
+    assert "hf_moekd" in upload["readme"] and f'.from_pretrained("{repo_id}")' in upload["readme"]
     assert "| validation | accuracy | 0.4 |" in upload["readme"] and "This model is a fine-tuned version" not in upload["readme"]
     expected = {k: tuple(v.shape) for k, v in student.state_dict().items()}
     assert list(upload["weights"]) == ["model.safetensors"] and upload["weights"]["model.safetensors"].items() <= expected.items()
