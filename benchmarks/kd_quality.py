@@ -12,14 +12,10 @@ Runs already finished in --work_dir are reused, so an interrupted benchmark resu
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from common import DEFAULT_DATA, REPO, mean_std, write_result
+from common import DEFAULT_DATA, REPO, mean_std, run_script, write_result
 
 VARIANTS = {
     "teacher": [],
@@ -63,7 +59,6 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=2)
     parser.add_argument("--lr", type=float, default=1e-4)
     a = parser.parse_args()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     table, commands = {}, {}
     for task in a.tasks:
         teacher = Path(a.work_dir, task, f"teacher-seed{a.seeds[0]}")
@@ -73,12 +68,7 @@ def main() -> None:
                 out = Path(a.work_dir, task, f"{variant}-seed{seed}")
                 cmd = command(task, variant, seed, out, teacher, a)
                 commands[f"{task}/{variant}/seed{seed}"] = " ".join(cmd[1:])
-                result_file = out / "all_results.json"
-                if not result_file.exists():
-                    start = time.time()
-                    subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
-                    print(f"{task} {variant} seed {seed}: {time.time() - start:.0f} s", file=sys.stderr, flush=True)
-                result = json.loads(result_file.read_text())
+                result = run_script(cmd, out, "kd_quality")
                 expected_mode = "distil" if variant in KD_VARIANTS else "fine-tune"
                 if result["mode"] != expected_mode:
                     raise RuntimeError(f"{out} ran in mode {result['mode']!r}, expected {expected_mode!r}: delete it and rerun")

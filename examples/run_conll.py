@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification, HfArgumentParser, set_seed
 
-from hf_moekd.data import CONLL_LABELS, load_conll
+from hf_moekd.data import CONLL_LABELS, load_conll, training_subset
 from hf_moekd.distillation import DistillationArguments, DistillationTrainer
 from hf_moekd.metrics import conll_compute_metrics
 from hf_moekd.recipes import (
@@ -56,8 +56,7 @@ def main() -> None:
     check_output_dir(args)
     with removed_on_failure(args.output_dir):
         raw = load_conll(data_args.data_dir)
-        if data_args.max_train_samples:
-            raw["train"] = raw["train"].shuffle(seed=42).select(range(min(data_args.max_train_samples, len(raw["train"]))))
+        raw["train"] = training_subset(raw["train"], data_args.max_train_samples)
         if data_args.max_eval_samples:
             for split in ("validation", "test"):
                 raw[split] = raw[split].select(range(min(data_args.max_eval_samples, len(raw[split]))))

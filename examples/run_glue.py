@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, HfArgumentParser, set_seed
 
-from hf_moekd.data import get_glue_task, load_glue
+from hf_moekd.data import get_glue_task, load_glue, training_subset
 from hf_moekd.distillation import DistillationArguments, DistillationTrainer
 from hf_moekd.metrics import glue_compute_metrics
 from hf_moekd.recipes import (
@@ -53,8 +53,7 @@ def main() -> None:
     check_output_dir(args)
     with removed_on_failure(args.output_dir):
         raw = load_glue(task.name, data_args.data_dir)
-        if data_args.max_train_samples:
-            raw["train"] = raw["train"].shuffle(seed=42).select(range(min(data_args.max_train_samples, len(raw["train"]))))
+        raw["train"] = training_subset(raw["train"], data_args.max_train_samples)
         if data_args.max_eval_samples:
             raw["validation"] = raw["validation"].select(range(min(data_args.max_eval_samples, len(raw["validation"]))))
         set_seed(args.seed)

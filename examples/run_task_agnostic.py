@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from transformers import AutoModel, DataCollatorWithPadding, HfArgumentParser, set_seed
 
-from hf_moekd.data import CORPUS_SOURCES, load_text_corpus
+from hf_moekd.data import CORPUS_SOURCES, load_text_corpus, training_subset
 from hf_moekd.distillation import DistillationArguments, DistillationTrainer
 from hf_moekd.recipes import (
     ModelArguments,
@@ -60,8 +60,7 @@ def main() -> None:
     check_output_dir(args)
     with removed_on_failure(args.output_dir):
         corpus = load_text_corpus(corpus_args.data_dir, corpus_args.corpus_sources)
-        if corpus_args.max_train_samples:
-            corpus = corpus.shuffle(seed=42).select(range(min(corpus_args.max_train_samples, len(corpus))))
+        corpus = training_subset(corpus, corpus_args.max_train_samples)
         set_seed(args.seed)
         model, tokenizer = build_model(model_args, AutoModel, args.allow_pickle_checkpoints)
         data = corpus.map(lambda b: tokenizer(b["text"], truncation=True, max_length=corpus_args.max_seq_length),

@@ -243,3 +243,10 @@ def load_text_corpus(data_dir: str | Path | None = None, sources: tuple[str, ...
             texts += [t for column in ("sentence1", "sentence2") if column in train.column_names for t in train[column]]
     unique = list(dict.fromkeys(t.strip() for t in texts if t and t.strip()))
     return datasets.Dataset.from_dict({"text": unique})
+
+
+def training_subset(dataset: datasets.Dataset, size: int | None) -> datasets.Dataset:
+    """A fixed random subset of `size` rows (shuffle seed 42, the same on every run); all rows when `size` is None."""
+    if not size:
+        return dataset
+    return dataset.shuffle(seed=42).select(range(min(size, len(dataset))))
