@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
 
 from .recipes import run
 
@@ -10,6 +14,97 @@ def _demo(ns: argparse.Namespace) -> None:
     from .demo import run_demo
 
     run_demo(output_dir=ns.output_dir, seeds=tuple(ns.seeds), epochs=ns.epochs, kd_epochs=ns.kd_epochs)
+
+
+def _distill_arguments() -> tuple[type, ...]:
+    from .distillation import DistillationArguments
+    from .recipes import ModelArguments
+    from .tasks import DataArguments, ReportArguments, TaskArguments
+
+    return TaskArguments, ModelArguments, DataArguments, ReportArguments, DistillationArguments
+
+
+def add_distill_parser(sub: Any) -> argparse.ArgumentParser:
+    """`hf-moekd distill`: the task recipe (hf_moekd.tasks.run_task) with every DistillationArguments flag."""
+    from transformers import HfArgumentParser
+
+    flags = HfArgumentParser(_distill_arguments(), add_help=False)
+    p = sub.add_parser(
+        "distill", parents=[flags], help="Fine-tune or distil a student on a GLUE task or CoNLL-2003 NER; prints a "
+                                         "summary table.",
+        description="Fine-tune (no teacher) or distil a student on --task, save it with its model card and "
+                    "all_results.json in --output_dir, evaluate it (CoNLL: validation and test) and print a summary "
+                    "table. Takes every TrainingArguments / DistillationArguments flag (--report_to tensorboard, "
+                    "--num_train_epochs, --alpha, ...), as examples/run_glue.py and run_conll.py do.",
+        epilog="example: hf-moekd distill --task sst2 --data_dir ../shared/data --output_dir out/student "
+               "--teacher_model_name_or_path out/teacher --student_layers 0,2,4 --log_csv true --plot true")
+    p.set_defaults(func=_distill, parser=flags)
+    return p
+
+
+def _distill(ns: argparse.Namespace) -> None:
+    from .tasks import run_task
+
+    values = {k: v for k, v in vars(ns).items() if k not in ("command", "func", "parser")}
+    task, model_args, data_args, report, args = ns.parser.parse_dict(values)
+    run_task(task.task, model_args, data_args, args, report)
+
+
+def add_evaluate_parser(sub: Any) -> argparse.ArgumentParser:
+    """`hf-moekd evaluate MODEL_DIR --task TASK`: metrics of a saved model with the local metrics."""
+    from .tasks import TASK_NAMES
+
+    p = sub.add_parser(
+        "evaluate", help="Evaluate a saved model folder on a GLUE dev set or CoNLL-2003 test; prints a summary table.",
+        description="Score a saved sequence / token classifier with the local metrics (hf_moekd.metrics), computed as "
+                    "a distill run's final evaluation is.")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a saved model folder (config.json, weights, tokenizer)")
+    p.add_argument("--task", required=True, help=f"the task the model was trained for: {', '.join(TASK_NAMES)}")
+    p.add_argument("--data_dir", default=None,
+                   help="GLUE: folder holding SST-2/, ...; CoNLL: folder holding test.txt; a folder holding glue/ and "
+                        "conll2003/ works for both (default: the Hub)")
+    p.add_argument("--split", default=None, choices=["validation", "test"],
+                   help="default: validation (GLUE dev set), test (CoNLL-2003)")
+    p.add_argument("--max_eval_samples", type=int, default=None, help="the first N examples of the split")
+    p.add_argument("--max_seq_length", type=int, default=128, help="as in training (default: 128)")
+    p.add_argument("--batch_size", type=int, default=32, help="evaluation batch size (default: 32)")
+    p.add_argument("--output_file", default=None, help="also write the metrics as JSON to this file")
+    p.add_argument("--plot_routing", metavar="PNG", default=None,
+                   help="MoE models: save a histogram of tokens per expert per layer on the split")
+    p.add_argument("--allow_pickle", action="store_true",
+                   help="accept a folder with only pickle weights (pytorch_model.bin); only for files you trust")
+    p.set_defaults(func=_evaluate)
+    return p
+
+
+def _evaluate(ns: argparse.Namespace) -> None:
+    from .analysis import has_experts, plot_routing, routing_counts
+    from .tasks import DataArguments, evaluate_model, get_task, load_for_task, metric_items
+    from .utils import markdown_table
+
+    start = time.perf_counter()
+    task = get_task(ns.task)
+    model, tokenizer = load_for_task(ns.model_dir, task, ns.allow_pickle)
+    if ns.plot_routing and not has_experts(model):
+        raise ValueError(f"{ns.model_dir} has no MoE experts: --plot_routing needs an MoE model")
+    data_args = DataArguments(data_dir=ns.data_dir, max_seq_length=ns.max_seq_length, max_eval_samples=ns.max_eval_samples)
+    metrics, data = evaluate_model(model, tokenizer, task, data_args, ns.split, ns.batch_size)
+    split = ns.split or task.eval_splits[-1]
+    info = {"model_dir": str(ns.model_dir), "task": task.name, "split": split, "examples": len(data),
+            "parameters": sum(p.numel() for p in model.parameters())}
+    if ns.plot_routing:
+        counts = routing_counts(model, data, batch_size=ns.batch_size, collate_fn=task.collator(tokenizer))
+        info["routing_plot"] = str(plot_routing(counts, ns.plot_routing, title=f"tokens per expert ({task.name} {split})"))
+    rows = [[k, f"{v:.4f}"] for k, v in metric_items(metrics).items()]
+    rows += [["examples", f"{info['examples']:,}"], ["parameters", f"{info['parameters']:,}"],
+             ["time (s)", f"{time.perf_counter() - start:.1f}"]]
+    print(f"\n{task.name} {split}: {ns.model_dir}\n{markdown_table(['', 'value'], rows)}")
+    if "routing_plot" in info:
+        print(f"routing histogram written to {info['routing_plot']}")
+    if ns.output_file:
+        Path(ns.output_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.output_file).write_text(json.dumps({**info, "metrics": metrics}, indent=2) + "\n")
+        print(f"metrics written to {ns.output_file}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .cards.cli import add_card_parser
     from .gathering.cli import add_gather_parser
 
+    add_distill_parser(sub)
+    add_evaluate_parser(sub)
     add_gather_parser(sub)
     add_card_parser(sub)
     return parser

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 from transformers import AutoTokenizer, PreTrainedModel
 
 from .distillation import DistillationArguments, DistillationTrainer
+from .distillation.engines import full_weights_load, numel
 from .students import parse_overrides, smaller_config, student_from_teacher_layers
 from .teachers import MINILM, resolve_model_path
 from .utils import refuse_pickle
@@ -58,21 +59,26 @@ def build_model(model_args: ModelArguments, auto_class: type, allow_pickle: bool
     if model_args.student_layers and model_args.student_config_overrides:
         raise ValueError("Use either --student_layers or --student_config_overrides, not both.")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = auto_class.from_pretrained(path, use_safetensors=None if allow_pickle else True, **head_kwargs)
-    if model_args.student_layers:
-        layers = [int(i) for i in model_args.student_layers.split(",")]
-        model = student_from_teacher_layers(model, layers)
-    elif model_args.student_config_overrides:
-        config = smaller_config(model.config, **parse_overrides(model_args.student_config_overrides))
-        model = auto_class.from_config(config)
-    if model_args.moe_experts:
-        from .models.minimoe import minimoe_from_dense
+    surgery = (model_args.student_layers or model_args.student_config_overrides or model_args.moe_experts
+               or model_args.mpo_overparameterize)
+    with full_weights_load() if surgery else contextlib.nullcontext():  # ZeRO-3: partitioned when DeepSpeed starts
+        model = auto_class.from_pretrained(path, use_safetensors=None if allow_pickle else True, **head_kwargs)
+        if model_args.student_layers:
+            layers = [int(i) for i in model_args.student_layers.split(",")]
+            model = student_from_teacher_layers(model, layers)
+        elif model_args.student_config_overrides:
+            config = smaller_config(model.config, **parse_overrides(model_args.student_config_overrides))
+            model = auto_class.from_config(config)
+        if model_args.moe_experts:
+            from .models.minimoe import minimoe_from_dense
 
-        model = minimoe_from_dense(model, num_ffn_experts=model_args.moe_experts)
-    if model_args.mpo_overparameterize:
-        from .mpo import overparameterize
+            model = minimoe_from_dense(model, num_ffn_experts=model_args.moe_experts)
+        if model_args.mpo_overparameterize:
+            from .mpo import overparameterize
 
-        overparameterize(model)
+            overparameterize(model)
+    if model_args.student_layers or model_args.moe_experts:
+        model.name_or_path = ""  # its weights are no checkpoint's (peft adapters then name no base model)
     return model, tokenizer
 
 
@@ -86,8 +92,8 @@ def model_for_saving(model: PreTrainedModel, model_args: ModelArguments) -> PreT
 
 
 def trainable_parameters(model: PreTrainedModel) -> int:
-    """Parameters that train (e.g. MPO cores instead of the linears they replace)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Parameters that train (e.g. MPO cores instead of the linears they replace); full sizes under ZeRO-3."""
+    return sum(numel(p) for p in model.parameters() if p.requires_grad)
 
 
 def configure_losses(args: DistillationArguments) -> str:

@@ -59,3 +59,12 @@ def refuse_pickle(path: str | os.PathLike, flag: str) -> None:
             f"run arbitrary code. Re-save it as safetensors (from_pretrained(path).save_pretrained(new_dir)) or, if "
             f"you trust the file, pass {flag}."
         )
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table, columns padded to line up in a terminal; every column after the first right-aligned."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda cells: "| " + " | ".join(  # noqa: E731
+        str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+    rule = "|" + "|".join("-" * (w + 1) + ":" if i else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(header), rule, *map(line, rows)])

@@ -77,14 +77,9 @@ def test_conll_teacher_and_student(data_dir, tmp_path, monkeypatch):
 
 
 def test_align_labels():
-    from importlib import import_module
+    from hf_moekd.tasks import align_labels
 
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        align = import_module("run_conll").align_labels
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    assert align([None, 0, 0, 1, None], [3, 4]) == [-100, 3, -100, 4, -100]
+    assert align_labels([None, 0, 0, 1, None], [3, 4]) == [-100, 3, -100, 4, -100]
 
 
 def mismatched_teacher(tmp_path: Path) -> Path:

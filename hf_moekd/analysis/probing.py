@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -156,40 +155,4 @@ def probe_experts(model: nn.Module, data: Any, batch_size: int = 64, collate_fn:
     return result
 
 
-def plot_probe(result: ProbeResult, path: str | Path, title: str | None = None) -> Path:
-    """Save a PNG: per MoE layer, each expert's accuracy alone vs the MoE's on its allocated samples (bars), with
-    the sample counts. Needs matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise ImportError("plot_probe needs matplotlib: `pip install matplotlib`.") from err
-    layers = result.layers()
-    fig, axes = plt.subplots(len(layers), 1, figsize=(max(6.0, 0.7 * max(len(result.rows) // len(layers), 1) + 2),
-                                                      2.6 * len(layers)), squeeze=False)
-    for ax, layer in zip(axes[:, 0], layers):
-        rows = [r for r in result.rows if r.layer == layer]
-        x = torch.arange(len(rows)).numpy()
-        ax.bar(x - 0.2, [100 * (r.model_accuracy or 0) for r in rows], 0.4, label="MoE", color="#9db4d6")
-        ax.bar(x + 0.2, [100 * (r.probe_accuracy or 0) for r in rows], 0.4, label="expert alone", color="#2b5c9e")
-        for xi, r in zip(x, rows):
-            ax.text(xi, 101, f"n={r.samples}", ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(x, [str(r.expert) for r in rows])
-        ax.set_ylim(0, 112)
-        ax.set_ylabel("accuracy %")
-        ax.set_title(f"{layer}", fontsize=9)
-    axes[-1, 0].set_xlabel("expert (samples allocated by top-1 majority)")
-    axes[0, 0].legend(loc="lower right", fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-__all__ = ["ProbeResult", "ProbeRow", "plot_probe", "probe_experts"]
+__all__ = ["ProbeResult", "ProbeRow", "probe_experts"]

@@ -182,9 +182,13 @@ def training_facts(trainer: DistillationTrainer, model_args: ModelArguments | No
         student_init = model.name_or_path or None
     else:
         student_init = None if model_args.student_config_overrides else model_args.model_name_or_path
+    from ..distillation.peft_student import describe_adapter
+
+    adapter = describe_adapter(model, merged=getattr(args, "merge_adapters", False))
     return run_facts(
         methods, teacher=teacher_name if distilled else None, student_init=student_init, data=data,
-        hyperparameters={**_training_hyperparameters(args, weights), **_recipe(model_args)},
+        hyperparameters={**_training_hyperparameters(args, weights), **_recipe(model_args),
+                         **({"adapter": adapter} if adapter else {})},
         tags=["mixture-of-experts"] if teacher is not None and is_moe(teacher.config.to_dict()) else [],
         device=_device(args),
     )

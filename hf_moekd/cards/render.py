@@ -30,6 +30,7 @@ HUB_METRICS = {"accuracy": "accuracy", "f1": "f1", "precision": "precision", "re
 _NOT_METRICS = ("_runtime", "_samples_per_second", "_steps_per_second")
 _TRAINING = {"train_loss": "training loss", "train_runtime": "training time (s)", "epoch": "epochs",
              "corpus_sentences": "corpus sentences"}
+_ADAPTER_NOTE = " in the adapter (a peft adapter folder: the base model's weights are not here)"
 _ONES_ACCURACIES = {"ones_accuracy": "accuracy", "gathered_accuracy": "accuracy after gathering, before KD",
                     "teacher_accuracy": "accuracy of the MoE teacher"}  # OneS from a saved teacher
 
@@ -45,7 +46,7 @@ def templates_dir() -> Path:
 
 
 def write_model_card(output_dir: str | os.PathLike, facts: RunFacts | None = None, method: str | None = None,
-                     model_id: str | None = None) -> Path:
+                     model_id: str | None = None, config: dict | None = None) -> Path:
     """Write `output_dir/README.md` and return its path.
 
     Args:
@@ -53,12 +54,13 @@ def write_model_card(output_dir: str | os.PathLike, facts: RunFacts | None = Non
         facts: how the model was made; default: `recorded_facts` of the folder.
         method: put this method first (or name it when nothing is recorded), e.g. "kd", "ones".
         model_id: the Hub repo id for the loading snippet; default: the folder's name.
+        config: the model's config when the folder has no config.json (a peft adapter folder).
     """
     folder = Path(output_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist or is not a folder: point at a saved model folder")
-    config = _read_json(folder / "config.json", f"{folder} has no config.json: point at a saved model folder (the "
-                        "output_dir of a run, with config.json and the weights)")
+    config = config or _read_json(folder / "config.json", f"{folder} has no config.json: point at a saved model "
+                                  "folder (the output_dir of a run, with config.json and the weights)")
     results = _read_json(folder / "all_results.json") if (folder / "all_results.json").is_file() else {}
     facts = facts or recorded_facts(config, results, method, folder)
     if method:
@@ -103,7 +105,8 @@ def render(folder: Path, config: dict, results: dict, facts: RunFacts, model_id:
         titles={m: title for m, (title, _) in METHODS.items()}, auto_class=auto_class, trust_remote_code=remote_code,
         has_tokenizer=any((folder / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json")),
         model_type=config.get("model_type", "?"), architecture=architecture, config=config, hp=hp,
-        parameters=_parameters(params, config), trainable=_count(results.get("trainable_params")),
+        parameters=_parameters(params, config) + (_ADAPTER_NOTE if (folder / "adapter_config.json").is_file() else ""),
+        trainable=_count(results.get("trainable_params")),
         teacher=_name(facts.teacher), student_init=_name(facts.student_init),
         data=facts.data or "Not recorded.", metrics=[(s, n, _fmt(v)) for s, n, v in metrics],
         loss_terms=[f"`{n}` × {_fmt(w)}" for n, w in sorted((hp.get("loss_weights") or {}).items())],

@@ -80,13 +80,39 @@ class DistillationArguments(TrainingArguments):
         metadata={"help": "Also load teacher/student checkpoints stored as pickle (pytorch_model.bin). Off: only "
                   "safetensors are read. Turn on only for files you trust."},
     )
+    teacher_device_map: str | None = field(
+        default=None,
+        metadata={"help": "Load the teacher with this device_map (accelerate big-model dispatch) for a teacher larger "
+                  "than one device: 'auto', 'balanced', 'sequential' or a JSON object '{\"module.name\": 0 | \"cpu\" "
+                  "| \"disk\"}'. A teacher spread over several devices or offloaded is not moved to the student's "
+                  "device. Only with teacher_model_name_or_path, one process per machine, and not with DeepSpeed ZeRO-3 "
+                  "(which partitions the teacher itself)."},
+    )
     extra_loss_terms: list[str] = field(
         default_factory=list,
         metadata={"help": "More registered loss terms as 'name=weight' (see hf_moekd.distillation.LOSS_REGISTRY)."},
     )
+    peft_config: str | None = field(  # in Python also a peft.PeftConfig; a path becomes one in __post_init__
+        default=None,
+        metadata={"help": "Train peft adapters (LoRA, ...) on the student instead of all its weights: the path of a "
+                  "JSON adapter config (adapter_config.json as peft writes it, or the folder holding one), or the "
+                  "JSON itself, e.g. '{\"peft_type\": \"LORA\", \"r\": 8, \"target_modules\": [\"query\", \"value\"], "
+                  "\"task_type\": \"SEQ_CLS\"}'. In Python a peft.PeftConfig works too. A PeftModel student is used "
+                  "as is."},
+    )
+    merge_adapters: bool = field(
+        default=False,
+        metadata={"help": "With peft adapters: save the final model with the adapters merged into its weights (a stock "
+                  "checkpoint) instead of the adapter alone. Training checkpoints keep the adapter."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.deepspeed:  # before any model is loaded under ZeRO-3 (zero.Init)
+            from .engines import ensure_deepspeed_comm
+
+            ensure_deepspeed_comm()
+        self.teacher_load_kwargs()  # validate early
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}.")
         if self.temperature <= 0:
@@ -96,6 +122,39 @@ class DistillationArguments(TrainingArguments):
         if self.task_agnostic and not self.loss_weights():
             raise ValueError("task_agnostic distillation has no loss term: set attention_relation_weight, "
                              "hidden_loss_weight or extra_loss_terms.")
+        if self.peft_config is not None:
+            from .peft_student import load_peft_config
+
+            self.peft_config = load_peft_config(self.peft_config)  # fail early on a bad file
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        if self.peft_config is not None and not isinstance(self.peft_config, str):
+            from .peft_student import peft_config_dict
+
+            data["peft_config"] = peft_config_dict(self.peft_config)
+        return data
+
+    def teacher_load_kwargs(self) -> dict[str, object]:
+        """Extra `from_pretrained` arguments for the teacher: the parsed `teacher_device_map`, if any."""
+        if not self.teacher_device_map:
+            return {}
+        text = self.teacher_device_map.strip()
+        try:
+            device_map = json.loads(text) if text.startswith("{") else text
+        except ValueError as err:
+            raise ValueError(f"teacher_device_map must be 'auto', 'balanced', 'sequential', a device or a JSON "
+                             f"object, got {self.teacher_device_map!r}.") from err
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            raise ValueError("teacher_device_map does not work with DeepSpeed ZeRO-3, which already partitions the "
+                             "teacher over the processes: drop teacher_device_map (or use ZeRO-2 / no DeepSpeed).")
+        if self.world_size > 1:
+            raise ValueError(f"teacher_device_map spreads one teacher over all devices of the machine, but this run "
+                             f"has {self.world_size} processes: run one process, or use DeepSpeed ZeRO-3 "
+                             "(examples/configs/zero3.json) to partition the teacher across processes.")
+        return {"device_map": device_map}
 
     def parsed_layer_map(self) -> dict[int, int] | None:
         """The hidden layer map as ``{student_index: teacher_index}``, or None for 'uniform'."""

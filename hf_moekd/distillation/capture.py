@@ -13,10 +13,11 @@ QKV_NAMES = {"q": ("query", "q_proj", "q_lin"), "k": ("key", "k_proj", "k_lin"),
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module under DDP / DeepSpeed / torch.compile wrappers."""
+    """The module under DDP / DeepSpeed / torch.compile / peft wrappers (a PeftModel's base model, adapters in it)."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
-    return getattr(model, "_orig_mod", model)
+    model = getattr(model, "_orig_mod", model)
+    return model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
 
 
 def find_blocks(model: nn.Module) -> nn.ModuleList:

@@ -224,9 +224,11 @@ class HiddenStateMSE(LossTerm):
     def forward(self, batch: DistillationBatch) -> torch.Tensor:
         total = 0.0
         for s, t in self.layer_map.items():
-            hs, ht = batch.student.hidden_states[s], batch.teacher.hidden_states[t]
-            if str(s) in self.projections:
-                hs = self.projections[str(s)](hs)
+            hs = batch.student.hidden_states[s]
+            ht = batch.teacher.hidden_states[t].to(hs.device)  # a device-mapped teacher may end elsewhere
+            if str(s) in self.projections:  # fp32 projection; DeepSpeed bf16/fp16 students give half-precision states
+                projection = self.projections[str(s)]
+                hs = projection(hs.to(projection.weight.dtype))
             if hs.shape != ht.shape:
                 raise ValueError(f"Hidden states {s}->{t} differ in shape: {tuple(hs.shape)} vs {tuple(ht.shape)}.")
             mask = batch.token_mask(hs).float()
@@ -270,6 +272,7 @@ class AttentionRelationKD(LossTerm):
         student, teacher = self.stores.pop("student"), self.stores.pop("teacher")
         heads = self.args.relation_heads
         mask = batch.token_mask(student["q"])
+        teacher = {kind: x.to(mask.device) for kind, x in teacher.items()}  # a device-mapped teacher's layer device
         total = 0.0
         for kind in ("q", "k", "v"):
             log_s = relation_log_probs(student[kind], heads, mask)

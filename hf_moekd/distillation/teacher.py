@@ -48,9 +48,15 @@ def load_teacher(name_or_path: str, like: nn.Module | type | None = None, allow_
 
 
 def prepare_teacher(teacher: nn.Module, device: torch.device | str) -> nn.Module:
-    """Freeze the teacher and put it in eval mode on the student's device."""
+    """Freeze the teacher and put it in eval mode on the student's device.
+
+    A teacher dispatched over several devices by a `device_map` (`hf_device_map`: GPUs, CPU and disk offload)
+    stays where it is: accelerate's hooks move its inputs and outputs.
+    """
     teacher.eval()
     teacher.requires_grad_(False)
+    if len(set((getattr(teacher, "hf_device_map", None) or {}).values())) > 1:
+        return teacher
     return teacher.to(device)
 
 

@@ -16,17 +16,26 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import default_data_collator
 
+from .engines import gathered
+
 TEACHER_LOGITS = "teacher_logits"
 
 
 def teacher_fingerprint(teacher: nn.Module) -> str:
-    """Hash of the teacher's config and weights (changes when either changes)."""
+    """Hash of the teacher's config and weights (changes when either changes).
+
+    ZeRO-3 partitioned weights are gathered one at a time (collective: all processes must call this together).
+    """
     digest = hashlib.sha256()
     config = getattr(teacher, "config", None)
     digest.update((config.to_json_string() if config is not None else type(teacher).__name__).encode())
+    params = dict(teacher.named_parameters(remove_duplicate=False))
     for name, tensor in sorted(teacher.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        param = params.get(name)
+        with gathered([param] if param is not None else []):
+            full = param.data if param is not None and hasattr(param, "ds_id") else tensor
+            digest.update(name.encode())
+            digest.update(full.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -43,11 +52,13 @@ def precompute_teacher_logits(
     batch_size: int = 64,
     cache_dir: str | Path | None = None,
     device: torch.device | str | None = None,
+    write_cache: bool = True,
 ) -> datasets.Dataset:
     """Return `dataset` with a `teacher_logits` column (one list per example; real tokens only for token heads).
 
     With `cache_dir`, the result is stored under a key of the dataset's fingerprint and the teacher's
-    weights, and reused on the next call. The cache is written atomically (temporary folder, then rename).
+    weights, and reused on the next call. The cache is written atomically (temporary folder, then rename);
+    `write_cache=False` only reads it (the other processes of a ZeRO-3 run, which compute in lockstep).
     """
     key = hashlib.sha256(f"{dataset._fingerprint}-{teacher_fingerprint(teacher)}".encode()).hexdigest()[:20]
     target = Path(cache_dir, f"teacher-logits-{key}") if cache_dir is not None else None
@@ -70,7 +81,7 @@ def precompute_teacher_logits(
             rows.extend(logits.tolist())
     teacher.train(was_training)
     result = dataset.add_column(TEACHER_LOGITS, rows, new_fingerprint=f"{dataset._fingerprint}-{key}")
-    if target is not None:
+    if target is not None and write_cache:
         _save_atomically(result, target, {"teacher": getattr(getattr(teacher, "config", None), "_name_or_path", "")})
     return result
 

@@ -11,9 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .arguments import DistillationArguments
+from .engines import SideOptimizer, place_teacher
 from .losses import DistillationBatch, LossTerm, batch_size, get_loss_class
+from .peft_student import is_peft_model, merge_peft, remove_stale_files, warn_if_baseless, wrap_student
 from .teacher import check_compatible, load_teacher, prepare_teacher
 from .teacher_outputs import TEACHER_LOGITS, TeacherLogitsCollator, precompute_teacher_logits
 
@@ -21,6 +24,7 @@ if TYPE_CHECKING:
     from ..cards import RunFacts
 
 LOSS_TERMS_FILE = "loss_terms.safetensors"
+LOSS_TERMS_OPTIMIZER_FILE = "loss_terms_optimizer.safetensors"  # DeepSpeed runs: the loss terms' own optimizer
 Counts = torch.Tensor  # [labelled items, examples] of one optimizer step, summed over all processes
 
 
@@ -56,22 +60,47 @@ class DistillationTrainer(Trainer):
     ) -> None:
         if not isinstance(args, DistillationArguments):
             raise TypeError("DistillationTrainer needs `args=DistillationArguments(...)`.")
+        zero3 = is_deepspeed_zero3_enabled()  # from_pretrained then loads the teacher partitioned (zero.Init)
         if teacher_model is None and args.teacher_model_name_or_path:
-            teacher_model = load_teacher(args.teacher_model_name_or_path, like=model, allow_pickle=args.allow_pickle_checkpoints)
+            teacher_model = load_teacher(args.teacher_model_name_or_path, like=model,
+                                         allow_pickle=args.allow_pickle_checkpoints, **args.teacher_load_kwargs())
+        elif teacher_model is not None and args.teacher_device_map:
+            raise ValueError("teacher_device_map applies to a teacher loaded from teacher_model_name_or_path; load the "
+                             "teacher object with from_pretrained(..., device_map=...) yourself instead.")
         if teacher_model is not None:
             check_compatible(model, teacher_model)
             train = kwargs.get("train_dataset")
-            if args.teacher_logits_cache and train is not None and not self._has_cached_logits(train):
+            if args.teacher_logits_cache and train is not None and not self._has_cached_logits(train) and not zero3:
                 with args.main_process_first(desc="teacher logits"):
                     kwargs["train_dataset"] = precompute_teacher_logits(
                         prepare_teacher(teacher_model, args.device), train, kwargs.get("data_collator"),
                         batch_size=args.per_device_eval_batch_size, cache_dir=args.teacher_logits_cache,
+                        device=args.device,
                     )
+        if model is not None:
+            model = wrap_student(model, args.peft_config)  # after the teacher: it is loaded like the bare student
         super().__init__(model=model, args=args, **kwargs)
+        warn_if_baseless(self.model, args.merge_adapters)
+        if args.merge_adapters and is_peft_model(self.model) and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            raise ValueError("merge_adapters does not work with DeepSpeed/FSDP (sharded weights): save the adapter, "
+                             "then merge it with hf_moekd.distillation.peft_student.merge_peft after loading.")
         # We count items ourselves (see get_batch_samples); evaluation then gets local means.
         self.model_accepts_loss_kwargs = False
-        self.teacher = prepare_teacher(teacher_model, self.args.device) if teacher_model is not None else None
+        # DDP / ZeRO-1/2: a replica per process; ZeRO-3: a partitioned DeepSpeed inference engine (engines.py)
+        self.teacher, self.teacher_engine = (place_teacher(teacher_model, self.accelerator, self.args.device)
+                                             if teacher_model is not None else (None, None))
+        if self.teacher_engine is not None and args.teacher_logits_cache and self.train_dataset is not None \
+                and not self._has_cached_logits(self.train_dataset):  # all processes run the partitioned teacher
+            with torch.random.fork_rng(devices=[]):  # its DataLoader draws a seed: keep the seeded stream intact
+                self.train_dataset = precompute_teacher_logits(
+                    self.teacher, self.train_dataset, kwargs.get("data_collator"),
+                    batch_size=args.per_device_eval_batch_size, cache_dir=args.teacher_logits_cache,
+                    device=self.args.device, write_cache=self.is_world_process_zero(),
+                )
         self.loss_terms = self._build_terms(loss_terms or {}).to(self.args.device)
+        extra = [p for p in self.loss_terms.parameters() if p.requires_grad]
+        # DeepSpeed optimises only its engine's module: the loss terms' parameters get an optimizer of their own
+        self.side_optimizer = SideOptimizer(extra, self.args) if extra and self.is_deepspeed_enabled else None
         self._check_teacher_source()
         if self._has_cached_logits(self.train_dataset) and not isinstance(self.data_collator, TeacherLogitsCollator):
             self.data_collator = TeacherLogitsCollator(self.data_collator)
@@ -115,7 +144,7 @@ class DistillationTrainer(Trainer):
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
         extra = [p for p in self.loss_terms.parameters() if p.requires_grad]
-        if extra:  # e.g. hidden-state projections: trained with the student, never saved with it
+        if extra and self.side_optimizer is None:  # e.g. hidden-state projections: trained with the student, not saved
             self.optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
         return optimizer
 
@@ -216,12 +245,17 @@ class DistillationTrainer(Trainer):
         )
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        # DeepSpeed steps (and schedules) inside backward: read the learning rate of this step before it
+        side_step = self.side_optimizer is not None and self.accelerator.sync_gradients
+        lr = self._get_learning_rate() if side_step else 0.0
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.accelerator.num_processes > 1:  # loss-term parameters live outside DDP: average their gradients
+        if self.accelerator.num_processes > 1:  # loss-term parameters live outside DDP/DeepSpeed: average their gradients
             for param in self.loss_terms.parameters():
                 if param.grad is not None:
                     torch.distributed.all_reduce(param.grad)
                     param.grad /= self.accelerator.num_processes
+        if side_step:
+            self.side_optimizer.step(lr, skip=self.accelerator.optimizer_step_was_skipped)
         return loss
 
     # ---- checkpoints: the loss terms' own parameters (e.g. hidden-state projections) --------------
@@ -230,6 +264,8 @@ class DistillationTrainer(Trainer):
         state = {k: v.detach().contiguous().cpu() for k, v in self.loss_terms.state_dict().items()}
         if state and self.args.should_save:
             save_file(state, os.path.join(output_dir, LOSS_TERMS_FILE), metadata={"format": "pt"})
+        if self.side_optimizer is not None and self.args.should_save:
+            save_file(self.side_optimizer.state_tensors(), os.path.join(output_dir, LOSS_TERMS_OPTIMIZER_FILE))
 
     def _check_loss_term_state(self, checkpoint: str) -> str | None:
         """The loss-term state file of `checkpoint` (None when the terms have no parameters); refuse if it is missing."""
@@ -253,7 +289,30 @@ class DistillationTrainer(Trainer):
         path = self._check_loss_term_state(checkpoint) if checkpoint is not None else None
         super()._load_optimizer_and_scheduler(checkpoint)
         if path is not None:
-            self.loss_terms.load_state_dict(load_file(path, device=str(self.args.device)))
+            self.loss_terms.load_state_dict(load_file(path))  # copied onto the terms' device
+        side = os.path.join(checkpoint, LOSS_TERMS_OPTIMIZER_FILE) if checkpoint is not None else ""
+        if self.side_optimizer is not None and os.path.isfile(side):
+            self.side_optimizer.load_state_tensors(load_file(side))
+
+    # ---- saving: peft students save their adapter, or the merged model with merge_adapters ----------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the student. A peft student saves its adapter (adapter_config.json + adapter_model.safetensors); with
+        `merge_adapters`, the final model (not training checkpoints) is saved as a stock checkpoint with the adapters
+        merged into the weights (merged on a copy: the trainer keeps its adapters)."""
+        output_dir = output_dir or self.args.output_dir
+        if not is_peft_model(self.model):
+            return super().save_model(output_dir, _internal_call)
+        final = not _internal_call or os.path.abspath(output_dir) == os.path.abspath(self.args.output_dir)
+        merge = self.args.merge_adapters and final
+        if self.args.should_save:
+            remove_stale_files(output_dir, self.model, merged=merge)
+        if not (merge and self.args.should_save):
+            return super().save_model(output_dir, _internal_call)
+        peft_model, self.model = self.model, merge_peft(self.model)
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            self.model = peft_model
 
     # ---- model card (also what push_to_hub uploads) ---------------------------------------------
     def create_model_card(self, language: str | None = None, license: str | None = None,
@@ -275,7 +334,12 @@ class DistillationTrainer(Trainer):
         for key, value in {"language": language, "license": license, "base_model": _as_list(finetuned_from),
                            "datasets": _as_list(dataset_tags)}.items():
             facts[key] = value or facts[key]
-        write_model_card(self.args.output_dir, RunFacts.from_dict(facts), model_id=self.hub_model_id or model_name)
+        config = None  # an adapter folder has no config.json: the card describes the base model's
+        if is_peft_model(self.model) and not os.path.isfile(os.path.join(self.args.output_dir, "config.json")):
+            base = self.model.get_base_model()
+            config = {**base.config.to_dict(), "architectures": [type(base).__name__]}
+        write_model_card(self.args.output_dir, RunFacts.from_dict(facts), model_id=self.hub_model_id or model_name,
+                         config=config)
 
     # ---- logging --------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

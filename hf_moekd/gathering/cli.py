@@ -28,6 +28,9 @@ def add_gather_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--allow_pickle", action="store_true",
                    help="accept a TEACHER with only pickle weights (pytorch_model.bin); only for files you trust")
+    p.add_argument("--plot_spectra", metavar="DIR", default=None,
+                   help="save DIR/singular_values.png: the singular values of every expert matrix per layer (computed "
+                        "once from the experts read for merging; helps choose --rank)")
     p.set_defaults(func=run_gather)
     return p
 
@@ -61,7 +64,14 @@ def run_gather(ns: argparse.Namespace) -> None:
     kwargs = {k: v for k, v in {"method": ns.svd_method, "k": ns.top_k}.items() if v is not None}
     calib = None if ns.calibration_data is None else load_calibration(
         ns.calibration_data, ns.teacher, ns.num_calibration_samples, ns.max_length)
+    spectra = None if ns.plot_spectra is None else {}
     out = gather_experts(ns.teacher, strategy=ns.strategy, rank=ns.rank, calibration_dataset=calib, align=ns.align,
                          output_dir=ns.output, strategy_kwargs=kwargs, max_shard_size=ns.max_shard_size,
-                         overwrite=ns.overwrite, return_model=False, allow_pickle=ns.allow_pickle)
+                         overwrite=ns.overwrite, return_model=False, allow_pickle=ns.allow_pickle, spectra=spectra)
     print(f"dense model written to {out}")
+    if spectra is not None:
+        from ..analysis.plots import plot_spectra
+
+        path = plot_spectra(spectra, Path(ns.plot_spectra) / "singular_values.png", rank=ns.rank,
+                            title=f"expert singular values: {Path(ns.teacher).name}")
+        print(f"singular-value spectra written to {path}")

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..utils import atomic_output_dir, checkpoint_format, refuse_pickle
 from .families import BlockReader, MoEFamily, RoutingStats, get_family
-from .strategies import get_strategy, merge_experts, validate_options
+from .strategies import expert_spectra, get_strategy, merge_experts, validate_options
 
 logger = logging.getLogger(__name__)
 __all__ = ["gather_experts", "collect_routing_stats"]
@@ -268,11 +268,14 @@ def gather_experts(
     progress: bool = True,
     return_model: bool = True,
     allow_pickle: bool = False,
+    spectra: dict[str, dict[str, Tensor]] | None = None,
 ):
     """Build the dense twin of a sparse MoE by merging each layer's experts (OneS knowledge gathering).
 
     Args:
-        model_or_path: a live MoE ``PreTrainedModel`` or a safetensors checkpoint directory (streamed).
+        model_or_path: a live MoE ``PreTrainedModel`` or a safetensors checkpoint directory (streamed). A peft
+            ``PeftModel`` or a saved adapter folder (adapter_config.json naming its base model) is gathered with
+            its adapters merged into the weights first (the given model keeps its adapters).
         strategy: a name in :data:`MERGE_STRATEGIES` (``average``, ``sum``, ``topk``, ``svd``).
         rank: SVD-KG rank (``svd`` only; None = full rank).
         calibration_dataset: token batches (a tensor, a list of tensors or of dicts with ``input_ids`` and
@@ -286,10 +289,13 @@ def gather_experts(
         return_model: with ``output_dir``, load and return the written model (else return the path).
         allow_pickle: accept a folder that holds only pickle weights (``pytorch_model.bin``): the whole model is
             loaded with transformers (not streamed). Off by default: unpickling can run arbitrary code.
+        spectra: a dict to fill with each sparse block's singular values (block -> projection -> ``[E, r]``,
+            :func:`.strategies.expert_spectra`), computed from the experts read for merging (for
+            ``hf_moekd.analysis.plot_spectra``).
     """
     from transformers.utils.hub import convert_file_size_to_int
 
-    aux_dir = None  # where tokenizer/generation files are copied from
+    model_or_path, aux_dir = _merged_adapters(model_or_path, allow_pickle)  # aux_dir: tokenizer files come from it
     if allow_pickle and not isinstance(model_or_path, torch.nn.Module) and checkpoint_format(model_or_path) == "pickle":
         aux_dir, model_or_path = Path(model_or_path), _load_pickled(model_or_path)
     is_live = isinstance(model_or_path, torch.nn.Module)
@@ -347,7 +353,8 @@ def gather_experts(
                         emit(family.dense_name(n), get(n))
                 for block, rel in by_block.items():
                     reader = BlockReader(block, rel, lambda r, b=block: get(f"{b}.{r}"), source.where())
-                    for n, t in _gather_block(family, config, reader, stats.get(block), strategy, align, options).items():
+                    for n, t in _gather_block(family, config, reader, stats.get(block), strategy, align, options,
+                                                 spectra).items():
                         emit(family.dense_name(n), t)
 
         _fill_missing(expected, produced, tied, sink, source, dtype=(dtypes or [torch.float32])[0])
@@ -362,6 +369,18 @@ def gather_experts(
     if not return_model:
         return Path(output_dir)
     return make_dense.from_pretrained(output_dir)
+
+
+def _merged_adapters(model_or_path: Any, allow_pickle: bool) -> tuple[Any, Path | None]:
+    """(the MoE with peft adapters merged, the adapter folder for tokenizer files) for a PeftModel or adapter folder;
+    anything else as given."""
+    from ..distillation.peft_student import is_adapter_folder, is_peft_model, load_adapter, merge_peft
+
+    if is_peft_model(model_or_path):
+        return merge_peft(model_or_path), None
+    if is_adapter_folder(model_or_path):
+        return merge_peft(load_adapter(model_or_path, allow_pickle), copy_model=False), Path(model_or_path)
+    return model_or_path, None
 
 
 def _write_card(tmp: Path, name: str, source: str | os.PathLike | None, hyperparameters: dict[str, Any]) -> None:
@@ -386,8 +405,10 @@ def _load_pickled(path: str | os.PathLike) -> torch.nn.Module:
 
 
 def _gather_block(family: MoEFamily, config, reader: BlockReader, st: RoutingStats | None, strategy: str,
-                  align: bool, options: dict) -> dict[str, Tensor]:
+                  align: bool, options: dict, spectra: dict | None = None) -> dict[str, Tensor]:
     experts = family.read_experts(reader, config)
+    if spectra is not None:
+        spectra[reader.prefix] = expert_spectra(experts)
     dtype = experts.out_proj.dtype
     ffn = merge_experts(experts, strategy, usage=None if st is None else st.usage, align=align, **options)
     if not family.renormalized(config) and st is not None and st.tokens:

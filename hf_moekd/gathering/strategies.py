@@ -59,7 +59,7 @@ from torch import Tensor
 
 __all__ = [
     "ExpertWeights", "DenseFFN", "MERGE_STRATEGIES", "register_strategy", "get_strategy",
-    "merge_experts", "align_experts", "validate_options", "SVD_METHODS",
+    "merge_experts", "align_experts", "validate_options", "SVD_METHODS", "expert_spectra",
 ]
 
 
@@ -291,6 +291,15 @@ def svd(experts: ExpertWeights, *, usage: Tensor | None = None, rank: int | None
     fn = SVD_METHODS[method]
     return replace(merged, in_proj=[fn(t, w, rank, use_low) for t in experts.in_proj],
                    out_proj=fn(experts.out_proj, w, rank, use_low))
+
+
+def expert_spectra(experts: ExpertWeights) -> dict[str, Tensor]:
+    """Singular values (descending, float32, no singular vectors) of every expert matrix, ``[E, min(I, H)]`` per
+    projection: ``gate``/``up`` (gated FFNs) or ``in``, and ``out``. One expert at a time, as the merges run."""
+    names = ["gate", "up"] if len(experts.in_proj) == 2 else [f"in{i or ''}" for i in range(len(experts.in_proj))]
+    stacks = dict(zip(names, experts.in_proj)) | {"out": experts.out_proj}
+    return {name: torch.stack([torch.linalg.svdvals(m.to(torch.float32)) for m in stack])
+            for name, stack in stacks.items()}
 
 
 # --------------------------------------------------------------------------- alignment
