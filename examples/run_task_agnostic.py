@@ -27,12 +27,12 @@ from hf_moekd.recipes import (
     build_model,
     check_output_dir,
     configure_losses,
+    count_parameters,
     model_for_saving,
     removed_on_failure,
     resume_checkpoint,
     run,
     save_run,
-    trainable_parameters,
 )
 from hf_moekd.teachers import MINILM
 
@@ -68,7 +68,7 @@ def main() -> None:
         trainer = DistillationTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                                       data_collator=DataCollatorWithPadding(tokenizer))
     results = {"mode": f"task-agnostic {mode}", "corpus_sentences": len(corpus),
-               "trainable_params": trainable_parameters(trainer.model)}
+               "trainable_params": count_parameters(trainer.model, trainable_only=True)}
     results.update(trainer.train(resume_from_checkpoint=resume_checkpoint(args)).metrics)
     model_for_saving(trainer.model, model_args)
     trainer.save_model()

@@ -79,6 +79,7 @@ def add_evaluate_parser(sub: Any) -> argparse.ArgumentParser:
 
 def _evaluate(ns: argparse.Namespace) -> None:
     from .analysis import has_experts, plot_routing, routing_counts
+    from .recipes import count_parameters
     from .tasks import DataArguments, evaluate_model, get_task, load_for_task, metric_items
     from .utils import markdown_table
 
@@ -91,7 +92,7 @@ def _evaluate(ns: argparse.Namespace) -> None:
     metrics, data = evaluate_model(model, tokenizer, task, data_args, ns.split, ns.batch_size)
     split = ns.split or task.eval_splits[-1]
     info = {"model_dir": str(ns.model_dir), "task": task.name, "split": split, "examples": len(data),
-            "parameters": sum(p.numel() for p in model.parameters())}
+            "parameters": count_parameters(model)}
     if ns.plot_routing:
         counts = routing_counts(model, data, batch_size=ns.batch_size, collate_fn=task.collator(tokenizer))
         info["routing_plot"] = str(plot_routing(counts, ns.plot_routing, title=f"tokens per expert ({task.name} {split})"))

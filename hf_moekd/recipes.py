@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel
 
 from .distillation import DistillationArguments, DistillationTrainer
@@ -77,7 +78,7 @@ def build_model(model_args: ModelArguments, auto_class: type, allow_pickle: bool
             from .mpo import overparameterize
 
             overparameterize(model)
-    if model_args.student_layers or model_args.moe_experts:
+    if surgery:
         model.name_or_path = ""  # its weights are no checkpoint's (peft adapters then name no base model)
     return model, tokenizer
 
@@ -91,9 +92,10 @@ def model_for_saving(model: PreTrainedModel, model_args: ModelArguments) -> PreT
     return model
 
 
-def trainable_parameters(model: PreTrainedModel) -> int:
-    """Parameters that train (e.g. MPO cores instead of the linears they replace); full sizes under ZeRO-3."""
-    return sum(numel(p) for p in model.parameters() if p.requires_grad)
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Parameters of `model`, or only those that train (e.g. MPO cores instead of the linears they replace); full
+    sizes also under ZeRO-3."""
+    return sum(numel(p) for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def configure_losses(args: DistillationArguments) -> str:

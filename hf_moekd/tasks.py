@@ -28,17 +28,16 @@ from .recipes import (
     build_model,
     check_output_dir,
     configure_losses,
+    count_parameters,
     model_for_saving,
     removed_on_failure,
     resume_checkpoint,
     save_run,
-    trainable_parameters,
 )
-from .utils import markdown_table
+from .utils import NOT_METRIC_SUFFIXES, markdown_table
 
 CONLL = "conll2003"
 TASK_NAMES = (*GLUE_TASKS, "conll")
-_NOT_METRICS = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")
 
 
 @dataclass
@@ -183,7 +182,8 @@ def run_task(task_name: str, model_args: ModelArguments, data_args: DataArgument
             processing_class=tokenizer, data_collator=task.collator(tokenizer), compute_metrics=task.compute_metrics(),
             callbacks=callbacks,
         )
-    results: dict[str, Any] = {"mode": mode, "task": task.name, "trainable_params": trainable_parameters(trainer.model)}
+    results: dict[str, Any] = {"mode": mode, "task": task.name,
+                               "trainable_params": count_parameters(trainer.model, trainable_only=True)}
     trained = args.do_train or not args.do_eval  # an evaluation-only run saves no model
     if trained:
         results.update(trainer.train(resume_from_checkpoint=resume_checkpoint(args)).metrics)
@@ -208,8 +208,9 @@ def _check_report_to(args: DistillationArguments) -> None:
 
 
 def _save_plots(trainer: DistillationTrainer, eval_data: Any, task: TaskSpec) -> None:
-    """loss_terms.png, and routing_student.png / routing_teacher.png for MoE models, in output_dir."""
+    """loss_terms.png, and routing_student.png / routing_teacher.png for MoE models, in output_dir (process 0 only)."""
     from .analysis import has_experts, plot_loss_terms, plot_routing, routing_counts
+    from .distillation.engines import is_zero3
 
     out = Path(trainer.args.output_dir)
     try:
@@ -218,16 +219,21 @@ def _save_plots(trainer: DistillationTrainer, eval_data: Any, task: TaskSpec) ->
         print(f"loss curves: {path}")
     except ValueError as err:  # nothing logged: too few steps for --logging_steps
         print(f"no loss_terms.png: {err}")
+    if is_zero3(trainer.accelerator):  # partitioned weights: a forward on process 0 alone would hang
+        print("no routing plots under DeepSpeed ZeRO-3 (partitioned weights): for an MoE student, run "
+              f"hf-moekd evaluate {out} --task {task.name} --plot_routing routing.png")
+        return
     for role, model in (("student", trainer.model), ("teacher", trainer.teacher)):
-        if model is not None and has_experts(model):
+        if model is None or not has_experts(model):
+            continue
+        try:
             counts = routing_counts(model, eval_data, batch_size=trainer.args.per_device_eval_batch_size,
                                     collate_fn=trainer.data_collator)
-            path = plot_routing(counts, out / f"routing_{role}.png", title=f"{role}: tokens per expert ({task.name})")
-            print(f"{role} routing: {path}")
-
-
-def _params(model: Any) -> int:
-    return sum(p.numel() for p in model.parameters())
+        except ValueError as err:  # e.g. a teacher offloaded with teacher_device_map (accelerate hooks its forward)
+            print(f"no routing_{role}.png: {err}")
+            continue
+        path = plot_routing(counts, out / f"routing_{role}.png", title=f"{role}: tokens per expert ({task.name})")
+        print(f"{role} routing: {path}")
 
 
 def _fmt(value: Any) -> str:
@@ -238,7 +244,8 @@ def _fmt(value: Any) -> str:
 
 def metric_items(results: dict[str, Any]) -> dict[str, Any]:
     """The evaluation metrics of `results` (eval_* / test_*, without speed figures)."""
-    return {k: v for k, v in results.items() if k.startswith(("eval_", "test_")) and not k.endswith(_NOT_METRICS)}
+    return {k: v for k, v in results.items()
+            if k.startswith(("eval_", "test_")) and not k.endswith(NOT_METRIC_SUFFIXES)}
 
 
 def distill_summary(results: dict[str, Any], trainer: DistillationTrainer, seconds: float) -> str:
@@ -249,7 +256,8 @@ def distill_summary(results: dict[str, Any], trainer: DistillationTrainer, secon
         recorded = json.loads((Path(teacher) / "all_results.json").read_text())
         recorded = recorded if recorded.get("task") == results.get("task") else {}
     rows = [[key, _fmt(value), _fmt(recorded.get(key, "-"))] for key, value in metric_items(results).items()]
-    rows.append(["parameters", _fmt(_params(trainer.model)), _fmt(_params(trainer.teacher)) if trainer.teacher else "-"])
+    rows.append(["parameters", _fmt(count_parameters(trainer.model)),
+                 _fmt(count_parameters(trainer.teacher)) if trainer.teacher else "-"])
     rows.append(["trainable parameters", _fmt(results["trainable_params"]), "-"])
     if "train_runtime" in results:
         rows.append(["training time (s)", f"{results['train_runtime']:.1f}", "-"])

@@ -9,6 +9,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+# Trainer metric keys that are speed / timing figures, not scores (eval_runtime, train_samples_per_second, ...).
+NOT_METRIC_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")
+
 
 def check_output_free(output_dir: str | os.PathLike, overwrite: bool) -> None:
     """Refuse a non-empty `output_dir` (or a file there) unless `overwrite`; call it before any long work."""

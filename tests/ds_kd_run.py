@@ -1,6 +1,7 @@
 """One KD run for test_deepspeed.py: plain, or with a DeepSpeed config; 1 process or 2 (torchrun).
 
     python ds_kd_run.py OUT PER_DEVICE_BATCH TEACHER_DIR [DS_CONFIG.json | none] [--device-map JSON] [--cache DIR]
+        [--accumulate STEPS]
 """
 from __future__ import annotations
 
@@ -36,13 +37,14 @@ def main() -> None:
     parser.add_argument("deepspeed", nargs="?", default="none")
     parser.add_argument("--device-map")
     parser.add_argument("--cache")
+    parser.add_argument("--accumulate", type=int, default=1, help="gradient_accumulation_steps")
     opts = parser.parse_args()
     args = DistillationArguments(
         output_dir=opts.out, per_device_train_batch_size=opts.per_device, max_steps=3, logging_steps=1, report_to=[],
         use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, learning_rate=1e-3, max_grad_norm=0.0,
         hidden_loss_weight=1.0, attention_relation_weight=0.5, relation_heads=4, teacher_model_name_or_path=opts.teacher,
         deepspeed=None if opts.deepspeed == "none" else opts.deepspeed, teacher_device_map=opts.device_map,
-        teacher_logits_cache=opts.cache,
+        teacher_logits_cache=opts.cache, gradient_accumulation_steps=opts.accumulate,
     )
     # loaded after the ZeRO-3 config exists (DistillationArguments above): from_pretrained partitions it (zero.Init)
     probe = load_teacher(opts.teacher, like=BertForTokenClassification)

@@ -18,12 +18,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import tiny_bert, tiny_dataset  # noqa: E402
 
 from hf_moekd.distillation import DistillationArguments, DistillationTrainer  # noqa: E402
 from hf_moekd.distillation.engines import SideOptimizer, teacher_zero3_config  # noqa: E402
+from hf_moekd.distillation.trainer import LOSS_TERMS_FILE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"
@@ -186,6 +188,42 @@ def test_side_optimizer_state_round_trip():
     assert all(p.grad is None for p in params)
 
 
+def test_side_optimizer_refuses_fp16():
+    """DeepSpeed fp16 would hand the loss terms' own parameters loss-scaled gradients (the trainer passes its
+    accelerator's mixed_precision)."""
+    args = SimpleNamespace(learning_rate=1e-2, adam_beta1=0.9, adam_beta2=0.99, adam_epsilon=1e-8)
+    with pytest.raises(ValueError, match="fp16 scales the loss.*use bf16"):
+        SideOptimizer([torch.nn.Parameter(torch.zeros(2))], args, mixed_precision="fp16")
+    SideOptimizer([torch.nn.Parameter(torch.zeros(2))], args, mixed_precision="bf16")
+
+
+def test_resume_under_deepspeed_needs_the_side_optimizer_state(tmp_path):
+    args = DistillationArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], hidden_loss_weight=1.0)
+    trainer = DistillationTrainer(model=tiny_bert(0), teacher_model=tiny_bert(1, hidden=48), args=args,
+                                  train_dataset=tiny_dataset(n=8))
+    checkpoint = tmp_path / "checkpoint-1"  # as a run without DeepSpeed writes it
+    checkpoint.mkdir()
+    save_file(trainer.loss_terms.state_dict(), str(checkpoint / LOSS_TERMS_FILE))
+    trainer._check_loss_term_state(str(checkpoint))
+    trainer.side_optimizer = SideOptimizer(list(trainer.loss_terms.parameters()), args)  # as under DeepSpeed
+    with pytest.raises(FileNotFoundError, match="has no loss_terms_optimizer.safetensors.*without DeepSpeed"):
+        trainer._check_loss_term_state(str(checkpoint))
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("auto", "auto"), ("balanced_low_0", "balanced_low_0"), ("sequential", "sequential"), ("cpu", "cpu"),
+    ("cuda:1", "cuda:1"), (' {"bert": "cpu", "classifier": 0}', {"bert": "cpu", "classifier": 0}),
+    ("{bad", None), ("disk", None), ("meta", None), ("gpu", None), ("Auto", None),
+])
+def test_teacher_device_map_values(tmp_path, value, expected):
+    kwargs = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[], teacher_device_map=value)
+    if expected is None:
+        with pytest.raises(ValueError, match="teacher_device_map must be 'auto', 'balanced', 'balanced_low_0'"):
+            DistillationArguments(**kwargs)
+    else:
+        assert DistillationArguments(**kwargs).teacher_load_kwargs() == {"device_map": expected}
+
+
 def test_teacher_device_map_needs_a_loaded_teacher(tmp_path):
     with pytest.raises(ValueError, match="teacher_device_map must be"):
         DistillationArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], teacher_device_map="{bad")
@@ -211,6 +249,15 @@ def test_zero2_one_process(tmp_path, ds_ops, teacher_dir, plain):
     run = kd_run(tmp_path, teacher_dir, str(CONFIGS / "zero2.json"))
     assert run["teacher_engine"] is None and not run["teacher_partitioned"]  # a frozen replica, as under DDP
     assert run["side_optimizer"] and not run["teacher_in_optimizer"]
+    assert_same_training(run, plain)
+
+
+@pytest.mark.slow
+def test_zero2_gradient_accumulation(tmp_path, ds_ops, teacher_dir, plain):
+    """Half the per-device batch, 2 accumulation steps: the plain run's training, the hidden-state projection
+    included (its side optimizer steps once per optimizer step, on the accumulated gradient)."""
+    run = kd_run(tmp_path, teacher_dir, str(CONFIGS / "zero2.json"), "--accumulate", "2", per_device=4)
+    assert run["side_optimizer"]
     assert_same_training(run, plain)
 
 

@@ -196,14 +196,31 @@ def test_gather_merges_adapters(tmp_path):
             if "lora_B" in name:
                 param.normal_()
     model.save_pretrained(tmp_path / "adapter")
+    (base_dir / "vocab.txt").write_text("[PAD]\n")  # a tokenizer file: in the base folder, not the adapter's
     expected = gather_experts(merge_peft(model), strategy="average", progress=False).state_dict()
     from_model = gather_experts(model, strategy="average", progress=False).state_dict()
-    from_folder = gather_experts(tmp_path / "adapter", strategy="average", progress=False).state_dict()
+    from_folder = gather_experts(tmp_path / "adapter", strategy="average", output_dir=tmp_path / "dense",
+                                 progress=False).state_dict()
+    assert (tmp_path / "dense" / "vocab.txt").read_text() == "[PAD]\n"
     plain = gather_experts(tiny_mixtral(0), strategy="average", progress=False).state_dict()
     assert any(not torch.equal(plain[k], expected[k]) for k in expected)  # the adapters count
     for name, tensor in expected.items():
         torch.testing.assert_close(from_model[name], tensor)
         torch.testing.assert_close(from_folder[name], tensor)
+
+
+def test_adapter_of_a_student_built_from_overrides_names_no_base():
+    """A student built from a changed config is no checkpoint: its adapter names no base model."""
+    from hf_moekd.distillation.peft_student import warn_if_baseless
+    from hf_moekd.recipes import ModelArguments, build_model
+
+    overrides = "hidden_size=32,num_hidden_layers=1,num_attention_heads=4,intermediate_size=64"
+    model, _ = build_model(ModelArguments(student_config_overrides=overrides), AutoModelForSequenceClassification,
+                           num_labels=3)
+    wrapped = wrap_student(model, lora())
+    assert not wrapped.peft_config["default"].base_model_name_or_path
+    with pytest.warns(UserWarning, match="base model was not loaded from a checkpoint"):  # despite the module filter
+        warn_if_baseless(wrapped, merge_adapters=False)
 
 
 def test_peft_config_from_command_line(tmp_path):

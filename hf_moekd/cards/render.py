@@ -11,6 +11,7 @@ from typing import Any
 import jinja2
 from huggingface_hub import ModelCard, ModelCardData
 
+from ..utils import NOT_METRIC_SUFFIXES
 from .facts import METHODS, RunFacts, check_methods, describe_data, hub_id, is_moe
 
 CARD_KEY = "model_card"  # where all_results.json keeps the RunFacts
@@ -27,7 +28,6 @@ AUTO_CLASSES = {
 }
 HUB_METRICS = {"accuracy": "accuracy", "f1": "f1", "precision": "precision", "recall": "recall",
                "matthews_correlation": "matthews_correlation", "pearson": "pearsonr", "spearmanr": "spearmanr"}
-_NOT_METRICS = ("_runtime", "_samples_per_second", "_steps_per_second")
 _TRAINING = {"train_loss": "training loss", "train_runtime": "training time (s)", "epoch": "epochs",
              "corpus_sentences": "corpus sentences"}
 _ADAPTER_NOTE = " in the adapter (a peft adapter folder: the base model's weights are not here)"
@@ -149,7 +149,7 @@ def metric_rows(results: dict) -> list[tuple[str, str, float]]:
     """(split, metric, value) of the measured metrics in all_results.json: `eval_*`, `test_*` and OneS's accuracies."""
     rows = []
     for key, value in sorted(results.items()):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or key.endswith(_NOT_METRICS):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or key.endswith(NOT_METRIC_SUFFIXES):
             continue
         if key.startswith(("eval_", "test_")):
             split, name = key.split("_", 1)

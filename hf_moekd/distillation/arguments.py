@@ -4,7 +4,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
+
+_DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # transformers' named device maps
 
 
 @dataclass
@@ -83,10 +86,10 @@ class DistillationArguments(TrainingArguments):
     teacher_device_map: str | None = field(
         default=None,
         metadata={"help": "Load the teacher with this device_map (accelerate big-model dispatch) for a teacher larger "
-                  "than one device: 'auto', 'balanced', 'sequential' or a JSON object '{\"module.name\": 0 | \"cpu\" "
-                  "| \"disk\"}'. A teacher spread over several devices or offloaded is not moved to the student's "
-                  "device. Only with teacher_model_name_or_path, one process per machine, and not with DeepSpeed ZeRO-3 "
-                  "(which partitions the teacher itself)."},
+                  "than one device: 'auto', 'balanced', 'balanced_low_0', 'sequential', a device ('cpu', 'cuda:0') or "
+                  "a JSON object '{\"module.name\": 0 | \"cpu\" | \"disk\"}'. A teacher spread over several "
+                  "devices or offloaded is not moved to the student's device. Only with teacher_model_name_or_path, "
+                  "one process per machine, and not with DeepSpeed ZeRO-3 (which partitions the teacher itself)."},
     )
     extra_loss_terms: list[str] = field(
         default_factory=list,
@@ -142,9 +145,13 @@ class DistillationArguments(TrainingArguments):
         text = self.teacher_device_map.strip()
         try:
             device_map = json.loads(text) if text.startswith("{") else text
-        except ValueError as err:
-            raise ValueError(f"teacher_device_map must be 'auto', 'balanced', 'sequential', a device or a JSON "
-                             f"object, got {self.teacher_device_map!r}.") from err
+            if isinstance(device_map, str) and device_map not in _DEVICE_MAP_STRATEGIES:  # then a device string
+                if torch.device(device_map).type == "meta":  # (torch.device raises RuntimeError on any other text)
+                    raise ValueError("the meta device holds no weights")
+        except (ValueError, RuntimeError) as err:
+            raise ValueError(f"teacher_device_map must be {', '.join(map(repr, _DEVICE_MAP_STRATEGIES))}, a device "
+                             f"('cpu', 'cuda', 'cuda:1', ...) or a JSON object, got {self.teacher_device_map!r}."
+                             ) from err
         from transformers.integrations import is_deepspeed_zero3_enabled
 
         if is_deepspeed_zero3_enabled():

@@ -151,9 +151,15 @@ class SideOptimizer:
 
     DeepSpeed's optimizer only holds the parameters of the module its engine wraps (under ZeRO-3 it cannot hold
     any other), so these get their own: same betas/eps, no weight decay, the Trainer's learning rate of each step.
+    Refuses DeepSpeed fp16 (`mixed_precision="fp16"`): only DeepSpeed's own optimizer unscales its loss scaling.
     """
 
-    def __init__(self, params: list[nn.Parameter], args: Any) -> None:
+    def __init__(self, params: list[nn.Parameter], args: Any, mixed_precision: str = "no") -> None:
+        if mixed_precision == "fp16":
+            raise ValueError("DeepSpeed fp16 scales the loss (loss scaling) and only unscales the gradients of its "
+                             "own optimizer, so the loss terms' own parameters (e.g. hidden-state projections) would "
+                             "train on scaled gradients: use bf16 (--bf16 true, or \"bf16\" in the DeepSpeed config) "
+                             "or fp32, or drop the loss terms with parameters.")
         self.optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                            eps=args.adam_epsilon, weight_decay=0.0)
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .teacher import _AUTO_BY_SUFFIX
+from .teacher import auto_class_like
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -166,10 +166,7 @@ def _model_class(arch: str) -> type:
     """The transformers class named `arch`, else the Auto class for its head (hf_moekd's own models register there)."""
     import transformers
 
-    if arch and (cls := getattr(transformers, arch, None)) is not None:
-        return cls
-    auto = next((a for suffix, a in _AUTO_BY_SUFFIX.items() if arch.endswith(suffix)), "AutoModel")
-    return getattr(transformers, auto)
+    return (getattr(transformers, arch, None) if arch else None) or auto_class_like(arch)
 
 
 def remove_stale_files(folder: str | os.PathLike, model: nn.Module, merged: bool) -> None:

@@ -19,9 +19,13 @@ _AUTO_BY_SUFFIX = {
 }
 
 
-def auto_class_like(model: nn.Module | type | None) -> type:
-    """The Auto class that loads a model with the same kind of head as `model` (an instance or a class)."""
-    name = "" if model is None else (model if isinstance(model, type) else type(model)).__name__
+def auto_class_like(model: nn.Module | type | str | None) -> type:
+    """The Auto class that loads a model with the same kind of head as `model` (an instance, a class or a class
+    name such as a config's `architectures[0]`)."""
+    if model is None or isinstance(model, str):
+        name = model or ""
+    else:
+        name = (model if isinstance(model, type) else type(model)).__name__
     for suffix, auto in _AUTO_BY_SUFFIX.items():
         if name.endswith(suffix):
             return getattr(transformers, auto)

@@ -100,7 +100,8 @@ class DistillationTrainer(Trainer):
         self.loss_terms = self._build_terms(loss_terms or {}).to(self.args.device)
         extra = [p for p in self.loss_terms.parameters() if p.requires_grad]
         # DeepSpeed optimises only its engine's module: the loss terms' parameters get an optimizer of their own
-        self.side_optimizer = SideOptimizer(extra, self.args) if extra and self.is_deepspeed_enabled else None
+        self.side_optimizer = (SideOptimizer(extra, self.args, self.accelerator.mixed_precision)
+                               if extra and self.is_deepspeed_enabled else None)
         self._check_teacher_source()
         if self._has_cached_logits(self.train_dataset) and not isinstance(self.data_collator, TeacherLogitsCollator):
             self.data_collator = TeacherLogitsCollator(self.data_collator)
@@ -268,15 +269,22 @@ class DistillationTrainer(Trainer):
             save_file(self.side_optimizer.state_tensors(), os.path.join(output_dir, LOSS_TERMS_OPTIMIZER_FILE))
 
     def _check_loss_term_state(self, checkpoint: str) -> str | None:
-        """The loss-term state file of `checkpoint` (None when the terms have no parameters); refuse if it is missing."""
+        """The loss-term state file of `checkpoint` (None when the terms have no parameters); refuse if it, or under
+        DeepSpeed the terms' optimizer state, is missing."""
         if not self.loss_terms.state_dict():
             return None
+        terms = ", ".join(sorted({k.split(".")[0] for k in self.loss_terms.state_dict()}))
         path = os.path.join(checkpoint, LOSS_TERMS_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"{checkpoint} has no {LOSS_TERMS_FILE}: the loss terms' parameters ("
-                f"{', '.join(sorted({k.split('.')[0] for k in self.loss_terms.state_dict()}))}) would restart from "
+                f"{checkpoint} has no {LOSS_TERMS_FILE}: the loss terms' parameters ({terms}) would restart from "
                 "scratch. Resume from a checkpoint written by DistillationTrainer, or start a new run."
+            )
+        if self.side_optimizer is not None and not os.path.isfile(os.path.join(checkpoint, LOSS_TERMS_OPTIMIZER_FILE)):
+            raise FileNotFoundError(
+                f"{checkpoint} has no {LOSS_TERMS_OPTIMIZER_FILE}, the optimizer state of the loss terms' parameters "
+                f"({terms}) under DeepSpeed: it was not written by a DeepSpeed run. Resume it without DeepSpeed (as it "
+                "was trained), or start a new run."
             )
         return path
 
@@ -290,9 +298,8 @@ class DistillationTrainer(Trainer):
         super()._load_optimizer_and_scheduler(checkpoint)
         if path is not None:
             self.loss_terms.load_state_dict(load_file(path))  # copied onto the terms' device
-        side = os.path.join(checkpoint, LOSS_TERMS_OPTIMIZER_FILE) if checkpoint is not None else ""
-        if self.side_optimizer is not None and os.path.isfile(side):
-            self.side_optimizer.load_state_tensors(load_file(side))
+        if path is not None and self.side_optimizer is not None:
+            self.side_optimizer.load_state_tensors(load_file(os.path.join(checkpoint, LOSS_TERMS_OPTIMIZER_FILE)))
 
     # ---- saving: peft students save their adapter, or the merged model with merge_adapters ----------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -372,15 +372,25 @@ def gather_experts(
 
 
 def _merged_adapters(model_or_path: Any, allow_pickle: bool) -> tuple[Any, Path | None]:
-    """(the MoE with peft adapters merged, the adapter folder for tokenizer files) for a PeftModel or adapter folder;
+    """(the MoE with peft adapters merged, the folder of its tokenizer files) for a PeftModel or adapter folder;
     anything else as given."""
     from ..distillation.peft_student import is_adapter_folder, is_peft_model, load_adapter, merge_peft
 
     if is_peft_model(model_or_path):
         return merge_peft(model_or_path), None
     if is_adapter_folder(model_or_path):
-        return merge_peft(load_adapter(model_or_path, allow_pickle), copy_model=False), Path(model_or_path)
+        return merge_peft(load_adapter(model_or_path, allow_pickle), copy_model=False), _aux_folder(Path(model_or_path))
     return model_or_path, None
+
+
+def _aux_folder(adapter: Path) -> Path:
+    """The adapter folder when it holds tokenizer (or other auxiliary) files, else its base model's local folder."""
+    from peft import PeftConfig
+
+    if any(f.is_file() for pattern in _AUX_FILES for f in adapter.glob(pattern)):
+        return adapter
+    base = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
+    return Path(base).expanduser() if base and Path(base).expanduser().is_dir() else adapter
 
 
 def _write_card(tmp: Path, name: str, source: str | os.PathLike | None, hyperparameters: dict[str, Any]) -> None:
