@@ -18,6 +18,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 from transformers import AutoConfig
@@ -32,6 +33,34 @@ SIZES = {  # student_config_overrides of MiniLM-L6's config (hidden 384, 12 head
     "4L-192H": "num_hidden_layers=4,hidden_size=192,num_attention_heads=6,intermediate_size=768",
 }
 KINDS = {"dense": [], "minimoe": ["--moe_experts", "4"]}
+
+
+def ffn_breakdown(minimoe_dir: Path, dense_dir: Path, tokens: int = 64, repeats: int = 50) -> dict[str, float]:
+    """Median microseconds of block 0's FFN on `tokens` tokens (one batch-1 sequence): the dense FFN, the MiniMoE FFN
+    (router + dispatch + experts) and its expert matmuls alone on the same routed groups, measured interleaved."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    moe, dense = (AutoModelForSequenceClassification.from_pretrained(d).eval().base_model for d in (minimoe_dir, dense_dir))
+    dense_layer, sparse = dense.encoder.layer[0], moe.encoder.layer[0].ffn
+    x = torch.randn(1, tokens, moe.config.hidden_size)
+    with torch.inference_mode():
+        index = sparse.router(x.view(tokens, -1))[2]
+        groups = x.view(tokens, -1).index_select(0, index.argsort(stable=True)).split(
+            torch.bincount(index, minlength=sparse.num_experts).tolist())
+        parts = {
+            "dense_ffn": lambda: dense_layer.output.dense(dense_layer.intermediate(x)),
+            "minimoe_ffn": lambda: sparse(x),
+            "minimoe_expert_matmuls": lambda: [sparse.experts.expert_forward(e, g) for e, g in enumerate(groups)],
+        }
+        times: dict[str, list[float]] = {name: [] for name in parts}
+        for step in range(repeats + 5):
+            for name, fn in parts.items():
+                start = time.perf_counter()
+                fn()
+                if step >= 5:
+                    times[name].append(1e6 * (time.perf_counter() - start))
+    return {name: round(statistics.median(t), 1) for name, t in times.items()}
 
 
 def stage1(size: str, kind: str, a: argparse.Namespace) -> Path:
@@ -100,11 +129,13 @@ def main() -> None:
             print(f"[minimoe] {task} {kind}-{size}: {statistics.fmean(scores):.4f} ± {table[f'{task}/{kind}-{size}']['std']:.4f}",
                   file=sys.stderr, flush=True)
     probe_task = next((t for t in a.tasks if t != "conll"), None)
-    latency = {}
+    latency, breakdown = {}, {}
     if probe_task is not None:  # saved stage-2 sequence classifiers of seed 0
         for size in a.sizes:
             pair = [Path(a.work_dir, probe_task, f"{kind}-{size}-seed{a.seeds[0]}") for kind in ("minimoe", "dense")]
             latency[size] = {f"batch{b}": latency_ratio(*pair, batch=b) for b in (1, 32)}
+            breakdown[size] = ffn_breakdown(*pair)
+            print(f"[minimoe] {size} block-0 FFN, 64 tokens (us): {breakdown[size]}", file=sys.stderr, flush=True)
     gaps = {}
     for task in a.tasks:
         for size in a.sizes:
@@ -115,7 +146,8 @@ def main() -> None:
     headline.update({f"latency_ratio/{s}/{b}": round(r, 3) for s, v in latency.items() for b, r in v.items()})
     write_result("minimoe", {
         "headline": headline, "table": table, "minimoe_minus_dense_paired": gaps, "teachers": teachers,
-        "models": models, "latency_ratio_minimoe_over_dense": latency, "seeds": a.seeds, "metric": {t: METRICS[t] for t in a.tasks},
+        "models": models, "latency_ratio_minimoe_over_dense": latency,
+        "ffn_microseconds_batch1": breakdown, "seeds": a.seeds, "metric": {t: METRICS[t] for t in a.tasks},
         "settings": {"sizes": {s: SIZES[s] for s in a.sizes}, "experts": 4, "stage1_samples": a.stage1_samples,
                      "stage1_epochs": a.stage1_epochs, "stage1_lr": a.stage1_lr, "train_samples": a.train_samples,
                      "epochs": a.epochs, "lr": a.lr, "batch_size": 32, "alpha": 0.5, "temperature": 2},
