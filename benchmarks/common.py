@@ -10,7 +10,7 @@ import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -100,21 +100,28 @@ def teacher(task: str, work_dir: Path, data_dir: str | Path, given: dict[str, st
     return out
 
 
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds of each callable, timed in turn every round after `warmup` rounds, so that machine load
+    affects all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for step in range(warmup + repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if step >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def latency_ratio(model_dir: Path, reference_dir: Path, batch: int = 32, seq_len: int = 64, repeats: int = 30) -> float:
     """Median forward time (`batch` x `seq_len` tokens, CPU) of the sequence classifier in `model_dir` over that of
-    `reference_dir`, measured interleaved after 3 warm-up rounds so that machine load affects both alike."""
+    `reference_dir`, measured interleaved after 3 warm-up rounds."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    models = [AutoModelForSequenceClassification.from_pretrained(d).eval() for d in (model_dir, reference_dir)]
+    model, reference = (AutoModelForSequenceClassification.from_pretrained(d).eval() for d in (model_dir, reference_dir))
     inputs = {"input_ids": torch.randint(1000, 2000, (batch, seq_len)),
               "attention_mask": torch.ones(batch, seq_len, dtype=torch.long)}
-    times: list[list[float]] = [[], []]
     with torch.inference_mode():
-        for step in range(repeats + 3):
-            for k, model in enumerate(models):
-                start = time.perf_counter()
-                model(**inputs)
-                if step >= 3:
-                    times[k].append(time.perf_counter() - start)
-    return statistics.median(times[0]) / statistics.median(times[1])
+        t = interleaved_medians({"model": lambda: model(**inputs), "reference": lambda: reference(**inputs)}, repeats)
+    return t["model"] / t["reference"]

@@ -18,13 +18,13 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 from transformers import AutoConfig
 
 import hf_moekd  # noqa: F401  (registers MiniMoE with the Auto classes)
-from common import DEFAULT_DATA, REPO, latency_ratio, mean_std, run_script, task_command, teacher, write_result
+from common import (DEFAULT_DATA, REPO, interleaved_medians, latency_ratio, mean_std, run_script, task_command, teacher,
+                    write_result)
 
 METRICS = {"sst2": "eval_accuracy", "mrpc": "eval_f1", "rte": "eval_accuracy", "cola": "eval_matthews_correlation",
            "stsb": "eval_pearson", "conll": "test_f1"}
@@ -41,7 +41,8 @@ def ffn_breakdown(minimoe_dir: Path, dense_dir: Path, tokens: int = 64, repeats:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    moe, dense = (AutoModelForSequenceClassification.from_pretrained(d).eval().base_model for d in (minimoe_dir, dense_dir))
+    moe, dense = (AutoModelForSequenceClassification.from_pretrained(d).eval().base_model
+                  for d in (minimoe_dir, dense_dir))
     dense_layer, sparse = dense.encoder.layer[0], moe.encoder.layer[0].ffn
     x = torch.randn(1, tokens, moe.config.hidden_size)
     with torch.inference_mode():
@@ -53,14 +54,8 @@ def ffn_breakdown(minimoe_dir: Path, dense_dir: Path, tokens: int = 64, repeats:
             "minimoe_ffn": lambda: sparse(x),
             "minimoe_expert_matmuls": lambda: [sparse.experts.expert_forward(e, g) for e, g in enumerate(groups)],
         }
-        times: dict[str, list[float]] = {name: [] for name in parts}
-        for step in range(repeats + 5):
-            for name, fn in parts.items():
-                start = time.perf_counter()
-                fn()
-                if step >= 5:
-                    times[name].append(1e6 * (time.perf_counter() - start))
-    return {name: round(statistics.median(t), 1) for name, t in times.items()}
+        times = interleaved_medians(parts, repeats, warmup=5)
+    return {name: round(1e6 * t, 1) for name, t in times.items()}
 
 
 def stage1(size: str, kind: str, a: argparse.Namespace) -> Path:
