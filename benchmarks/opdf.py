@@ -21,11 +21,12 @@ import argparse
 import json
 import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
-from common import DEFAULT_DATA, REPO, RESULTS, TEACHER_SAMPLES, latency_ratio, mean_std, run_script, task_command, teacher, write_result
+from common import (DEFAULT_DATA, REPO, RESULTS, TEACHER_SAMPLES, interleaved_medians, latency_ratio, mean_std, run_script,
+                    task_command, teacher, write_result)
 
 TASKS = {  # metric, student training subset and epochs (MRPC/RTE: the whole train split)
     "sst2": ("eval_accuracy", 2000, 1), "mrpc": ("eval_f1", 3668, 1), "rte": ("eval_accuracy", 2490, 1),
@@ -57,21 +58,19 @@ def kd_step_time_ratio(teacher_dir: Path, repeats: int = 20) -> float:
     plain = student_from_teacher_layers(teacher, [0, 2, 4]).train()
     opdf = copy.deepcopy(plain)
     overparameterize(opdf)
-    students = [(m, torch.optim.AdamW(m.parameters(), lr=1e-5)) for m in (opdf, plain)]
     inputs = {"input_ids": torch.randint(1000, 2000, (32, 64)), "attention_mask": torch.ones(32, 64, dtype=torch.long)}
-    times: list[list[float]] = [[], []]
-    for step in range(repeats + 2):
-        for i, (model, optimizer) in enumerate(students):
-            start = time.perf_counter()
-            with torch.no_grad():
-                target = F.softmax(teacher(**inputs).logits / 2, -1)
-            loss = F.kl_div(F.log_softmax(model(**inputs).logits / 2, -1), target, reduction="batchmean")
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            if step >= 2:  # first two steps warm up allocator and optimizer state
-                times[i].append(time.perf_counter() - start)
-    return statistics.median(times[0]) / statistics.median(times[1])
+
+    def kd_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        with torch.no_grad():
+            target = F.softmax(teacher(**inputs).logits / 2, -1)
+        F.kl_div(F.log_softmax(model(**inputs).logits / 2, -1), target, reduction="batchmean").backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    steps = {name: partial(kd_step, m, torch.optim.AdamW(m.parameters(), lr=1e-5)) for name, m in
+             (("opdf", opdf), ("plain", plain))}
+    t = interleaved_medians(steps, repeats, warmup=2)  # warm-up: allocator and optimizer state
+    return t["opdf"] / t["plain"]
 
 
 def main() -> None:
