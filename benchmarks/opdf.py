@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """OPDF: does an MPO over-parameterised student distil better than the plain one?
 
-Per GLUE task: a MiniLM-L6 teacher fine-tuned on the task, then a 3-layer student (MiniLM blocks 0,2,4) distilled
+Per GLUE task (and CoNLL-2003 NER, test entity F1): a MiniLM-L6 teacher fine-tuned on the task, then a 3-layer student (MiniLM blocks 0,2,4) distilled
 from it (logits KD, alpha 0.5, T 2) three ways, each over several seeds, same data, steps and learning rate:
 plain; OPDF (`--mpo_overparameterize`: every linear of the encoder trained as MPO cores, contracted back to
 nn.Linear before saving); OPDF + the tensor constraint loss (`--extra_loss_terms mpo_constraint=W`: MSE between
@@ -9,7 +9,7 @@ the student's and teacher's auxiliary MPO tensors, student block i -> teacher bl
 parameters during training, the training step-time ratio OPDF / plain (from the runs' train_runtime, and
 measured interleaved with plain so that machine load cancels) and the CPU latency ratio of the saved
 (contracted) OPDF student to the plain one (same architecture: target <= 1.02).
-Each run is one call of examples/run_glue.py, reused when its all_results.json exists (resumable); the teacher's
+Each run is one call of examples/run_glue.py (run_conll.py), reused when its all_results.json exists (resumable); the teacher's
 logits on the training subset are computed once per task (`--teacher_logits_cache`) and shared by every student run.
 
     python benchmarks/opdf.py --data_dir ../shared/data
@@ -25,11 +25,12 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from common import (DEFAULT_DATA, REPO, RESULTS, TEACHER_SAMPLES, interleaved_medians, latency_ratio, mean_std, run_script,
-                    task_command, teacher, write_result)
+from common import (DEFAULT_DATA, REPO, RESULTS, TEACHER_SAMPLES, auto_class, interleaved_medians, latency_ratio, mean_std,
+                    run_script, task_command, teacher, write_result)
 
 TASKS = {  # metric, student training subset and epochs (MRPC/RTE: the whole train split)
     "sst2": ("eval_accuracy", 2000, 1), "mrpc": ("eval_f1", 3668, 1), "rte": ("eval_accuracy", 2490, 1),
+    "conll": ("test_f1", 2000, 1),
 }
 STUDENT = ["--student_layers", "0,2,4", "--alpha", "0.5", "--temperature", "2"]
 
@@ -43,18 +44,17 @@ def variants(constraint_weight: float) -> dict[str, list[str]]:
     }
 
 
-def kd_step_time_ratio(teacher_dir: Path, repeats: int = 20) -> float:
+def kd_step_time_ratio(teacher_dir: Path, task: str, repeats: int = 20) -> float:
     """Median KD training-step time (teacher forward + student forward/backward + AdamW step, batch 32 x 64
     tokens) of the OPDF student over the plain one, interleaved so that machine load affects both alike."""
     import copy
 
     import torch.nn.functional as F
-    from transformers import AutoModelForSequenceClassification
 
     from hf_moekd.mpo import overparameterize
     from hf_moekd.students import student_from_teacher_layers
 
-    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir).eval()
+    teacher = auto_class(task).from_pretrained(teacher_dir).eval()
     plain = student_from_teacher_layers(teacher, [0, 2, 4]).train()
     opdf = copy.deepcopy(plain)
     overparameterize(opdf)
@@ -75,7 +75,7 @@ def kd_step_time_ratio(teacher_dir: Path, repeats: int = 20) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", default=str(DEFAULT_DATA), help="folder holding glue/")
+    parser.add_argument("--data_dir", default=str(DEFAULT_DATA), help="folder holding glue/ and conll2003/")
     parser.add_argument("--work_dir", default=str(REPO / "runs" / "opdf"))
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -136,8 +136,9 @@ def run_task(task: str, a: argparse.Namespace, given: dict[str, str]) -> dict:
         print(f"[opdf] {task} {name}: {table[name]['mean']:.4f} ± {table[name]['std']:.4f}", file=sys.stderr, flush=True)
     plain = extras["plain_kd"]["train_runtime_mean"]
     ratios = {f"{name}/train_runtime_ratio": extras[name]["train_runtime_mean"] / plain for name in ("opdf", "opdf_constraint")}
-    ratios["opdf/kd_step_time_ratio_interleaved"] = kd_step_time_ratio(teacher_dir)
-    ratios["opdf/latency_ratio_contracted"] = latency_ratio(Path(a.work_dir, task, "opdf-seed0"), Path(a.work_dir, task, "plain_kd-seed0"))
+    ratios["opdf/kd_step_time_ratio_interleaved"] = kd_step_time_ratio(teacher_dir, task)
+    ratios["opdf/latency_ratio_contracted"] = latency_ratio(Path(a.work_dir, task, "opdf-seed0"),
+                                                            Path(a.work_dir, task, "plain_kd-seed0"), task=task)
     return {
         "metric": metric, "table": table, "extras": extras, "ratios": ratios,
         "paired_delta": {name: mean_std([x - y for x, y in zip(values[name], values["plain_kd"])])
