@@ -113,20 +113,15 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warm
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def auto_class(task: str) -> type:
-    """The Auto class of the task's models: token classification for `conll`, sequence classification otherwise."""
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
-
-    return AutoModelForTokenClassification if task == "conll" else AutoModelForSequenceClassification
-
-
 def latency_ratio(model_dir: Path, reference_dir: Path, batch: int = 32, seq_len: int = 64, repeats: int = 30,
                   task: str = "sst2") -> float:
     """Median forward time (`batch` x `seq_len` tokens, CPU) of the task's model in `model_dir` over that of
     `reference_dir`, measured interleaved after 3 warm-up rounds."""
     import torch
 
-    model, reference = (auto_class(task).from_pretrained(d).eval() for d in (model_dir, reference_dir))
+    from hf_moekd.tasks import get_task
+
+    model, reference = (get_task(task).auto_class.from_pretrained(d).eval() for d in (model_dir, reference_dir))
     inputs = {"input_ids": torch.randint(1000, 2000, (batch, seq_len)),
               "attention_mask": torch.ones(batch, seq_len, dtype=torch.long)}
     with torch.inference_mode():

@@ -46,9 +46,7 @@ def ffn_breakdown(minimoe_dir: Path, dense_dir: Path, tokens: int = 64, repeats:
     dense_layer, sparse = dense.encoder.layer[0], moe.encoder.layer[0].ffn
     x = torch.randn(1, tokens, moe.config.hidden_size)
     with torch.inference_mode():
-        index = sparse.router(x.view(tokens, -1))[2]
-        groups = x.view(tokens, -1).index_select(0, index.argsort(stable=True)).split(
-            torch.bincount(index, minlength=sparse.num_experts).tolist())
+        groups, _ = sparse.experts.dispatch(x.view(tokens, -1), sparse.router(x.view(tokens, -1))[2])
         parts = {
             "dense_ffn": lambda: dense_layer.output.dense(dense_layer.intermediate(x)),
             "minimoe_ffn": lambda: sparse(x),

@@ -25,7 +25,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from common import (DEFAULT_DATA, REPO, RESULTS, TEACHER_SAMPLES, auto_class, interleaved_medians, latency_ratio, mean_std,
+from common import (DEFAULT_DATA, REPO, RESULTS, TEACHER_SAMPLES, interleaved_medians, latency_ratio, mean_std,
                     run_script, task_command, teacher, write_result)
 
 TASKS = {  # metric, student training subset and epochs (MRPC/RTE: the whole train split)
@@ -53,8 +53,9 @@ def kd_step_time_ratio(teacher_dir: Path, task: str, repeats: int = 20) -> float
 
     from hf_moekd.mpo import overparameterize
     from hf_moekd.students import student_from_teacher_layers
+    from hf_moekd.tasks import get_task
 
-    teacher = auto_class(task).from_pretrained(teacher_dir).eval()
+    teacher = get_task(task).auto_class.from_pretrained(teacher_dir).eval()
     plain = student_from_teacher_layers(teacher, [0, 2, 4]).train()
     opdf = copy.deepcopy(plain)
     overparameterize(opdf)

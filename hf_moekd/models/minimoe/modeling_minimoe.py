@@ -265,13 +265,20 @@ class MiniMoEExperts(nn.Module):
         inner = self.act(F.linear(hidden_states, self.w_in[expert], self.b_in[expert]))
         return F.linear(inner, self.w_out[expert], self.b_out[expert])
 
+    def dispatch(
+        self, hidden_states: torch.Tensor, expert_index: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """The rows of `hidden_states [N, H]` grouped by expert (one group per expert, possibly empty) and the
+        row order of the grouping."""
+        order = expert_index.argsort(stable=True)
+        counts = torch.bincount(expert_index, minlength=self.num_experts).tolist()
+        return hidden_states.index_select(0, order).split(counts), order
+
     def forward(self, hidden_states: torch.Tensor, expert_index: torch.Tensor | None) -> torch.Tensor:
         """`hidden_states [N, H]`, `expert_index [N]` -> `[N, H]`, each row through its own expert only."""
         if self.num_experts == 1:
             return self.expert_forward(0, hidden_states)
-        order = expert_index.argsort(stable=True)
-        counts = torch.bincount(expert_index, minlength=self.num_experts).tolist()
-        groups = hidden_states.index_select(0, order).split(counts)
+        groups, order = self.dispatch(hidden_states, expert_index)
         # Empty groups still run (on 0 rows) so every expert is in the graph (DDP needs no unused-parameter search).
         output = torch.cat([self.expert_forward(e, group) for e, group in enumerate(groups)])
         return output.index_select(0, order.argsort())
