@@ -35,7 +35,7 @@ from transformers import (  # noqa: E402
 
 from hf_moekd.data import load_glue  # noqa: E402
 from hf_moekd.distillation import DistillationArguments, DistillationTrainer, precompute_teacher_logits  # noqa: E402
-from hf_moekd.students import student_from_teacher_layers  # noqa: E402
+from hf_moekd.modeling.students import student_from_teacher_layers  # noqa: E402
 from hf_moekd.teachers import minilm_path  # noqa: E402
 
 

@@ -17,8 +17,8 @@ import time
 
 from common import REPO, write_result
 
-from hf_moekd.m2m.pipeline import M2MArguments, run_m2mkd
-from hf_moekd.m2m.report import M2MReport, print_report
+from hf_moekd.recipes.m2mkd import M2MArguments, run_m2mkd
+from hf_moekd.m2mkd.report import M2MReport, print_report
 
 
 def bench_args(a: argparse.Namespace) -> M2MArguments:

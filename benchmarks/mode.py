@@ -47,10 +47,11 @@ from hf_moekd.analysis import (
 from hf_moekd.images import IMAGE_LABELS, InMemoryDataset
 from hf_moekd.mode import mode_loss_per_example, patch_experts
 from hf_moekd.models.vmoe import VMoEForImageClassification
-from hf_moekd.ones_pipeline import OneSArguments, accuracy, load_data, model_configs, train
+from hf_moekd.recipes.ones import OneSArguments
+from hf_moekd.recipes.vision import accuracy, load_data, model_configs, train
 
 ALPHAS = [0.0, 0.001, 0.003, 0.01, 0.1, 1.0]
-TERMS = {"routed": "mode", "all": "mode_all"}  # registered DistillationTrainer loss terms
+TERMS = {"routed": "mode", "all": "mode"}  # the registered DistillationTrainer loss term; variant as its option
 
 
 @dataclass
@@ -98,7 +99,7 @@ def run_one(task: Task, alpha: float, seed: int, mode: str, plot_dir: Path | Non
     set_seed(seed)
     model = task.new_model()
     start = time.perf_counter()
-    terms = [f"{TERMS[mode]}={alpha}"] if alpha else None
+    terms = [f"{TERMS[mode]}={alpha},variant={mode}"] if alpha else None
     train(model, task.train_data, task.args, seed, task.args.epochs, data_collator=task.collator, extra_loss_terms=terms)
     trained = time.perf_counter()
     kw = {"batch_size": 128, "collate_fn": task.collator}

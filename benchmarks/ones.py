@@ -17,7 +17,8 @@ from pathlib import Path
 
 from common import REPO, mean_std, same_experiment, write_json, write_result
 
-from hf_moekd.ones_pipeline import OneSArguments, OneSReport, print_report, run_ones
+from hf_moekd.ones import OneSReport
+from hf_moekd.recipes.ones import OneSArguments, print_report, run_ones
 
 GATHERINGS = ["average", "sum", "topk", "svd", "svd-r16"]
 

@@ -30,7 +30,10 @@ from transformers import (
 
 from hf_moekd.data import load_glue
 from hf_moekd.gathering import gather_experts, get_family
-from hf_moekd.ones_pipeline import OneSArguments, OneSReport, parse_gathering, print_report, train
+from hf_moekd.gathering import parse_gathering
+from hf_moekd.ones import OneSReport
+from hf_moekd.recipes.ones import OneSArguments, print_report
+from hf_moekd.recipes.vision import train
 from hf_moekd.teachers import minilm_path
 
 

@@ -7,7 +7,7 @@
 
 Word pieces: the first piece of each word carries the word's tag, the other pieces get -100 and are
 ignored by the loss, token-level KD and the metric. Reports validation and test F1.
-The recipe is hf_moekd.tasks.run_task, also run by `hf-moekd distill --task conll ...`.
+The recipe is hf_moekd.recipes.text.run_task, also run by `hf-moekd distill --task conll ...`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from transformers import HfArgumentParser
 
 from hf_moekd.distillation import DistillationArguments
 from hf_moekd.recipes import ModelArguments, run
-from hf_moekd.tasks import DataArguments, ReportArguments, run_task
+from hf_moekd.recipes.text import DataArguments, ReportArguments, run_task
 
 
 def main() -> None:

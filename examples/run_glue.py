@@ -11,7 +11,7 @@ Distil it into a 3-layer student made of teacher blocks 0, 2, 4 (logits + hidden
         --student_layers 0,2,4 --teacher_model_name_or_path out/teacher --hidden_loss_weight 1.0
 
 Works with `accelerate launch` / `torchrun`. Without --data_dir the Hub's `nyu-mll/glue` is used.
-The recipe is hf_moekd.tasks.run_task, also run by `hf-moekd distill --task sst2 ...`.
+The recipe is hf_moekd.recipes.text.run_task, also run by `hf-moekd distill --task sst2 ...`.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from transformers import HfArgumentParser
 
 from hf_moekd.distillation import DistillationArguments
 from hf_moekd.recipes import ModelArguments, run
-from hf_moekd.tasks import GlueDataArguments, ReportArguments, run_task
+from hf_moekd.recipes.text import GlueDataArguments, ReportArguments, run_task
 
 
 def main() -> None:

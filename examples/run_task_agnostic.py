@@ -22,12 +22,12 @@ from transformers import AutoModel, DataCollatorWithPadding, HfArgumentParser, s
 
 from hf_moekd.data import CORPUS_SOURCES, load_text_corpus, training_subset
 from hf_moekd.distillation import DistillationArguments, DistillationTrainer
+from hf_moekd.modeling import count_parameters
 from hf_moekd.recipes import (
     ModelArguments,
     build_model,
     check_output_dir,
     configure_losses,
-    count_parameters,
     model_for_saving,
     removed_on_failure,
     resume_checkpoint,

@@ -11,7 +11,7 @@ from .recipes import run
 
 
 def _demo(ns: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from .recipes.demo import run_demo
 
     run_demo(output_dir=ns.output_dir, seeds=tuple(ns.seeds), epochs=ns.epochs, kd_epochs=ns.kd_epochs)
 
@@ -19,13 +19,13 @@ def _demo(ns: argparse.Namespace) -> None:
 def _distill_arguments() -> tuple[type, ...]:
     from .distillation import DistillationArguments
     from .recipes import ModelArguments
-    from .tasks import DataArguments, ReportArguments, TaskArguments
+    from .recipes.text import DataArguments, ReportArguments, TaskArguments
 
     return TaskArguments, ModelArguments, DataArguments, ReportArguments, DistillationArguments
 
 
 def add_distill_parser(sub: Any) -> argparse.ArgumentParser:
-    """`hf-moekd distill`: the task recipe (hf_moekd.tasks.run_task) with every DistillationArguments flag."""
+    """`hf-moekd distill`: the task recipe (hf_moekd.recipes.text.run_task) with every DistillationArguments flag."""
     from transformers import HfArgumentParser
 
     flags = HfArgumentParser(_distill_arguments(), add_help=False)
@@ -43,7 +43,7 @@ def add_distill_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def _distill(ns: argparse.Namespace) -> None:
-    from .tasks import run_task
+    from .recipes.text import run_task
 
     values = {k: v for k, v in vars(ns).items() if k not in ("command", "func", "parser")}
     task, model_args, data_args, report, args = ns.parser.parse_dict(values)
@@ -52,7 +52,7 @@ def _distill(ns: argparse.Namespace) -> None:
 
 def add_evaluate_parser(sub: Any) -> argparse.ArgumentParser:
     """`hf-moekd evaluate MODEL_DIR --task TASK`: metrics of a saved model with the local metrics."""
-    from .tasks import TASK_NAMES
+    from .recipes.text import TASK_NAMES
 
     p = sub.add_parser(
         "evaluate", help="Evaluate a saved model folder on a GLUE dev set or CoNLL-2003 test; prints a summary table.",
@@ -79,8 +79,8 @@ def add_evaluate_parser(sub: Any) -> argparse.ArgumentParser:
 
 def _evaluate(ns: argparse.Namespace) -> None:
     from .analysis import has_experts, plot_routing, routing_counts
-    from .recipes import count_parameters
-    from .tasks import DataArguments, evaluate_model, get_task, load_for_task, metric_items
+    from .modeling import count_parameters
+    from .recipes.text import DataArguments, evaluate_model, get_task, load_for_task, metric_items
     from .utils import markdown_table
 
     start = time.perf_counter()

@@ -12,7 +12,7 @@ from huggingface_hub.utils import validate_repo_id
 from safetensors import safe_open
 from tiny import tiny_bert, tiny_dataset
 
-from hf_moekd.cards import CARD_KEY, METHODS, run_facts, templates_dir, write_model_card
+from hf_moekd.cards import CARD_KEY, card_methods, run_facts, templates_dir, write_model_card
 from hf_moekd.cli import main
 from hf_moekd.teachers import MINILM_HUB_ID
 from test_examples import FAST, run_script
@@ -99,11 +99,13 @@ def test_load_snippet_loads_and_asks_for_remote_code_only_for_custom_models(kind
 
 def test_every_method_template_renders(tmp_path):
     out = saved_student(tmp_path / "plain")
-    assert {p.stem for p in (templates_dir() / "methods").glob("*.md")} == set(METHODS)
-    for method in METHODS:
-        write_model_card(out, method=method)
-        assert f"### {METHODS[method][0]}" in (out / "README.md").read_text()
-        assert set(METHODS[method][1]) <= set(front_matter(out)["tags"])
+    methods = card_methods()
+    assert {p.stem for p in (templates_dir() / "methods").glob("*.md")} == set(methods)
+    assert {"kd", "ones", "opdf", "minimoe", "mode", "m2mkd", "gathering"} <= set(methods)
+    for name, method in methods.items():
+        write_model_card(out, method=name)
+        assert f"### {method.title}" in (out / "README.md").read_text()
+        assert set(method.tags) <= set(front_matter(out)["tags"])
 
 
 def test_card_cli_regenerates_and_refuses_bad_folders(tmp_path, capsys):
@@ -226,7 +228,8 @@ def test_gathered_model_has_a_card(tmp_path):
 
 def test_ones_save_writes_card_with_the_comparison(tmp_path):
     from hf_moekd.models.ones import OneSConfig, OneSForImageClassification
-    from hf_moekd.ones_pipeline import OneSArguments, card_facts, save_and_check
+    from hf_moekd.recipes.ones import OneSArguments, card_facts
+    from hf_moekd.recipes.vision import save_and_check
 
     args = OneSArguments(hidden_size=16, intermediate_size=16, num_attention_heads=2, seeds=[0])
     model = OneSForImageClassification(OneSConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=16,

@@ -77,7 +77,7 @@ def test_conll_teacher_and_student(data_dir, tmp_path, monkeypatch):
 
 
 def test_align_labels():
-    from hf_moekd.tasks import align_labels
+    from hf_moekd.recipes.text import align_labels
 
     assert align_labels([None, 0, 0, 1, None], [3, 4]) == [-100, 3, -100, 4, -100]
 

@@ -9,7 +9,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from hf_moekd.distillation import LOSS_REGISTRY, DistillationArguments, DistillationBatch, DistillationTrainer
-from hf_moekd.mpo import (
+from hf_moekd.opdf import (
     MPOConfig,
     MPOConstraintLoss,
     MPOLinear,
@@ -20,7 +20,7 @@ from hf_moekd.mpo import (
     mpo_modules,
     overparameterize,
 )
-from hf_moekd.students import student_from_teacher_layers
+from hf_moekd.modeling.students import student_from_teacher_layers
 from tiny import tiny_bert, tiny_dataset
 
 

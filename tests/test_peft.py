@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from hf_moekd.distillation import DistillationArguments, DistillationTrainer
-from hf_moekd.distillation.peft_student import load_peft_config, merge_peft, wrap_student
+from hf_moekd.integrations.peft import load_peft_config, merge_peft, wrap_student
 from tiny import tiny_bert, tiny_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:The peft student.s base model was not loaded")
@@ -211,7 +211,7 @@ def test_gather_merges_adapters(tmp_path):
 
 def test_adapter_of_a_student_built_from_overrides_names_no_base():
     """A student built from a changed config is no checkpoint: its adapter names no base model."""
-    from hf_moekd.distillation.peft_student import warn_if_baseless
+    from hf_moekd.integrations.peft import warn_if_baseless
     from hf_moekd.recipes import ModelArguments, build_model
 
     overrides = "hidden_size=32,num_hidden_layers=1,num_attention_heads=4,intermediate_size=64"

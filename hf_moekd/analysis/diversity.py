@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..mode.experts import ExpertCall, find_experts, patch_experts
+from ..modeling.experts import ExpertCall, find_experts, patch_experts
 from ..mode.loss import mode_loss_per_example, real_tokens
 from .batches import iterate_batches, to_device
 

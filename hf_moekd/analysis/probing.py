@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..mode.experts import find_experts, only_expert, patch_experts
+from ..modeling.experts import find_experts, only_expert, patch_experts
 from ..mode.loss import real_tokens
 from .batches import iterate_batches, select_examples, to_device
 

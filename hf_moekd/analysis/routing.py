@@ -6,7 +6,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..mode.experts import adapter_for, find_experts
+from ..modeling.experts import adapter_for, find_experts
 from ..mode.loss import real_tokens
 from .diversity import _expert_calls
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .facts import METHODS
 
 
 def add_card_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -17,9 +16,9 @@ def add_card_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "and how to load the model. Runs write it themselves; use this after editing all_results.json, "
                     "for folders from older versions, or to set --model_id before uploading.")
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="a saved model folder (config.json + weights)")
-    p.add_argument("--method", choices=list(METHODS),
-                   help="the method described first (default: the one recorded in all_results.json; needed when the "
-                        "folder records none)")
+    p.add_argument("--method",
+                   help="the method described first, e.g. kd, fine-tune, ones, gathering, minimoe, opdf, mode, m2mkd "
+                        "(default: the one recorded in all_results.json; needed when the folder records none)")
     p.add_argument("--model_id", default=None,
                    help="Hub repo id used in the loading snippet (default: the folder name)")
     p.set_defaults(func=run_card)

@@ -5,25 +5,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..teachers import MINILM, MINILM_HUB_ID, minilm_path
+from .registry import check_methods
 
-if TYPE_CHECKING:
-    from ..distillation import DistillationTrainer
-    from ..recipes import ModelArguments
-
-# method -> (section title, Hub tags); a card has a section for each of its run's methods, in order
-METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "kd": ("Knowledge distillation", ("knowledge-distillation",)),
-    "fine-tune": ("Fine-tuning without a teacher", ()),
-    "task-agnostic": ("Task-agnostic distillation (stage 1)", ("knowledge-distillation", "task-agnostic-distillation")),
-    "minimoe": ("MiniMoE student", ("knowledge-distillation", "minimoe", "mixture-of-experts")),
-    "opdf": ("OPDF: MPO over-parameterised distillation", ("knowledge-distillation", "opdf")),
-    "ones": ("OneS: knowledge gathering, then distillation", ("knowledge-distillation", "ones", "knowledge-gathering",
-                                                             "mixture-of-experts")),
-    "gathering": ("OneS knowledge gathering (no training)", ("knowledge-gathering", "mixture-of-experts")),
-}
 KNOWN_LICENSES = {MINILM_HUB_ID: "apache-2.0"}
 FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"  # metadata only: the pipeline reads Debian's IDX files
 MOE_KEYS = ("num_experts", "num_local_experts", "num_ffn_experts", "n_routed_experts")
@@ -59,12 +45,6 @@ class RunFacts:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def check_methods(methods: Sequence[str]) -> None:
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ValueError(f"unknown or missing method {unknown or methods}: choose from {', '.join(METHODS)}")
 
 
 def is_repo_id(name: str) -> bool:
@@ -166,67 +146,3 @@ def run_facts(methods: Sequence[str], *, teacher: str | None = None, student_ini
         base_model=list(dict.fromkeys(i for s in sources if (i := hub_id(s)))),
         license=licenses.pop() if len(licenses) == 1 else None, tags=list(tags), device=device, versions=versions(),
     )
-
-
-def training_facts(trainer: DistillationTrainer, model_args: ModelArguments | None = None,
-                   data: Sequence[str] = ()) -> RunFacts:
-    """RunFacts of a `DistillationTrainer` run; `model_args` is the example scripts' student recipe (ModelArguments)."""
-    args, model, teacher = trainer.args, trainer.model, trainer.teacher
-    weights = dict(trainer.loss_weights)
-    teacher_name = args.teacher_model_name_or_path or (getattr(teacher, "name_or_path", None) or None)
-    methods = ["opdf"] if getattr(model_args, "mpo_overparameterize", False) else []
-    methods += ["minimoe"] if model.config.model_type == "minimoe" else []
-    distilled = teacher is not None or teacher_name or "logits_kd" in weights
-    methods.append("task-agnostic" if args.task_agnostic else "kd" if distilled else "fine-tune")
-    if model_args is None:
-        student_init = model.name_or_path or None
-    else:
-        student_init = None if model_args.student_config_overrides else model_args.model_name_or_path
-    from ..distillation.peft_student import describe_adapter
-
-    adapter = describe_adapter(model, merged=getattr(args, "merge_adapters", False))
-    return run_facts(
-        methods, teacher=teacher_name if distilled else None, student_init=student_init, data=data,
-        hyperparameters={**_training_hyperparameters(args, weights), **_recipe(model_args),
-                         **({"adapter": adapter} if adapter else {})},
-        tags=["mixture-of-experts"] if teacher is not None and is_moe(teacher.config.to_dict()) else [],
-        device=_device(args),
-    )
-
-
-def _training_hyperparameters(args: Any, weights: dict[str, float]) -> dict[str, Any]:
-    hp: dict[str, Any] = {"learning_rate": args.learning_rate}
-    hp |= {"max_steps": args.max_steps} if args.max_steps > 0 else {"num_train_epochs": args.num_train_epochs}
-    hp |= {
-        "per_device_train_batch_size": args.per_device_train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "total_train_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
-        "weight_decay": args.weight_decay,
-        "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
-        "warmup_steps": args.warmup_steps,
-        "seed": args.seed,
-        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
-        "loss_weights": weights,
-    }
-    if "logits_kd" in weights:
-        hp["temperature"] = args.temperature
-    if "hidden_mse" in weights:
-        hp["hidden_layer_map"] = args.hidden_layer_map
-    if "attention_relation" in weights:
-        hp |= {"relation_heads": args.relation_heads, "relation_teacher_layer": args.relation_teacher_layer,
-               "relation_student_layer": args.relation_student_layer}
-    return hp
-
-
-def _recipe(model_args: ModelArguments | None) -> dict[str, Any]:
-    """The student recipe's settings that are in use."""
-    names = ("student_layers", "student_config_overrides", "moe_experts", "mpo_overparameterize")
-    return {n: v for n in names if (v := getattr(model_args, n, None))}
-
-
-def _device(args: Any) -> str:
-    import torch
-
-    device = args.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return f"{args.world_size} x {name}" if args.world_size > 1 else name

@@ -12,7 +12,8 @@ import jinja2
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..utils import NOT_METRIC_SUFFIXES
-from .facts import METHODS, RunFacts, check_methods, describe_data, hub_id, is_moe
+from .facts import RunFacts, describe_data, hub_id, is_moe
+from .registry import card_method, card_methods, check_methods
 
 CARD_KEY = "model_card"  # where all_results.json keeps the RunFacts
 # Auto class -> (transformers' model_type -> class names table, Hub pipeline tag); checked in this order
@@ -77,15 +78,12 @@ def recorded_facts(config: dict, results: dict, method: str | None, folder: Path
     if CARD_KEY in results:
         return RunFacts.from_dict(results[CARD_KEY])
     mode = str(results.get("mode", ""))
-    methods = ["minimoe"] if config.get("model_type") == "minimoe" else []
-    if config.get("model_type") == "ones" and ("per_seed" in results or "ones_accuracy" in results):
-        methods = ["ones"]
-    elif mode:
-        kind = "task-agnostic" if mode.startswith("task-agnostic") else "kd" if mode == "distil" else "fine-tune"
-        methods.append(kind)
+    methods = [m.name for m in card_methods().values() if m.recognises and m.recognises(config, results)]
+    if mode:
+        methods.append("task-agnostic" if mode.startswith("task-agnostic") else "kd" if mode == "distil" else "fine-tune")
     methods += [method] if method and method not in methods else []
     if not methods:
-        raise ValueError(f"cannot tell which method made {folder}: pass --method ({', '.join(METHODS)})")
+        raise ValueError(f"cannot tell which method made {folder}: pass --method ({', '.join(card_methods())})")
     words, datasets = describe_data([results["task"]] if isinstance(results.get("task"), str) else [])
     return RunFacts(methods=methods, data=words, datasets=datasets)
 
@@ -94,15 +92,17 @@ def render(folder: Path, config: dict, results: dict, facts: RunFacts, model_id:
     """The card's Markdown: YAML front matter (Hub metadata), then the body from the templates."""
     auto_class, remote_code = load_class(config)
     metrics = metric_rows(results)
-    params = count_parameters(folder)
+    params = saved_parameter_count(folder)
     architecture = (config.get("architectures") or [config.get("model_type", "?")])[0]
     hp = facts.hyperparameters
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(templates_dir()), undefined=jinja2.StrictUndefined,
+    sections = [card_method(m) for m in facts.methods]
+    folders = [templates_dir(), *dict.fromkeys(m.template_dir for m in sections if m.template_dir)]
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(folders), undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     return env.get_template("base.md").render(
         card_data=_card_data(config, facts, auto_class, metrics), model_name=model_id.rsplit("/", 1)[-1],
         model_id=model_id, summary=_summary(architecture, params, facts), methods=facts.methods,
-        titles={m: title for m, (title, _) in METHODS.items()}, auto_class=auto_class, trust_remote_code=remote_code,
+        titles={m.name: m.title for m in sections}, auto_class=auto_class, trust_remote_code=remote_code,
         has_tokenizer=any((folder / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json")),
         model_type=config.get("model_type", "?"), architecture=architecture, config=config, hp=hp,
         parameters=_parameters(params, config) + (_ADAPTER_NOTE if (folder / "adapter_config.json").is_file() else ""),
@@ -110,7 +110,7 @@ def render(folder: Path, config: dict, results: dict, facts: RunFacts, model_id:
         teacher=_name(facts.teacher), student_init=_name(facts.student_init),
         data=facts.data or "Not recorded.", metrics=[(s, n, _fmt(v)) for s, n, v in metrics],
         loss_terms=[f"`{n}` × {_fmt(w)}" for n, w in sorted((hp.get("loss_weights") or {}).items())],
-        speed=speed_lines(results, facts.device), ones_table=_ones_table(results),
+        speed=speed_lines(results, facts.device), tables={m.name: m.results_table(results) for m in sections if m.results_table},
         hyperparameters=[(k, _fmt(v)) for k, v in sorted(hp.items()) if v is not None and v != {}],
         training=[(label, _fmt(results[k])) for k, label in _TRAINING.items() if k in results],
         versions=sorted(facts.versions.items()),
@@ -119,7 +119,7 @@ def render(folder: Path, config: dict, results: dict, facts: RunFacts, model_id:
 
 def _card_data(config: dict, facts: RunFacts, auto_class: str, metrics: list[tuple[str, str, float]]) -> str:
     """The YAML front matter: library_name, pipeline_tag, tags, datasets, metrics, base_model, license, language."""
-    tags = ["hf_moekd", *(t for m in facts.methods for t in METHODS[m][1]), *facts.tags]
+    tags = ["hf_moekd", *(t for m in facts.methods for t in card_method(m).tags), *facts.tags]
     tags += ["mixture-of-experts"] if is_moe(config) else []
     base_model = facts.base_model[0] if len(facts.base_model) == 1 else facts.base_model or None
     hub_metrics = sorted({HUB_METRICS[n] for _, n, _ in metrics if n in HUB_METRICS})
@@ -174,7 +174,7 @@ def speed_lines(results: dict, device: str | None) -> list[str]:
     return lines + ([f"measured on {device}"] if lines and device else [])
 
 
-def count_parameters(folder: Path) -> int | None:
+def saved_parameter_count(folder: Path) -> int | None:
     """Parameters in the folder's safetensors files, read from their headers (no weights are loaded)."""
     shapes = []
     for file in folder.glob("*.safetensors"):
@@ -202,7 +202,7 @@ def _read_json(path: Path, missing: str | None = None) -> dict:
 
 def _summary(architecture: str, params: int | None, facts: RunFacts) -> str:
     size = f" with {_count(params)} parameters" if params else ""
-    titles = " + ".join(METHODS[m][0].split(":")[0] for m in facts.methods)
+    titles = " + ".join(card_method(m).title.split(":")[0] for m in facts.methods)
     on = f", trained on {facts.data}" if facts.data and facts.methods[0] != "gathering" else ""
     return f"A `{architecture}`{size} made with hf_moekd: {titles}{on}."
 
@@ -241,15 +241,3 @@ def _fmt(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return ", ".join(_fmt(v) for v in value)
     return str(value)
-
-
-def _ones_table(results: dict) -> str | None:
-    """The OneS pipeline's comparison table (every model it trained, over seeds), rebuilt from all_results.json."""
-    summary = results.get("summary") or {}
-    if not {"dense", "moe"} <= set(results.get("per_seed") or {}) & set(summary.get("params") or {}):
-        return None
-    from ..ones_pipeline import OneSReport
-
-    report = OneSReport(args={}, accuracy=results["per_seed"], latency_ms=summary.get("latency_ms", {}),
-                        params=summary.get("params", {}))
-    return report.table()

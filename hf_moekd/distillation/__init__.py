@@ -1,6 +1,7 @@
 """Knowledge distillation with `transformers.Trainer`."""
 from .arguments import DistillationArguments
-from .losses import LOSS_REGISTRY, DistillationBatch, LossTerm, register_loss
+from .card import training_facts
+from .losses import LOSS_REGISTRY, DistillationBatch, LossTerm, get_loss_class, register_loss
 from .teacher import check_compatible, load_teacher
 from .teacher_outputs import (
     TEACHER_LOGITS,
@@ -18,7 +19,9 @@ __all__ = [
     "TEACHER_LOGITS",
     "TeacherLogitsCollator",
     "check_compatible",
+    "get_loss_class",
     "load_teacher",
     "precompute_teacher_logits",
     "register_loss",
+    "training_facts",
 ]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import TrainingArguments
@@ -93,7 +94,9 @@ class DistillationArguments(TrainingArguments):
     )
     extra_loss_terms: list[str] = field(
         default_factory=list,
-        metadata={"help": "More registered loss terms as 'name=weight' (see hf_moekd.distillation.LOSS_REGISTRY)."},
+        metadata={"help": "More registered loss terms as 'name=weight' or 'name=weight,option=value,...', e.g. "
+                  "'mode=0.01,variant=all' (see hf_moekd.distillation.LOSS_REGISTRY and the hf_moekd.loss_terms "
+                  "entry points)."},
     )
     peft_config: str | None = field(  # in Python also a peft.PeftConfig; a path becomes one in __post_init__
         default=None,
@@ -126,14 +129,14 @@ class DistillationArguments(TrainingArguments):
             raise ValueError("task_agnostic distillation has no loss term: set attention_relation_weight, "
                              "hidden_loss_weight or extra_loss_terms.")
         if self.peft_config is not None:
-            from .peft_student import load_peft_config
+            from ..integrations.peft import load_peft_config
 
             self.peft_config = load_peft_config(self.peft_config)  # fail early on a bad file
 
     def to_dict(self) -> dict:
         data = super().to_dict()
         if self.peft_config is not None and not isinstance(self.peft_config, str):
-            from .peft_student import peft_config_dict
+            from ..integrations.peft import peft_config_dict
 
             data["peft_config"] = peft_config_dict(self.peft_config)
         return data
@@ -175,17 +178,55 @@ class DistillationArguments(TrainingArguments):
                 f"hidden_layer_map must be 'uniform' or a JSON object like '{{\"1\": 2}}', got {self.hidden_layer_map!r}."
             ) from err
 
+    def loss_term_specs(self) -> dict[str, tuple[float, dict[str, Any]]]:
+        """Registered loss-term name -> (weight, options), for every term with a non-zero weight.
+
+        `extra_loss_terms` entries are 'name=weight' followed by the term's options, e.g. 'mode=0.01,variant=all'
+        or 'mpo_constraint=1e-4,layer_map={"0": 0, "1": 2}' (values are read as JSON where they parse, else text).
+        """
+        specs: dict[str, tuple[float, dict[str, Any]]] = {}
+        if not self.task_agnostic:
+            specs |= {"ce": (1.0 - self.alpha, {}), "logits_kd": (self.alpha, {})}
+        specs |= {"hidden_mse": (self.hidden_loss_weight, {}),
+                  "attention_relation": (self.attention_relation_weight, {})}
+        for spec in self.extra_loss_terms:
+            name, weight, options = parse_term_spec(spec)
+            specs[name] = (weight, options)
+        return {name: spec for name, spec in specs.items() if spec[0] != 0.0}
+
     def loss_weights(self) -> dict[str, float]:
         """Registered loss-term name -> weight, for every term with a non-zero weight."""
-        weights = {} if self.task_agnostic else {"ce": 1.0 - self.alpha, "logits_kd": self.alpha}
-        weights |= {
-            "hidden_mse": self.hidden_loss_weight,
-            "attention_relation": self.attention_relation_weight,
-        }
-        for spec in self.extra_loss_terms:
-            name, sep, value = spec.partition("=")
-            try:
-                weights[name.strip()] = float(value) if sep else 1.0
-            except ValueError as err:
-                raise ValueError(f"extra_loss_terms entries look like 'name=0.1', got {spec!r}.") from err
-        return {name: w for name, w in weights.items() if w != 0.0}
+        return {name: weight for name, (weight, _) in self.loss_term_specs().items()}
+
+
+def parse_term_spec(spec: str) -> tuple[str, float, dict[str, Any]]:
+    """'name=weight,key=value,...' -> (name, weight, options); 'name' alone has weight 1."""
+    head, *rest = _split_top_level(spec)
+    name, sep, value = head.partition("=")
+    try:
+        weight = float(value) if sep else 1.0
+    except ValueError as err:
+        raise ValueError(f"extra_loss_terms entries look like 'name=0.1' or 'name=0.1,option=value', got {spec!r}."
+                         ) from err
+    options: dict[str, Any] = {}
+    for item in rest:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"loss term option {item!r} in {spec!r} is not 'key=value'.")
+        try:
+            options[key.strip()] = json.loads(raw)
+        except ValueError:
+            options[key.strip()] = raw.strip()
+    return name.strip(), weight, options
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside JSON brackets and braces."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]

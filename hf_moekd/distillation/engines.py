@@ -125,11 +125,6 @@ def is_partitioned(param: torch.Tensor) -> bool:
     return status is not None and status.name == "NOT_AVAILABLE"
 
 
-def numel(param: torch.Tensor) -> int:
-    """The full size of a parameter, also when ZeRO-3 has partitioned it (its local tensor is empty)."""
-    return int(getattr(param, "ds_numel", param.numel()))
-
-
 @contextmanager
 def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None) -> Iterator[None]:
     """Make the full values of ZeRO-3 `params` available inside the block (a no-op for ordinary tensors).

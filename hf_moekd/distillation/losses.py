@@ -9,27 +9,31 @@ Add a term from any module::
 
     @register_loss("my_term")
     class MyTerm(LossTerm):
+        def __init__(self, args, student, teacher, scale: float = 1.0): ...
         def forward(self, batch): return batch.per_example(...)
 
-and enable it with ``DistillationArguments(extra_loss_terms=["my_term=0.1"])``.
+and enable it with ``DistillationArguments(extra_loss_terms=["my_term=0.1,scale=2"])``. A package makes its terms
+known without being imported first through the ``hf_moekd.loss_terms`` entry-point group::
+
+    [project.entry-points."hf_moekd.loss_terms"]
+    my_term = "my_package.losses:MyTerm"
 """
 from __future__ import annotations
 
-import importlib
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import Any, Callable, ClassVar, ContextManager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import capture_qkv, find_blocks
+from ..modeling.capture import capture_qkv, find_blocks
 
 LOSS_REGISTRY: dict[str, type["LossTerm"]] = {}
-# Modules of the package that register more terms; imported when a term is looked up and not yet known.
-PLUGIN_MODULES = ("hf_moekd.mpo", "hf_moekd.mode")
+LOSS_TERMS_GROUP = "hf_moekd.loss_terms"  # entry points: name -> "module:LossTermClass"
 
 
 def register_loss(name: str) -> Callable[[type["LossTerm"]], type["LossTerm"]]:
@@ -46,11 +50,26 @@ def register_loss(name: str) -> Callable[[type["LossTerm"]], type["LossTerm"]]:
 def get_loss_class(name: str) -> type["LossTerm"]:
     """The registered term class called `name`."""
     if name not in LOSS_REGISTRY:
-        for module in PLUGIN_MODULES:
-            importlib.import_module(module)
-    if name not in LOSS_REGISTRY:
-        raise ValueError(f"Unknown loss term {name!r}; registered terms: {sorted(LOSS_REGISTRY)}.")
+        points = {point.name: point for point in entry_points(group=LOSS_TERMS_GROUP)}
+        if name not in points:
+            raise ValueError(f"Unknown loss term {name!r}; known terms: {sorted({*LOSS_REGISTRY, *points})}.")
+        cls = points[name].load()
+        if LOSS_REGISTRY.get(name) is not cls:
+            register_loss(name)(cls)
     return LOSS_REGISTRY[name]
+
+
+def build_term(cls: type["LossTerm"], args: Any, student: nn.Module, teacher: nn.Module | None,
+               options: dict[str, Any]) -> "LossTerm":
+    """`cls(args, student, teacher, **options)`, with one clear line for an option the term does not take."""
+    import inspect
+
+    accepted = inspect.signature(cls.__init__).parameters
+    if unknown := [k for k in options if k not in accepted or k in ("self", "args", "student", "teacher")]:
+        known = [k for k in accepted if k not in ("self", "args", "student", "teacher")]
+        raise ValueError(f"loss term {cls.name!r} takes no option {', '.join(map(repr, unknown))}; its options: "
+                         f"{', '.join(known) or 'none'}.")
+    return cls(args, student, teacher, **options)
 
 
 @dataclass
@@ -102,6 +121,10 @@ class LossTerm(nn.Module):
     """Needs teacher internals, so a teacher forward even when logits are cached."""
     needs_hidden_states: ClassVar[bool] = False
     needs_labels: ClassVar[bool] = False
+    card_settings: ClassVar[tuple[str, ...]] = ()
+    """`DistillationArguments` fields the term reads, recorded in the model card when the term is used."""
+    card_method: ClassVar[str | None] = None
+    """The registered card method (section) a model trained with this term gets, e.g. "mode"."""
 
     def __init__(self, args: Any, student: nn.Module, teacher: nn.Module | None) -> None:
         super().__init__()
@@ -173,6 +196,8 @@ class LogitsKD(LossTerm):
     Without labels it is averaged over each example's real tokens (token heads) and summed per example.
     """
 
+    card_settings = ("temperature",)
+
     def forward(self, batch: DistillationBatch) -> torch.Tensor:
         student, teacher = batch.student.logits, batch.teacher_logits
         if student.shape != teacher.shape:
@@ -203,6 +228,7 @@ class HiddenStateMSE(LossTerm):
 
     needs_teacher_forward = True
     needs_hidden_states = True
+    card_settings = ("hidden_layer_map",)
 
     def __init__(self, args: Any, student: nn.Module, teacher: nn.Module | None) -> None:
         super().__init__(args, student, teacher)
@@ -256,6 +282,7 @@ class AttentionRelationKD(LossTerm):
     """
 
     needs_teacher_forward = True
+    card_settings = ("relation_heads", "relation_teacher_layer", "relation_student_layer")
 
     def __init__(self, args: Any, student: nn.Module, teacher: nn.Module | None) -> None:
         super().__init__(args, student, teacher)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from contextlib import ExitStack
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import os
 
@@ -13,15 +13,15 @@ from torch import nn
 from transformers import Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from ..cards import RunFacts, write_model_card
+from ..integrations.peft import is_peft_model, merge_peft, remove_stale_files, warn_if_baseless, wrap_student
 from .arguments import DistillationArguments
+from .card import training_facts
 from .engines import SideOptimizer, place_teacher
-from .losses import DistillationBatch, LossTerm, batch_size, get_loss_class
-from .peft_student import is_peft_model, merge_peft, remove_stale_files, warn_if_baseless, wrap_student
+from .losses import DistillationBatch, LossTerm, batch_size, build_term, get_loss_class
 from .teacher import check_compatible, load_teacher, prepare_teacher
 from .teacher_outputs import TEACHER_LOGITS, TeacherLogitsCollator, precompute_teacher_logits
 
-if TYPE_CHECKING:
-    from ..cards import RunFacts
 
 LOSS_TERMS_FILE = "loss_terms.safetensors"
 LOSS_TERMS_OPTIMIZER_FILE = "loss_terms_optimizer.safetensors"  # DeepSpeed runs: the loss terms' own optimizer
@@ -83,7 +83,7 @@ class DistillationTrainer(Trainer):
         warn_if_baseless(self.model, args.merge_adapters)
         if args.merge_adapters and is_peft_model(self.model) and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
             raise ValueError("merge_adapters does not work with DeepSpeed/FSDP (sharded weights): save the adapter, "
-                             "then merge it with hf_moekd.distillation.peft_student.merge_peft after loading.")
+                             "then merge it with hf_moekd.integrations.peft.merge_peft after loading.")
         # We count items ourselves (see get_batch_samples); evaluation then gets local means.
         self.model_accepts_loss_kwargs = False
         # DDP / ZeRO-1/2: a replica per process; ZeRO-3: a partitioned DeepSpeed inference engine (engines.py)
@@ -112,8 +112,8 @@ class DistillationTrainer(Trainer):
     # ---- set-up ---------------------------------------------------------------------------------
     def _build_terms(self, given: dict[str, tuple[float, LossTerm]]) -> nn.ModuleDict:
         terms, self.loss_weights = nn.ModuleDict(), {}
-        for name, weight in self.args.loss_weights().items():
-            terms[name] = get_loss_class(name)(self.args, self.model, self.teacher)
+        for name, (weight, options) in self.args.loss_term_specs().items():
+            terms[name] = build_term(get_loss_class(name), self.args, self.model, self.teacher, options)
             self.loss_weights[name] = weight
         aux_coef = getattr(getattr(self.model, "config", None), "router_aux_loss_coef", 0.0) or 0.0
         if aux_coef and "router_aux" not in terms:  # MoE students keep their load-balancing loss
@@ -328,14 +328,12 @@ class DistillationTrainer(Trainer):
                           **_: Any) -> None:
         """Write hf_moekd's model card to output_dir/README.md in place of transformers' generic one.
 
-        The facts are `self.model_card_facts` (set by `hf_moekd.recipes.save_run`) or worked out from this trainer;
+        The facts are `self.model_card_facts` (set by the recipe, e.g. `hf_moekd.recipes.common.save_run`) or worked out from this trainer;
         the arguments add Hub metadata (`finetuned_from` -> base_model, `dataset_tags` -> datasets); the
         Trainer's other arguments (tasks, dataset, dataset_args) are not used.
         """
         if not self.is_world_process_zero():
             return
-        from ..cards import RunFacts, training_facts, write_model_card
-
         facts = (self.model_card_facts or training_facts(self)).to_dict()
         facts["tags"] = list(dict.fromkeys([*facts["tags"], *_as_list(tags)]))
         for key, value in {"language": language, "license": license, "base_model": _as_list(finetuned_from),

@@ -3,6 +3,7 @@
 >>> from hf_moekd.gathering import gather_experts
 >>> dense = gather_experts("path/to/mixtral", strategy="svd", output_dir="mistral-gathered")
 """
+from ..cards import CardMethod, register_card_method
 from .families import FAMILIES, MoEFamily, RoutingStats, get_family, register_family
 from .gather import collect_routing_stats, gather_experts
 from .strategies import (
@@ -13,9 +14,13 @@ from .strategies import (
     merge_experts,
     register_strategy,
 )
+from .variants import Gathering, parse_gathering
+
+register_card_method(CardMethod("gathering", "OneS knowledge gathering (no training)",
+                                ("knowledge-gathering", "mixture-of-experts")))
 
 __all__ = [
     "gather_experts", "collect_routing_stats", "merge_experts", "align_experts", "register_strategy",
     "MERGE_STRATEGIES", "ExpertWeights", "DenseFFN", "FAMILIES", "MoEFamily", "RoutingStats",
-    "get_family", "register_family",
+    "get_family", "register_family", "Gathering", "parse_gathering",
 ]

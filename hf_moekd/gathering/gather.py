@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..cards import CARD_KEY, run_facts, write_model_card
+from ..integrations.peft import is_adapter_folder, is_peft_model, load_adapter, merge_peft
 from ..utils import atomic_output_dir, checkpoint_format, refuse_pickle
 from .families import BlockReader, MoEFamily, RoutingStats, get_family
 from .strategies import expert_spectra, get_strategy, merge_experts, validate_options
@@ -374,8 +376,6 @@ def gather_experts(
 def _merged_adapters(model_or_path: Any, allow_pickle: bool) -> tuple[Any, Path | None]:
     """(the MoE with peft adapters merged, the folder of its tokenizer files) for a PeftModel or adapter folder;
     anything else as given."""
-    from ..distillation.peft_student import is_adapter_folder, is_peft_model, load_adapter, merge_peft
-
     if is_peft_model(model_or_path):
         return merge_peft(model_or_path), None
     if is_adapter_folder(model_or_path):
@@ -395,8 +395,6 @@ def _aux_folder(adapter: Path) -> Path:
 
 def _write_card(tmp: Path, name: str, source: str | os.PathLike | None, hyperparameters: dict[str, Any]) -> None:
     """all_results.json (what the card says, under "model_card") and the model card README.md of a gathered model."""
-    from ..cards import CARD_KEY, run_facts, write_model_card
-
     facts = run_facts(["gathering"], teacher=str(source) if source else None, hyperparameters=hyperparameters,
                       data_text="none: the weights were merged from the MoE's, without training")
     (tmp / "all_results.json").write_text(json.dumps({CARD_KEY: facts.to_dict()}, indent=2) + "\n")

@@ -5,10 +5,11 @@
                           mode_config=MoDEConfig(mode_alpha=0.1, mode="routed"))
 
 or, with `DistillationTrainer`, ``DistillationArguments(extra_loss_terms=["mode=0.1"])`` (routed) /
-``["mode_all=0.1"]`` (all experts). Expert probing and diversity measures are in `hf_moekd.analysis`.
+``["mode=0.1,variant=all"]`` (all experts). Expert probing and diversity measures are in `hf_moekd.analysis`.
 Importing this package registers the ``mode`` and ``mode_all`` loss terms.
 """
-from .experts import ExpertCall, find_experts, only_expert, patch_experts
+from ..cards import CardMethod, register_card_method
+from ..modeling.experts import ExpertCall, find_experts, only_expert, patch_experts
 from .loss import (
     MODES,
     MoDEAllLoss,
@@ -20,6 +21,9 @@ from .loss import (
     mode_loss_per_example,
     mutual_distillation,
 )
+
+register_card_method(CardMethod("mode", "MoDE: mutual distillation among the experts",
+                                ("mode", "mutual-distillation", "mixture-of-experts")))
 
 __all__ = [
     "MODES",

@@ -31,8 +31,9 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from ..cards import run_facts, write_model_card
 from ..distillation.losses import DistillationBatch, LossTerm, batch_size, register_loss
-from .experts import ExpertCall, find_experts, model_top_k, patch_experts
+from ..modeling.experts import ExpertCall, find_experts, model_top_k, patch_experts
 
 MODES = ("routed", "all")
 
@@ -110,18 +111,20 @@ def mode_loss_per_example(calls: list[ExpertCall], n_examples: int,
 
 @register_loss("mode")
 class MoDELoss(LossTerm):
-    """MoDE as a `DistillationTrainer` term (`extra_loss_terms=["mode=0.1"]`: routed; `"mode_all=0.1"`: all experts).
+    """MoDE as a `DistillationTrainer` term (`extra_loss_terms=["mode=0.1"]`: routed; `"mode=0.1,variant=all"` or
+    `"mode_all=0.1"`: all experts).
 
     Args:
-        mode: 'routed' or 'all'; default the registered name's (`mode` -> routed, `mode_all` -> all).
+        variant: 'routed' or 'all'; default the registered name's (`mode` -> routed, `mode_all` -> all).
     """
 
     needs_teacher = False
+    card_method = "mode"
     default_mode: ClassVar[str] = "routed"
 
-    def __init__(self, args: Any, student: nn.Module, teacher: nn.Module | None, mode: str | None = None) -> None:
+    def __init__(self, args: Any, student: nn.Module, teacher: nn.Module | None, variant: str | None = None) -> None:
         super().__init__(args, student, teacher)
-        self.mode = mode or self.default_mode
+        self.mode = variant or self.default_mode
         check_mode(student, self.mode)
         self._calls: list[ExpertCall] = []
 
@@ -184,6 +187,22 @@ class MoDETrainerMixin:
             logs["loss_mode"] = round(float(self._mode_sum) / self._mode_steps, 6)
             self._mode_sum, self._mode_steps = 0.0, 0
         super().log(logs, start_time)
+
+    def create_model_card(self, language: str | None = None, license: str | None = None,
+                          tags: str | list[str] | None = None, model_name: str | None = None, **_: Any) -> None:
+        """hf_moekd's model card (a "MoDE" method section) in output_dir/README.md, in place of transformers' own;
+        push_to_hub uploads it."""
+        if not self.is_world_process_zero():
+            return
+        args = self.args
+        facts = run_facts(["mode"], student_init=getattr(self.model, "name_or_path", None) or None, hyperparameters={
+            "learning_rate": args.learning_rate, "num_train_epochs": args.num_train_epochs, "seed": args.seed,
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "loss_weights": {"mode": self.mode_config.mode_alpha},
+            "loss_term_options": {"mode": {"variant": self.mode_config.mode}},
+        }, tags=[tags] if isinstance(tags, str) else list(tags or []))
+        facts.language, facts.license = language, license
+        write_model_card(args.output_dir, facts, model_id=self.hub_model_id or model_name)
 
 
 class MoDETrainer(MoDETrainerMixin, Trainer):

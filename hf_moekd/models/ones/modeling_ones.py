@@ -30,6 +30,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from .configuration_ones import OneSConfig
 
 
+# Copied from hf_moekd.models.minimoe.modeling_minimoe.eager_attention_forward
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -40,10 +41,13 @@ def eager_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention over `[B, heads, S, d]` inputs; returns the context `[B, S, heads, d]` and the weights."""
+    """Softmax attention; `attention_mask` is boolean (True = attend) or additive. Returns `[B, S, heads, d]`."""
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
-        scores = scores + attention_mask
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
     weights = scores.softmax(-1)
     output = torch.matmul(F.dropout(weights, p=dropout, training=module.training), value)
     return output.transpose(1, 2).contiguous(), weights

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .ones_pipeline import OneSArguments, OneSReport, print_report, run_ones
+from .ones import OneSArguments, OneSReport, print_report, run_ones
 
 
 def is_previous_output(output_dir: str | Path) -> bool:

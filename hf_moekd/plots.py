@@ -12,8 +12,6 @@ import torch
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .probing import ProbeResult
-
 
 def _figure(rows: int, cols: int, width: float, height: float) -> tuple[Figure, Any]:
     """A figure on the Agg canvas and its `[rows, cols]` axes."""
@@ -48,7 +46,7 @@ def _short(layer: str) -> str:
     return f"layer {numbers[-1]}" if numbers else layer
 
 
-def plot_probe(result: ProbeResult, path: str | Path, title: str | None = None) -> Path:
+def plot_probe(result: Any, path: str | Path, title: str | None = None) -> Path:
     """Per MoE layer, each expert's accuracy alone vs the MoE's on its allocated samples (bars), with the sample
     counts (`hf_moekd.analysis.probe_experts`)."""
     layers = result.layers()

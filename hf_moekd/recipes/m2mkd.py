@@ -1,7 +1,7 @@
 """The m2mKD pipeline on images: ViT teacher -> meta model -> per-module KD -> assembled V-MoE -> fine-tune.
 
->>> from hf_moekd.m2m.pipeline import M2MArguments, run_m2mkd
->>> from hf_moekd.m2m.report import print_report
+>>> from hf_moekd.recipes.m2mkd import M2MArguments, run_m2mkd
+>>> from hf_moekd.m2mkd.report import print_report
 >>> print_report(run_m2mkd(M2MArguments()))     # scikit-learn digits, about 2 minutes on 2 CPU cores
 
 Every stage writes its own folder under `output_dir` atomically, with a record (settings, run id, results) in
@@ -31,15 +31,17 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageClassification, PreTrainedModel, set_seed
 
+from ..cards import run_facts
+from ..distillation import load_teacher
 from ..distillation.losses import batch_size
 from ..images import IMAGE_LABELS, shifted_test_sets
 from ..models.ones import OneSConfig, OneSForImageClassification
 from ..models.vmoe import VMoEConfig, VMoEForImageClassification
-from ..ones_pipeline import accuracy, load_data, model_configs, save_and_check, train
+from .vision import ImageArguments, accuracy, load_data, model_configs, save_and_check, train
 from ..utils import atomic_output_dir
-from .modules import META_INITS, assemble, build_meta, check_num_modules, module_state, split_model
-from .path import student_path, teacher_path
-from .report import M2MReport
+from ..m2mkd.modules import META_INITS, assemble, build_meta, check_num_modules, module_state, split_model
+from ..m2mkd.path import student_path, teacher_path
+from ..m2mkd.report import M2MReport
 
 PHASES = ("all", "prepare", "module", "assemble")
 BUDGETS = ("forwards", "blocks")
@@ -48,13 +50,9 @@ STITCH_PREFIX = "stitch."  # stitch weights in MODULE_FILE: kept for inspection,
 
 
 @dataclass
-class M2MArguments:
+class M2MArguments(ImageArguments):
     """What `run_m2mkd` trains; the defaults are a fast digits run (ViT teacher, 4 modules, V-MoE student)."""
 
-    dataset: str = field(default="digits", metadata={"help": "`digits` (scikit-learn) or `fashion_mnist` (Debian IDX files)."})
-    data_dir: str | None = field(default=None, metadata={"help": "Folder of the Fashion-MNIST IDX files (default: Debian's)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Random subset of the training images."})
-    max_test_samples: int | None = field(default=None, metadata={"help": "Random subset of the test images."})
     patch_size: int = field(default=2, metadata={"help": "ViT patch size of teacher and student (must divide the image size)."})
     teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "A trained dense image classifier (OneS) to split; omit to train one (teacher_* fields)."})
     teacher_hidden_size: int = field(default=64, metadata={"help": "Width of the ViT teacher (and of the meta model)."})
@@ -65,8 +63,6 @@ class M2MArguments:
     num_hidden_layers: int = field(default=8, metadata={"help": "Blocks of the V-MoE student (a multiple of num_modules)."})
     num_attention_heads: int = field(default=2, metadata={"help": "Attention heads of the student."})
     intermediate_size: int = field(default=32, metadata={"help": "FFN width of the student's dense MLPs and of each expert."})
-    num_experts: int = field(default=8, metadata={"help": "Experts per V-MoE block."})
-    num_experts_per_tok: int = field(default=2, metadata={"help": "Top-k experts per token."})
     moe_layer_frequency: int = field(default=2, metadata={"help": "Student block i is MoE iff i + 1 is a multiple of it (2: every other block, 1: all)."})
     num_modules: int = field(default=4, metadata={"help": "Modules N the teacher and the student are cut into (one meta block each)."})
     meta_init: str = field(default="teacher", metadata={"help": "Meta model start: `teacher` (its stem, head and first block of each module) or `scratch`."})
@@ -76,8 +72,6 @@ class M2MArguments:
     finetune_epochs: float = field(default=12, metadata={"help": "End-to-end epochs of the assembled student."})
     baseline: bool = field(default=True, metadata={"help": "Also train the student end to end only, on the same budget of student forward passes."})
     budget: str = field(default="forwards", metadata={"help": "How the baseline matches m2mKD's budget: `forwards` (a pass through one student module counts as a full student forward pass; conservative) or `blocks` (it counts as the module's share of the student's blocks)."})
-    learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate of every run."})
-    batch_size: int = field(default=32, metadata={"help": "Training batch size."})
     alpha: float = field(default=0.5, metadata={"help": "Weight of the KL term of m2mKD (1 - alpha on the labels)."})
     temperature: float = field(default=1.0, metadata={"help": "KD temperature T (the KL term is scaled by T^2)."})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Student seeds (teacher and meta model use the first)."})
@@ -109,7 +103,7 @@ class M2MArguments:
 
     @property
     def hidden_loss_weight(self) -> float:
-        """m2mKD distils logits only (read by `ones_pipeline.train`)."""
+        """m2mKD distils logits only (read by `recipes.vision.train`)."""
         return 0.0
 
     @property
@@ -219,8 +213,6 @@ class M2MRun:
 
     def save_model(self, model: PreTrainedModel, folder: Path, record: dict, methods: list[str],
                    teacher: str | None = None) -> None:
-        from ..cards import run_facts
-
         facts = run_facts(methods, teacher=teacher, data=[self.args.dataset], hyperparameters=record["settings"],
                           device="cpu")
         save_and_check(model, str(folder), self.data["test"][:8]["pixel_values"], overwrite=True,
@@ -238,8 +230,6 @@ class M2MRun:
     def teacher(self, build: bool) -> dict:
         args = self.args
         if args.teacher_model_name_or_path:
-            from ..distillation.teacher import load_teacher
-
             path = str(Path(args.teacher_model_name_or_path).resolve())
             self.models["teacher"] = load_teacher(path, OneSForImageClassification).eval()
             check_num_modules(self.models["teacher"].config.num_hidden_layers, args.num_modules, "teacher")
@@ -320,7 +310,7 @@ class M2MRun:
                 "student_block_forwards": sum(n * b for n, b in zip(module_forwards, blocks)) + forwards,
                 "train_seconds": fitted["train_seconds"] + sum(m["results"]["train_seconds"] for m in modules),
             }
-            self.save_model(model, folder, record, ["kd"], teacher=self.teacher_name())
+            self.save_model(model, folder, record, ["m2mkd"], teacher=self.teacher_name())
 
         settings = args.settings(*DATA, *OOD, "finetune_epochs", seed=seed, modules=[m["run_id"] for m in modules])
         return self.stage(folder, settings, make, build)

@@ -2,7 +2,7 @@
 
 Typical use::
 
-    from hf_moekd.mpo import MPOConstraintLoss, contract, overparameterize
+    from hf_moekd.opdf import MPOConstraintLoss, contract, overparameterize
 
     print(overparameterize(student))        # BERT Q/K/V/attention-output/FFN linears -> MPOLinear (~3x params)
     term = MPOConstraintLoss(args, student, teacher)
@@ -11,8 +11,10 @@ Typical use::
     trainer.train()
     contract(student).save_pretrained(out)  # stock checkpoint, no inference overhead
 
-Importing this package registers the ``mpo_constraint`` loss term (``extra_loss_terms=["mpo_constraint=0.01"]``).
+The ``mpo_constraint`` loss term (``extra_loss_terms=["mpo_constraint=0.01"]``) is found through the
+``hf_moekd.loss_terms`` entry points; importing this package registers it and the method's card section.
 """
+from ..cards import CardMethod, register_card_method
 from .constraint import MPOConstraintLoss, default_layer_map
 from .decomposition import (
     MPODecomposition,
@@ -30,6 +32,8 @@ from .model import (
     mpo_modules,
     overparameterize,
 )
+
+register_card_method(CardMethod("opdf", "OPDF: MPO over-parameterised distillation", ("knowledge-distillation", "opdf")))
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",

@@ -7,7 +7,7 @@ from typing import Sequence
 from torch import nn
 from transformers import PreTrainedModel
 
-from .distillation.capture import find_blocks
+from .capture import find_blocks
 
 
 def student_from_teacher_layers(teacher: PreTrainedModel, layers: Sequence[int]) -> PreTrainedModel:

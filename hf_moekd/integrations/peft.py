@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .teacher import auto_class_like
+from ..modeling.auto import auto_class_like
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel

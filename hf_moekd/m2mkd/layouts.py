@@ -1,6 +1,6 @@
-"""Where each supported model family keeps its stem, blocks and head, and how to call one block on its own.
+"""How each supported kind of model keeps its stem, blocks and head, and how to call one block on its own.
 
-Two families, each covering a dense model (teacher, meta model) and its modular MoE twin (student):
+Two layouts, each covering a dense model (teacher, meta model) and its modular MoE twin (student):
 
 * `vit`: OneS (dense ViT) and V-MoE image classifiers. Stem `<base>.embeddings`, blocks `<base>.encoder.layer`,
   head `<base>.layernorm` then `classifier` on the CLS token.
@@ -27,7 +27,7 @@ Inputs = dict[str, torch.Tensor]
 Routers = tuple[torch.Tensor, ...]
 
 
-class Family:
+class Layout:
     """How one kind of model is cut into stem / blocks / head (submodule names) and how each piece is called."""
 
     name: str = ""
@@ -56,7 +56,7 @@ class Family:
         raise NotImplementedError
 
 
-class ViTFamily(Family):
+class ViTLayout(Layout):
     name, model_types, dense_type, head_names = "vit", ("ones", "vmoe"), "ones", ("{base}.layernorm", "classifier")
 
     def embed(self, stem: nn.ModuleDict, inputs: Inputs) -> torch.Tensor:
@@ -73,7 +73,7 @@ class ViTFamily(Family):
         return vmoe_balancing_loss(routers, config.num_experts_per_tok)
 
 
-class BertFamily(Family):
+class BertLayout(Layout):
     name, model_types, dense_type = "bert", ("bert", "minimoe"), "bert"
     head_names = ("{base}.pooler", "dropout", "classifier")
 
@@ -101,17 +101,17 @@ class BertFamily(Family):
         return minimoe_balancing_loss(routers, inputs.get("attention_mask"))
 
 
-FAMILIES: tuple[Family, ...] = (ViTFamily(), BertFamily())
+LAYOUTS: tuple[Layout, ...] = (ViTLayout(), BertLayout())
 
 
-def family_of(model: Any) -> Family:
-    """The family of `model` (by `config.model_type`); a clear error for unsupported models."""
+def layout_of(model: Any) -> Layout:
+    """The layout of `model` (by `config.model_type`); a clear error for unsupported models."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for family in FAMILIES:
-        if model_type in family.model_types:
-            return family
-    supported = ", ".join(f"{t} ({f.name})" for f in FAMILIES for t in f.model_types)
+    for layout in LAYOUTS:
+        if model_type in layout.model_types:
+            return layout
+    supported = ", ".join(f"{t} ({f.name})" for f in LAYOUTS for t in f.model_types)
     raise ValueError(f"m2mKD cannot split a {model_type or type(model).__name__!r} model; supported: {supported}.")
 
 
-__all__ = ["FAMILIES", "BertFamily", "Family", "ViTFamily", "family_of"]
+__all__ = ["LAYOUTS", "BertLayout", "Layout", "ViTLayout", "layout_of"]

@@ -12,7 +12,7 @@ Gauge note: an MPO is only defined up to invertible matrices on its bonds, so co
 only when both come from the same canonical decomposition of related weights. `mpo_decompose` fixes the gauge
 (mixed-canonical around the central tensor, sign-fixed singular vectors), and the constraint is meaningful when the
 student is initialised from the mapped teacher layers, as in OPDF (e.g.
-``hf_moekd.students.student_from_teacher_layers(teacher, [1, 3, 5, ...])`` before `overparameterize`): then the
+``hf_moekd.modeling.students.student_from_teacher_layers(teacher, [1, 3, 5, ...])`` before `overparameterize`): then the
 term starts at 0 and measures how far training moves the student's auxiliary tensors from the teacher's.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distillation.capture import find_blocks, unwrap
+from ..modeling.capture import find_blocks, unwrap
 from ..distillation.losses import DistillationBatch, LossTerm, batch_size, register_loss
 from .decomposition import mpo_decompose
 from .layers import MPOLinear
@@ -51,6 +51,7 @@ class MPOConstraintLoss(LossTerm):
     """
 
     needs_teacher = False
+    card_method = "opdf"
 
     def __init__(self, args: Any, student: nn.Module, teacher: nn.Module | None, layer_map: dict[int, int] | None = None) -> None:
         super().__init__(args, student, teacher)
@@ -59,9 +60,10 @@ class MPOConstraintLoss(LossTerm):
         student, teacher = unwrap(student), unwrap(teacher)
         layers = mpo_modules(student)
         if not layers:
-            raise ValueError("mpo_constraint found no MPOLinear in the student: call hf_moekd.mpo.overparameterize first.")
+            raise ValueError("mpo_constraint found no MPOLinear in the student: call hf_moekd.opdf.overparameterize first.")
         s_blocks, t_blocks = find_blocks(student), find_blocks(teacher)
-        self.layer_map = default_layer_map(len(s_blocks), len(t_blocks)) if layer_map is None else dict(layer_map)
+        self.layer_map = (default_layer_map(len(s_blocks), len(t_blocks)) if layer_map is None
+                          else {int(s): int(t) for s, t in layer_map.items()})
         for s, t in self.layer_map.items():
             if not (0 <= s < len(s_blocks) and 0 <= t < len(t_blocks)):
                 raise ValueError(f"layer_map entry {s}->{t} is out of range: the student has blocks 0..{len(s_blocks) - 1}, "

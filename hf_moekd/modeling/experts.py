@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distillation.capture import unwrap
+from .capture import unwrap
 from ..models.minimoe.modeling_minimoe import MiniMoEExperts
 from ..models.vmoe.modeling_vmoe import VMoEExperts
 

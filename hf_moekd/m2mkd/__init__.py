@@ -3,13 +3,19 @@
 * `modules`: cut a model into N modules of consecutive blocks (`split_model`), the shallow meta model
   (`build_meta`), stitch layers (`Stitch`), and assembly of trained modules into the full student (`assemble`).
 * `path`: the hybrid networks that train one module (`student_path`) against the teacher's (`teacher_path`).
-* `pipeline`: the image pipeline end to end (`run_m2mkd(M2MArguments(...))`), resumable per stage and module.
+* `layouts`: where each kind of model keeps its stem, blocks and head.
+* `report`: the study's table. The image pipeline end to end is `hf_moekd.recipes.m2mkd`
+  (`run_m2mkd(M2MArguments(...))`), resumable per stage and module.
 """
-from .families import FAMILIES, family_of
+from ..cards import CardMethod, register_card_method
+from .layouts import LAYOUTS, layout_of
 from .modules import Segment, Stitch, assemble, build_meta, module_state, run_segments, split_model
 from .path import M2MPath, M2MPathOutput, student_path, teacher_path
 
+register_card_method(CardMethod("m2mkd", "m2mKD: module-to-module distillation",
+                                ("knowledge-distillation", "m2mkd", "mixture-of-experts")))
+
 __all__ = [
-    "FAMILIES", "M2MPath", "M2MPathOutput", "Segment", "Stitch", "assemble", "build_meta", "family_of",
+    "LAYOUTS", "M2MPath", "M2MPathOutput", "Segment", "Stitch", "assemble", "build_meta", "layout_of",
     "module_state", "run_segments", "split_model", "student_path", "teacher_path",
 ]

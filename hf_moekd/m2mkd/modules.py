@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..students import student_from_teacher_layers
-from .families import Family, Inputs, Routers, family_of
+from ..modeling.students import student_from_teacher_layers
+from .layouts import Layout, Inputs, Routers, layout_of
 
 META_INITS = ("teacher", "scratch")
 
@@ -37,8 +37,8 @@ class Segment(nn.Module):
 
     def __init__(self, model: PreTrainedModel, index: int, num_modules: int):
         super().__init__()
-        self.family: Family = family_of(model)
-        stem, blocks_name, head = self.family.parts(model)
+        self.layout: Layout = layout_of(model)
+        stem, blocks_name, head = self.layout.parts(model)
         blocks = model.get_submodule(blocks_name)
         per_module = check_num_modules(len(blocks), num_modules, f"{model.config.model_type} model")
         if not 0 <= index < num_modules:
@@ -66,15 +66,15 @@ class Segment(nn.Module):
 
     def forward(self, hidden: torch.Tensor | None, inputs: Inputs) -> tuple[torch.Tensor, Routers]:
         if self.stem is not None:
-            hidden = self.family.embed(self.stem, inputs)
+            hidden = self.layout.embed(self.stem, inputs)
         elif hidden is None:
             raise ValueError(f"module {self.index} needs the hidden states of module {self.index - 1}.")
         routers: Routers = ()
         for block in self.blocks:
-            hidden, found = self.family.block(self.config, block, hidden, inputs)
+            hidden, found = self.layout.block(self.config, block, hidden, inputs)
             routers += found
         if self.head is not None:
-            hidden = self.family.head(self.head, hidden)
+            hidden = self.layout.head(self.head, hidden)
         return hidden, routers
 
 
@@ -124,11 +124,11 @@ def build_meta(teacher: PreTrainedModel, num_modules: int, init: str = "teacher"
     `init="teacher"` copies the teacher's stem, head and the first block of each teacher module; `"scratch"` is a
     fresh initialisation (seed with `set_seed` first). Train it on the task before use (it is trainable).
     """
-    family = family_of(teacher)
-    if teacher.config.model_type != family.dense_type:
-        raise ValueError(f"the teacher must be a monolithic dense model ({family.dense_type!r} for this family), got "
+    layout = layout_of(teacher)
+    if teacher.config.model_type != layout.dense_type:
+        raise ValueError(f"the teacher must be a monolithic dense model ({layout.dense_type!r} for this layout), got "
                          f"{teacher.config.model_type!r}: its meta model would not reload with the right MoE blocks.")
-    _, blocks_name, _ = family.parts(teacher)
+    _, blocks_name, _ = layout.parts(teacher)
     per_module = check_num_modules(len(teacher.get_submodule(blocks_name)), num_modules, "teacher")
     if init == "teacher":
         return student_from_teacher_layers(teacher, list(range(0, num_modules * per_module, per_module)))

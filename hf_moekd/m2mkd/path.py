@@ -40,9 +40,9 @@ class M2MPath(nn.Module):
         if len(meta) != module.num_modules or meta[i].index != i:
             raise ValueError(f"the meta model is cut into {len(meta)} modules but module {i} comes from a cut into "
                              f"{module.num_modules}; cut both into the same number of modules.")
-        if meta[0].family.name != module.family.name:
-            raise ValueError(f"a {module.family.name} module cannot replace a module of a {meta[0].family.name} meta "
-                             "model; use a teacher, meta model and student of the same family.")
+        if meta[0].layout.name != module.layout.name:
+            raise ValueError(f"a {module.layout.name} module cannot replace a module of a {meta[0].layout.name} meta "
+                             "model; use a teacher, meta model and student of the same layout.")
         for stitch, needed, name in ((pre, not module.is_first, "pre"), (post, not module.is_last, "post")):
             want = (width, module.hidden_size) if name == "pre" else (module.hidden_size, width)
             if needed and (stitch.in_features, stitch.out_features) != want:
@@ -75,7 +75,7 @@ class M2MPath(nn.Module):
         hidden, routers = self.module(hidden, inputs)
         if not self.module.is_last:
             hidden, _ = run_segments(self.after, inputs, self.post(hidden))
-        aux = self.module.family.aux_loss(self.config, routers, inputs) if routers else None
+        aux = self.module.layout.aux_loss(self.config, routers, inputs) if routers else None
         loss = None
         if labels is not None:
             loss = F.cross_entropy(hidden.float(), labels)

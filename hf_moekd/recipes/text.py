@@ -21,20 +21,17 @@ from transformers import (
     set_seed,
 )
 
-from .data import CONLL_LABELS, GLUE_TASKS, get_glue_task, load_conll, load_glue, training_subset
-from .distillation import DistillationArguments, DistillationTrainer
-from .recipes import (
-    ModelArguments,
-    build_model,
-    check_output_dir,
-    configure_losses,
-    count_parameters,
-    model_for_saving,
-    removed_on_failure,
-    resume_checkpoint,
-    save_run,
-)
-from .utils import NOT_METRIC_SUFFIXES, markdown_table
+from ..analysis import has_experts, routing_counts
+from ..callbacks import CSVLoggerCallback
+from ..data import CONLL_LABELS, GLUE_TASKS, get_glue_task, load_conll, load_glue, training_subset
+from ..distillation import DistillationArguments, DistillationTrainer
+from ..distillation.engines import is_zero3
+from ..metrics import conll_compute_metrics, glue_compute_metrics
+from ..modeling.parameters import count_parameters
+from ..plots import plot_loss_terms, plot_routing
+from ..utils import NOT_METRIC_SUFFIXES, markdown_table, refuse_pickle
+from .common import check_output_dir, configure_losses, removed_on_failure, resume_checkpoint, save_run
+from .students import ModelArguments, build_model, model_for_saving
 
 CONLL = "conll2003"
 TASK_NAMES = (*GLUE_TASKS, "conll")
@@ -131,8 +128,6 @@ class TaskSpec:
         return DataCollatorForTokenClassification(tokenizer) if self.token_level else DataCollatorWithPadding(tokenizer)
 
     def compute_metrics(self) -> Callable:
-        from .metrics import conll_compute_metrics, glue_compute_metrics
-
         return conll_compute_metrics(self.label_names) if self.token_level else glue_compute_metrics(self.name)
 
 
@@ -174,8 +169,6 @@ def run_task(task_name: str, model_args: ModelArguments, data_args: DataArgument
         data = task.tokenize(raw, tokenizer, data_args.max_seq_length)
         callbacks = []
         if report.log_csv:
-            from .callbacks import CSVLoggerCallback
-
             callbacks.append(CSVLoggerCallback())
         trainer = DistillationTrainer(
             model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
@@ -209,9 +202,6 @@ def _check_report_to(args: DistillationArguments) -> None:
 
 def _save_plots(trainer: DistillationTrainer, eval_data: Any, task: TaskSpec) -> None:
     """loss_terms.png, and routing_student.png / routing_teacher.png for MoE models, in output_dir (process 0 only)."""
-    from .analysis import has_experts, plot_loss_terms, plot_routing, routing_counts
-    from .distillation.engines import is_zero3
-
     out = Path(trainer.args.output_dir)
     try:
         path = plot_loss_terms(trainer.state.log_history, out / "loss_terms.png", weights=trainer.loss_weights,
@@ -271,8 +261,6 @@ def distill_summary(results: dict[str, Any], trainer: DistillationTrainer, secon
 def load_for_task(model_dir: str | Path, task: TaskSpec, allow_pickle: bool = False) -> tuple[PreTrainedModel, Any]:
     """A saved model folder and its tokenizer, checked against the task (head kind, label count, label names)."""
     from transformers import AutoConfig, AutoTokenizer
-
-    from .utils import refuse_pickle
 
     folder = Path(model_dir)
     if not folder.is_dir():

@@ -1,0 +1,124 @@
+"""The image recipe shared by the OneS and m2mKD pipelines: arguments, data, training with `DistillationTrainer`,
+accuracy, latency, and saving a model with its card."""
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForImageClassification, PreTrainedModel, PrinterCallback
+
+from ..cards import CARD_KEY, RunFacts, write_model_card
+from ..distillation import DistillationArguments, DistillationTrainer
+from ..images import InMemoryDataset, load_image_dataset
+from ..models.ones import OneSConfig
+from ..models.vmoe import VMoEConfig
+from ..utils import atomic_output_dir
+
+
+@dataclass
+class ImageArguments:
+    """Data, backbone and optimisation settings every image pipeline shares (OneS and m2mKD extend it)."""
+
+    dataset: str = field(default="digits", metadata={"help": "`digits` (scikit-learn) or `fashion_mnist` (Debian IDX files)."})
+    data_dir: str | None = field(default=None, metadata={"help": "Folder of the Fashion-MNIST IDX files (default: Debian's)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Random subset of the training images."})
+    max_test_samples: int | None = field(default=None, metadata={"help": "Random subset of the test images."})
+    patch_size: int = field(default=2, metadata={"help": "ViT patch size (must divide the image size)."})
+    hidden_size: int = field(default=32, metadata={"help": "Width of the student."})
+    num_hidden_layers: int = field(default=4, metadata={"help": "Blocks of the student."})
+    num_attention_heads: int = field(default=2, metadata={"help": "Attention heads."})
+    intermediate_size: int = field(default=32, metadata={"help": "FFN width of the dense MLPs and of each expert."})
+    num_experts: int = field(default=8, metadata={"help": "Experts per V-MoE block."})
+    num_experts_per_tok: int = field(default=2, metadata={"help": "Top-k experts per token."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate of every run."})
+    batch_size: int = field(default=32, metadata={"help": "Training batch size."})
+    alpha: float = field(default=0.9, metadata={"help": "Weight of the logits KD term (1 - alpha on the labels)."})
+    temperature: float = field(default=2.0, metadata={"help": "KD temperature."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds (each trains every model)."})
+
+
+def load_data(args: ImageArguments):
+    return load_image_dataset(args.dataset, data_dir=args.data_dir, max_train_samples=args.max_train_samples,
+                              max_test_samples=args.max_test_samples)
+
+
+def model_configs(args: ImageArguments, image_size: int, labels: tuple[str, ...]) -> tuple[OneSConfig, VMoEConfig]:
+    """The dense ViT (OneS) config and the V-MoE config of the same backbone."""
+    backbone = dict(
+        image_size=image_size, patch_size=args.patch_size, num_channels=1, hidden_size=args.hidden_size,
+        num_hidden_layers=args.num_hidden_layers, num_attention_heads=args.num_attention_heads,
+        intermediate_size=args.intermediate_size, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)},
+    )
+    moe = VMoEConfig(**backbone, num_experts=args.num_experts, num_experts_per_tok=args.num_experts_per_tok)
+    return OneSConfig(**backbone), moe
+
+
+def train(model: PreTrainedModel, data, args: ImageArguments, seed: int, epochs: float, teacher=None,
+          data_collator=None, extra_loss_terms: list[str] | None = None) -> PreTrainedModel:
+    """Train `model` in place (with KD from `teacher` when given: logits + every block's hidden states).
+
+    `data` is a `datasets.Dataset` of images (read into memory) or, with `data_collator`, any dataset it batches.
+    `extra_loss_terms` are registered loss terms as 'name=weight' (e.g. MoDE's 'mode=0.1').
+    """
+    loss = {"alpha": 0.0}
+    if teacher is not None:
+        loss = {"alpha": args.alpha, "temperature": args.temperature,
+                "hidden_loss_weight": getattr(args, "hidden_loss_weight", 0.0)}
+    with tempfile.TemporaryDirectory() as tmp:
+        targs = DistillationArguments(
+            output_dir=tmp, num_train_epochs=epochs, per_device_train_batch_size=args.batch_size,
+            learning_rate=args.learning_rate, weight_decay=0.01, save_strategy="no", report_to=[], disable_tqdm=True,
+            seed=seed, use_cpu=True, logging_strategy="no", extra_loss_terms=list(extra_loss_terms or []), **loss,
+        )
+        trainer = DistillationTrainer(model=model, args=targs, teacher_model=teacher, data_collator=data_collator,
+                                      train_dataset=data if data_collator else InMemoryDataset(data))
+        trainer.remove_callback(PrinterCallback)  # keep the output to the pipeline's own lines
+        trainer.train()
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy(model: PreTrainedModel, data, batch_size: int = 256) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(data), batch_size):
+        batch = data[start : start + batch_size]
+        correct += int((model(pixel_values=batch["pixel_values"]).logits.argmax(-1) == batch["labels"]).sum())
+    return correct / len(data)
+
+
+@torch.inference_mode()
+def latency_ms(model: PreTrainedModel, pixel_values: torch.Tensor, repeats: int = 20) -> float:
+    """Median wall time of one forward pass (after 3 warm-up passes)."""
+    model.eval()
+    for _ in range(3):
+        model(pixel_values=pixel_values)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(pixel_values=pixel_values)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def save_and_check(model: PreTrainedModel, output_dir: str, pixel_values: torch.Tensor, overwrite: bool = False,
+                   results: dict[str, Any] | None = None, *, facts: RunFacts) -> None:
+    """Save `model` (atomically) with `all_results.json` and its model card (README.md), and check that
+    `AutoModelForImageClassification` reloads it to the same logits."""
+    with atomic_output_dir(output_dir, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        (tmp / "all_results.json").write_text(json.dumps({**(results or {}), CARD_KEY: facts.to_dict()}, indent=2))
+        write_model_card(tmp, facts, model_id=Path(output_dir).name)
+        reloaded = AutoModelForImageClassification.from_pretrained(tmp)
+        with torch.no_grad():
+            same = torch.allclose(reloaded(pixel_values=pixel_values).logits, model(pixel_values=pixel_values).logits,
+                                  atol=1e-5)
+        if not same:
+            raise RuntimeError(f"the model written to {output_dir} does not reload to the same logits")

@@ -1,0 +1,83 @@
+"""The package's architecture: imports only go downward (import-linter contracts in pyproject.toml, function-level
+imports included), no cycle between top-level units, model copies identical to their sources, and every method
+registered by one entry-point line."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "utils"))
+from check_copies import drifted_copies  # noqa: E402
+
+LINT = [str(Path(sys.executable).parent / "lint-imports"), "--no-cache", "--no-logo"]
+
+
+def lint(package_parent: Path) -> subprocess.CompletedProcess:
+    """lint-imports with the project's contracts on the `hf_moekd` found in `package_parent`."""
+    env = {"PYTHONPATH": str(package_parent), "PATH": "/usr/bin:/bin"}
+    return subprocess.run([*LINT, str(ROOT / "pyproject.toml")], cwd=package_parent, env=env, capture_output=True,
+                          text=True)
+
+
+def test_layers_hold():
+    result = lint(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
+
+
+@pytest.mark.parametrize("module,upward", [
+    ("cards/facts.py", "    from ..distillation import DistillationTrainer\n"),  # a function-level import
+    ("distillation/losses.py", "from ..opdf import MPOLinear\n"),
+    ("gathering/gather.py", "from ..mode import MoDELoss\n"),  # between two method packages
+    ("models/ones/modeling_ones.py", "from ...utils import markdown_table\n"),
+])
+def test_an_upward_import_breaks_the_contracts(tmp_path, module, upward):
+    shutil.copytree(ROOT / "hf_moekd", tmp_path / "hf_moekd", ignore=shutil.ignore_patterns("__pycache__"))
+    path = tmp_path / "hf_moekd" / module
+    text = path.read_text()
+    if upward.startswith("    "):
+        path.write_text(text + "\n\ndef _late():\n" + upward + "    return DistillationTrainer\n")
+    else:
+        head, sep, rest = text.partition("from __future__ import annotations\n")
+        path.write_text(head + sep + upward + rest)
+    result = lint(tmp_path)
+    assert result.returncode != 0 and "BROKEN" in result.stdout, result.stdout + result.stderr
+
+
+def test_no_import_cycle_between_top_level_units():
+    tool = ROOT.parent / "shared" / "tools" / "unit_cycles.py"
+    if not tool.is_file():
+        pytest.skip("the workplace's unit_cycles tool is not beside the checkout")
+    result = subprocess.run([sys.executable, str(tool), "hf_moekd"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_model_copies_are_identical():
+    problems = [p for f in sorted((ROOT / "hf_moekd" / "models").rglob("*.py"))
+                for p in drifted_copies(f.read_text(), str(f))]
+    assert not problems, problems
+
+
+def test_a_drifted_copy_is_reported():
+    source = (ROOT / "hf_moekd" / "models" / "ones" / "modeling_ones.py").read_text()
+    assert "# Copied from hf_moekd.models.minimoe" in source
+    drifted = source.replace("weights = scores.softmax(-1)", "weights = scores.softmax(-1) * 1.0", 1)
+    assert len(drifted_copies(drifted)) == 1
+
+
+def test_every_method_registers_through_its_entry_point():
+    from importlib.metadata import entry_points
+
+    from hf_moekd.cards import card_methods
+    from hf_moekd.distillation import get_loss_class
+
+    packages = {p.name: p.value for p in entry_points(group="hf_moekd.methods")}
+    assert set(packages) == {"distillation", "gathering", "ones", "minimoe", "opdf", "mode", "m2mkd"}
+    assert {"kd", "fine-tune", "task-agnostic", "gathering", "ones", "minimoe", "opdf", "mode", "m2mkd"} <= set(card_methods())
+    for term in ("mpo_constraint", "mode", "mode_all"):  # found without importing their packages first
+        assert get_loss_class(term).name == term
