@@ -112,7 +112,8 @@ def test_token_kd_ignores_masked_positions(tmp_path):
 def test_relation_and_hidden_terms_vanish_for_identical_models(tmp_path):
     teacher = tiny_bert(1)
     student = copy.deepcopy(teacher)
-    args = make_args(tmp_path, alpha=1.0, hidden_loss_weight=1.0, attention_relation_weight=1.0, relation_heads=4)
+    args = make_args(tmp_path, alpha=1.0, hidden_loss_weight=1.0, attention_relation_weight=1.0, relation_heads=4,
+                     relation_student_source="block")  # the student's own Q/K/V: identical models, identical relations
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args)
     inputs = batch_of(tiny_dataset(ragged=True))
     student.train()
@@ -296,3 +297,25 @@ def test_moe_student_keeps_its_load_balancing_loss(tmp_path):
     torch.manual_seed(1)  # same router noise
     out = student(**inputs)
     torch.testing.assert_close(loss, out.loss, rtol=1e-5, atol=1e-6)  # CE + 0.05 * aux, as the model computes it
+
+
+def test_logits_kd_per_logit_is_the_official_m2mkd_formula(tmp_path):
+    """Issue 16.7: m2mKD's DistillationLoss (deep_incubation/losses.py): (1 - a) CE + a * KL_sum * T^2 / numel."""
+    teacher, student = tiny_bert(1), tiny_bert(2)
+    alpha, T = 0.5, 1.0
+    args = make_args(tmp_path, alpha=alpha, temperature=T, extra_loss_terms=[f"logits_kd={alpha},per=logit"])
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args)
+    inputs = batch_of(tiny_dataset())
+    student.train()  # the distillation loss (tiny_bert has no dropout)
+    loss = trainer.compute_loss(student, dict(inputs))
+    with torch.no_grad():
+        s = student(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        t = teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    kd = F.kl_div(F.log_softmax(s / T, 1), F.log_softmax(t / T, 1), reduction="sum", log_target=True) * T * T / s.numel()
+    official = (1 - alpha) * F.cross_entropy(s, inputs["labels"]) + alpha * kd
+    torch.testing.assert_close(loss.detach(), official, rtol=1e-5, atol=1e-6)
+    per_example = DistillationTrainer(model=student, teacher_model=teacher, args=make_args(tmp_path, alpha=alpha, temperature=T))
+    assert per_example.compute_loss(student, dict(inputs)) > loss  # the per-example KL weighs C = 3 times more
+    with pytest.raises(ValueError, match="takes no option 'scale'"):
+        DistillationTrainer(model=student, teacher_model=teacher,
+                            args=make_args(tmp_path, extra_loss_terms=["logits_kd=0.5,scale=2"]))

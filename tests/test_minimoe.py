@@ -177,8 +177,12 @@ def test_router_noise_only_in_training():
     model.train()  # dropout is 0: only the router noise is random
     a, b = model(**inputs), model(**inputs)
     assert not torch.equal(a.router_logits[0], b.router_logits[0])
-    ratio = a.router_logits[0] / model.eval()(**inputs).router_logits[0]
-    assert ratio.min() >= 0.5 - 1e-4 and ratio.max() <= 1.5 + 1e-4  # multiplicative U(1 - eps, 1 + eps)
+    clean = model.eval()(**inputs).router_logits[0]
+    shift = a.router_logits[0] - clean  # official MiniMoE: additive U(-eps, eps) on the logits
+    assert shift.abs().max() <= 0.5 + 1e-5 and shift.abs().max() > 0.4 and shift.std() > 0.2
+    mult = tiny_model(router_noise=0.5, router_noise_type="multiplicative").train()
+    ratio = mult(**inputs).router_logits[0] / mult.eval()(**inputs).router_logits[0]
+    assert ratio.min() >= 0.5 - 1e-4 and ratio.max() <= 1.5 + 1e-4  # the explicit multiplicative option
     quiet = tiny_model(router_noise=0.0).train()
     torch.testing.assert_close(quiet(**inputs).router_logits[0], quiet(**inputs).router_logits[0], rtol=0, atol=0)
 
@@ -433,14 +437,44 @@ def test_dense_conversion_shared_neurons_and_determinism():
         assert torch.equal(a, b), name
     shared = round(2 / 3 * 37)
     w_dense = dense.bert.encoder.layer[0].intermediate.dense.weight
+    w_out = dense.bert.encoder.layer[0].output.dense.weight
     experts = moe.minimoe.encoder.layer[0].ffn.experts
-    for e in range(4):
+    for e in range(4):  # official moefy: shared neurons, then dense neurons shared + e :: E, then fresh ones
+        own = list(range(shared + e, 37, 4))
         assert torch.equal(experts.w_in[e, :shared], w_dense[:shared])
-        assert not torch.equal(experts.w_in[e, shared:], w_dense[shared:])
-        torch.testing.assert_close(experts.w_in[e, shared:], w_dense[shared:], rtol=0, atol=0.01)
-    assert not torch.equal(experts.w_in[1, shared:], experts.w_in[2, shared:])
+        assert torch.equal(experts.w_in[e, shared:shared + len(own)], w_dense[own])
+        assert torch.equal(experts.w_out[e, :, shared:shared + len(own)], w_out[:, own])
+        fresh = experts.w_in[e, shared + len(own):]
+        assert abs(fresh.std().item() - 0.02) < 0.005 and not torch.isin(fresh, w_dense).any()
     assert torch.equal(moe.classifier.weight, dense.classifier.weight)
+    noisy = minimoe_from_dense(dense, scale_expert_output_by_gate=False, seed=1, distinct_init="noise")
+    noisy_experts = noisy.minimoe.encoder.layer[0].ffn.experts
+    for e in range(4):  # the explicit near-copy option of earlier versions
+        assert torch.equal(noisy_experts.w_in[e, :shared], w_dense[:shared])
+        torch.testing.assert_close(noisy_experts.w_in[e, shared:], w_dense[shared:], rtol=0, atol=0.01)
     inputs = batch()
-    torch.testing.assert_close(moe(**inputs).logits, dense(**inputs).logits, rtol=0, atol=1e-3)  # approximately
+    torch.testing.assert_close(noisy(**inputs).logits, dense(**inputs).logits, rtol=0, atol=1e-3)  # approximately
+    with pytest.raises(ValueError, match="distinct_init"):
+        minimoe_from_dense(dense, distinct_init="copy")
+
+
+def _near_identical_fraction(experts, a: int, b: int) -> float:
+    """Fraction of expert a's FFN neurons (w_in rows) with a near-identical (cosine > 0.99) neuron in expert b."""
+    cos = torch.nn.functional.normalize(experts.w_in[a], dim=1) @ torch.nn.functional.normalize(experts.w_in[b], dim=1).T
+    return (cos.max(dim=1).values > 0.99).float().mean().item()
+
+
+def test_experts_from_dense_are_distinct_beyond_the_shared_neurons():
+    """Issue 16.1: with 2/3 shared, at most ~70 % of expert 0's neurons have a twin in expert 1 (the old
+    copy-plus-1%-noise experts had twins for all of them)."""
+    dense = _bert(BertForSequenceClassification)
+    for layer in dense.bert.encoder.layer:  # a trained-looking FFN: larger than the init scale
+        layer.intermediate.dense.weight.data.normal_(0, 0.5)
+    moe = minimoe_from_dense(dense, expert_shared_fraction=2 / 3)
+    assert _near_identical_fraction(moe.minimoe.encoder.layer[0].ffn.experts, 0, 1) <= 0.70
+    near_copies = minimoe_from_dense(dense, expert_shared_fraction=2 / 3, distinct_init="noise")
+    assert _near_identical_fraction(near_copies.minimoe.encoder.layer[0].ffn.experts, 0, 1) == 1.0
+
+
     with pytest.raises(TypeError, match="supports BertModel"):
         minimoe_from_dense(moe)

@@ -15,6 +15,7 @@ from hf_moekd.opdf import (
     MPOLinear,
     auto_factors,
     contract,
+    default_layer_map,
     mpo_contract,
     mpo_decompose,
     mpo_modules,
@@ -174,6 +175,18 @@ def test_constraint_is_zero_when_student_equals_teacher():
     term = MPOConstraintLoss(None, student, teacher, layer_map={0: 0, 1: 1})
     assert len(term.pair_names) == 12
     assert term.regulariser().item() < 1e-12
+
+
+def test_constraint_pairs_each_block_with_its_origin_and_starts_at_zero():
+    """Issue 16.4, the OPDF benchmark's setting: a 3-block student cut from teacher blocks 0, 2, 4 of a 6-block
+    teacher. The default map must pair block i with the block it was copied from (not 2i + 1)."""
+    teacher = tiny_bert(0, layers=6)
+    student = student_from_teacher_layers(teacher, [0, 2, 4])
+    overparameterize(student)
+    term = MPOConstraintLoss(None, student, teacher)
+    assert term.layer_map == {0: 0, 1: 2, 2: 4}
+    assert term.regulariser().item() < 1e-12
+    assert MPOConstraintLoss(None, student, teacher, layer_map=default_layer_map(3, 6)).regulariser().item() > 1e-6
 
 
 def test_constraint_gradient_reaches_auxiliary_cores_only():

@@ -164,3 +164,16 @@ def test_example_script_runs_the_comparison(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "| svd + KD (OneS) |" in out and "fine-tune, no KD" not in out
     assert (tmp_path / "o" / "model.safetensors").is_file()
+
+
+def test_benefit_is_na_when_the_moe_margin_is_within_its_paired_spread():
+    """Issue 16.8: "% preserved" of a margin inside the noise is not a number to print."""
+    noisy = OneSReport(args={}, accuracy={"dense": [0.80, 0.85, 0.79], "moe": [0.83, 0.80, 0.82],
+                                          "svd + KD (OneS)": [0.82, 0.84, 0.80]}, params={"dense": 10, "moe": 20})
+    mean, std = noisy.moe_margin()
+    assert 0 < mean < std
+    assert noisy.summary()["models"]["svd + KD (OneS)"]["benefit_preserved_pct"] is None
+    assert "n/a (MoE margin +0.33 ± 4.62 is within the paired spread)" in noisy.table()
+    clear = OneSReport(args={}, accuracy={"dense": [0.80, 0.81, 0.79], "moe": [0.90, 0.90, 0.90],
+                                          "svd + KD (OneS)": [0.85, 0.86, 0.84]}, params={"dense": 10, "moe": 20})
+    assert clear.summary()["models"]["svd + KD (OneS)"]["benefit_preserved_pct"] == pytest.approx(50.0)

@@ -36,6 +36,34 @@ def test_task_agnostic_turns_off_labels_and_logits(tmp_path):
         DistillationArguments(output_dir=str(tmp_path), task_agnostic=True)
 
 
+@pytest.mark.parametrize("source", ["final_hidden", "block"])
+def test_relation_term_alone_trains_every_layer_of_a_minimoe_student(tmp_path, source):
+    """Issue 16.2: the official MiniMoE student takes its relations from the final hidden states (an extra attention),
+    so every layer's experts and router learn in stage 1; from the last block's own Q/K/V (MiniLMv2), the last
+    layer's FFN experts and router get exactly zero gradient."""
+    from transformers import BertConfig, BertModel
+
+    from hf_moekd.distillation import DistillationTrainer
+    from hf_moekd.models.minimoe import minimoe_from_dense
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=50, hidden_size=32, num_attention_heads=4, intermediate_size=48, max_position_embeddings=32,
+                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    teacher = BertModel(BertConfig(num_hidden_layers=3, **small)).eval()
+    student = minimoe_from_dense(BertModel(BertConfig(num_hidden_layers=2, **small)), num_ffn_experts=2).train()
+    args = DistillationArguments(output_dir=str(tmp_path), task_agnostic=True, attention_relation_weight=1.0,
+                                 relation_heads=4, relation_student_source=source, report_to=[], use_cpu=True)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args)
+    ids = torch.randint(1, 50, (4, 12))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    trainer.compute_loss(student, inputs).backward()
+    last = len(student.encoder.layer) - 1
+    for i, layer in enumerate(student.encoder.layer):
+        grads = [p.grad for p in (*layer.ffn.experts.parameters(), *layer.ffn.router.parameters())]
+        reached = all(g is not None and g.abs().sum() > 0 for g in grads)
+        assert reached == (source == "final_hidden" or i < last), (source, i)
+
+
 def test_stage1_minimoe_then_stage2(data_dir, tmp_path, monkeypatch):
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
     code = run_script("run_task_agnostic.py", "--data_dir", str(data_dir), "--output_dir", str(stage1), "--moe_experts", "2",

@@ -59,6 +59,12 @@ class DistillationArguments(TrainingArguments):
         default=-1,
         metadata={"help": "Student block that learns the relations (negative counts from the end)."},
     )
+    relation_student_source: str = field(
+        default="final_hidden",
+        metadata={"help": "Where the student's relations come from: 'final_hidden' (official MiniMoE: this term's own "
+                  "Q/K/V linears over the hidden states of relation_student_layer, so every block learns) or 'block' "
+                  "(MiniLMv2: that block's own Q/K/V projections)."},
+    )
     teacher_logits_cache: str | None = field(
         default=None,
         metadata={"help": "Folder for the teacher's logits on the training set: computed once before training (keyed on "
@@ -123,6 +129,9 @@ class DistillationArguments(TrainingArguments):
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}.")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if self.relation_student_source not in ("final_hidden", "block"):
+            raise ValueError(f"relation_student_source must be 'final_hidden' or 'block', got "
+                             f"{self.relation_student_source!r}.")
         if self.hidden_layer_map != "uniform":
             self.parsed_layer_map()  # validate early
         if self.task_agnostic and not self.loss_weights():

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling.capture import capture_qkv, find_blocks
+from ..modeling.capture import capture_block_output, capture_qkv, find_blocks
 
 LOSS_REGISTRY: dict[str, type["LossTerm"]] = {}
 LOSS_TERMS_GROUP = "hf_moekd.loss_terms"  # entry points: name -> "module:LossTermClass"
@@ -194,11 +194,24 @@ class LogitsKD(LossTerm):
     """KL(teacher/T || student/T) * T^2 per labelled item (MSE to the teacher's prediction for regression).
 
     Without labels it is averaged over each example's real tokens (token heads) and summed per example.
+
+    Args:
+        per: "item" (default) as above; "logit" also divides by the number of classes, the DeiT / official m2mKD
+            scale (`KL summed / outputs.numel()`), e.g. ``extra_loss_terms=["logits_kd=0.5,per=logit"]``.
     """
 
     card_settings = ("temperature",)
 
+    def __init__(self, args: Any, student: nn.Module, teacher: nn.Module | None, per: str = "item") -> None:
+        super().__init__(args, student, teacher)
+        if per not in ("item", "logit"):
+            raise ValueError(f"logits_kd option per must be 'item' or 'logit', got {per!r}.")
+        self.per = per
+
     def forward(self, batch: DistillationBatch) -> torch.Tensor:
+        return self._per_item(batch) / (batch.student.logits.shape[-1] if self.per == "logit" else 1)
+
+    def _per_item(self, batch: DistillationBatch) -> torch.Tensor:
         student, teacher = batch.student.logits, batch.teacher_logits
         if student.shape != teacher.shape:
             raise ValueError(f"Student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ in shape.")
@@ -278,25 +291,39 @@ def relation_log_probs(x: torch.Tensor, heads: int, key_mask: torch.Tensor) -> t
 class AttentionRelationKD(LossTerm):
     """MiniLMv2 self-attention relation distillation: KL of Q-Q, K-K, V-V relations, averaged over the three.
 
-    Per example: mean over relation heads and real query tokens.
+    The teacher's relations come from the Q/K/V projections of block `relation_teacher_layer`. The student's come
+    from `relation_student_source`: "final_hidden" (default, the official MiniMoE student, models/moebert_minilm.py)
+    applies Q/K/V linears of this term (hidden -> hidden, trained with the student, not saved in it) to the hidden
+    states block `relation_student_layer` returns, so every block of the student, its last FFN included, gets a
+    gradient; "block" reads the Q/K/V projections of that student block itself (MiniLMv2's form; the block's own
+    FFN then gets none). Per example: mean over relation heads and real query tokens.
     """
 
     needs_teacher_forward = True
-    card_settings = ("relation_heads", "relation_teacher_layer", "relation_student_layer")
+    card_settings = ("relation_heads", "relation_teacher_layer", "relation_student_layer", "relation_student_source")
 
     def __init__(self, args: Any, student: nn.Module, teacher: nn.Module | None) -> None:
         super().__init__(args, student, teacher)
         if teacher is None:
             raise ValueError("attention_relation needs a teacher model, not only precomputed logits.")
         self.layers = {"student": args.relation_student_layer, "teacher": args.relation_teacher_layer}
+        self.source = args.relation_student_source
         self.stores: dict[str, dict[str, torch.Tensor]] = {}
+        if self.source == "final_hidden":
+            hidden = student.config.hidden_size
+            self.qkv = nn.ModuleDict({kind: nn.Linear(hidden, hidden) for kind in ("q", "k", "v")})
 
     def capture(self, role: str, model: nn.Module) -> ContextManager:
         self.stores[role] = {}
+        if role == "student" and self.source == "final_hidden":
+            return capture_block_output(model, self.layers[role], self.stores[role])
         return capture_qkv(model, self.layers[role], self.stores[role])
 
     def forward(self, batch: DistillationBatch) -> torch.Tensor:
         student, teacher = self.stores.pop("student"), self.stores.pop("teacher")
+        if self.source == "final_hidden":
+            hidden = student["hidden"]
+            student = {kind: linear(hidden.to(linear.weight.dtype)) for kind, linear in self.qkv.items()}
         heads = self.args.relation_heads
         mask = batch.token_mask(student["q"])
         teacher = {kind: x.to(mask.device) for kind, x in teacher.items()}  # a device-mapped teacher's layer device

@@ -67,3 +67,16 @@ def capture_qkv(
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def capture_block_output(model: nn.Module, layer: int, store: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the hidden states block `layer` returns (its first output) into `store["hidden"]`."""
+    def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor | tuple) -> None:
+        store["hidden"] = output[0] if isinstance(output, tuple) else output
+
+    handle = find_blocks(model)[layer].register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()

@@ -10,6 +10,9 @@ from transformers import PreTrainedModel
 from .capture import find_blocks
 
 
+TEACHER_LAYERS_ATTR = "hf_moekd_teacher_layers"  # on the student object: student block i = teacher block layers[i]
+
+
 def student_from_teacher_layers(teacher: PreTrainedModel, layers: Sequence[int]) -> PreTrainedModel:
     """A student of the same class whose blocks are copies of the teacher's blocks `layers` (in order).
 
@@ -24,7 +27,13 @@ def student_from_teacher_layers(teacher: PreTrainedModel, layers: Sequence[int])
     _replace_module(student, find_blocks(student), kept)
     student.config.num_hidden_layers = len(layers)
     student.requires_grad_(True)
+    setattr(student, TEACHER_LAYERS_ATTR, list(layers))
     return student
+
+
+def teacher_layers_of(model: nn.Module) -> list[int] | None:
+    """The teacher blocks a `student_from_teacher_layers` student was cut from (in its order), else None."""
+    return getattr(model, TEACHER_LAYERS_ATTR, None)
 
 
 def _replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:

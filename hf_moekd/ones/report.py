@@ -33,19 +33,33 @@ class OneSReport:
     def add(self, name: str, value: float) -> None:
         self.accuracy.setdefault(name, []).append(value)
 
+    def moe_margin(self) -> tuple[float, float]:
+        """The MoE's margin over the dense baseline in points: mean and std of the per-seed (paired) differences."""
+        return _mean_std([100 * (m - d) for m, d in zip(self.accuracy["moe"], self.accuracy["dense"])])
+
+    def margin_is_clear(self) -> bool:
+        """True when the MoE beats the dense baseline by more than the paired spread (one seed: by any margin)."""
+        mean, std = self.moe_margin()
+        return mean > 0 and mean > std
+
     def summary(self) -> dict[str, Any]:
-        """Mean/std accuracy (%) per model and % of MoE benefit preserved (on the means) per student."""
+        """Mean/std accuracy (%) per model and % of MoE benefit preserved (on the means) per student; None where the
+        MoE's margin over the dense baseline is not larger than its paired spread (the ratio would be noise)."""
         dense, moe = (statistics.fmean(self.accuracy[k]) for k in ("dense", "moe"))
+        clear = self.margin_is_clear()
         rows = {}
         for name, values in self.accuracy.items():
             mean, std = _mean_std(values)
             delta_mean, delta_std = _mean_std([100 * (v - d) for v, d in zip(values, self.accuracy["dense"])])
             rows[name] = {"accuracy_mean": 100 * mean, "accuracy_std": 100 * std, "seeds": len(values),
                           "delta_vs_dense_mean": delta_mean, "delta_vs_dense_std": delta_std,
-                          "benefit_preserved_pct": None if _is_baseline(name) else benefit_preserved(mean, dense, moe)}
+                          "benefit_preserved_pct": None if _is_baseline(name) or not clear
+                          else benefit_preserved(mean, dense, moe)}
+        margin, spread = self.moe_margin()
         speedup = {f"speedup_batch{b}": self.latency_ms[f"moe_batch{b}"] / self.latency_ms[f"dense_batch{b}"]
                    for b in (1, 64) if f"dense_batch{b}" in self.latency_ms}
-        return {"models": rows, "latency_ms": self.latency_ms, "params": self.params, **speedup}
+        return {"models": rows, "latency_ms": self.latency_ms, "params": self.params, "moe_margin_mean": margin,
+                "moe_margin_std": spread, **speedup}
 
     def table(self) -> str:
         names = {"dense": "dense baseline", "moe": "MoE teacher"}
@@ -53,9 +67,15 @@ class OneSReport:
                  "|---|---:|---:|---:|---:|"]
         for name, row in self.summary()["models"].items():
             kept = row["benefit_preserved_pct"]
-            kept_text = "-" if _is_baseline(name) else ("n/a (MoE <= dense)" if kept is None else f"{kept:.1f}")
+            kept_text = "-" if _is_baseline(name) else f"{kept:.1f}" if kept is not None else self._no_benefit_reason()
             params = self.params["moe" if name == "moe" else "dense"]
             delta = "-" if name == "dense" else f"{row['delta_vs_dense_mean']:+.2f} ± {row['delta_vs_dense_std']:.2f}"
             lines.append(f"| {names.get(name, name)} | {params / 1e3:.1f}k | {row['accuracy_mean']:.2f} ± "
                          f"{row['accuracy_std']:.2f} | {delta} | {kept_text} |")
         return "\n".join(lines)
+
+    def _no_benefit_reason(self) -> str:
+        mean, std = self.moe_margin()
+        if mean <= 0:
+            return "n/a (MoE <= dense)"
+        return f"n/a (MoE margin {mean:+.2f} ± {std:.2f} is within the paired spread)"

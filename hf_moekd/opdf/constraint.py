@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modeling.capture import find_blocks, unwrap
+from ..modeling.students import teacher_layers_of
 from ..distillation.losses import DistillationBatch, LossTerm, batch_size, register_loss
 from .decomposition import mpo_decompose
 from .layers import MPOLinear
@@ -43,7 +44,9 @@ class MPOConstraintLoss(LossTerm):
 
     Args:
         layer_map: student block -> teacher block (0-based); student blocks left out are not constrained.
-            Default `default_layer_map`. `MPOLinear` layers outside the blocks pair with the teacher module of
+            Default: the teacher block each student block was initialised from (`student_from_teacher_layers`
+            records it), so the constraint starts at 0 and pulls each block back toward its own origin; for other
+            students `default_layer_map` (2i + 1). `MPOLinear` layers outside the blocks pair with the teacher module of
             the same name.
 
     The value is data independent; it is returned so that it sums to exactly this regulariser over the micro-batches
@@ -62,8 +65,10 @@ class MPOConstraintLoss(LossTerm):
         if not layers:
             raise ValueError("mpo_constraint found no MPOLinear in the student: call hf_moekd.opdf.overparameterize first.")
         s_blocks, t_blocks = find_blocks(student), find_blocks(teacher)
-        self.layer_map = (default_layer_map(len(s_blocks), len(t_blocks)) if layer_map is None
-                          else {int(s): int(t) for s, t in layer_map.items()})
+        if layer_map is None:
+            origin = teacher_layers_of(unwrap(student))
+            layer_map = dict(enumerate(origin)) if origin else default_layer_map(len(s_blocks), len(t_blocks))
+        self.layer_map = {int(s): int(t) for s, t in layer_map.items()}
         for s, t in self.layer_map.items():
             if not (0 <= s < len(s_blocks) and 0 <= t < len(t_blocks)):
                 raise ValueError(f"layer_map entry {s}->{t} is out of range: the student has blocks 0..{len(s_blocks) - 1}, "

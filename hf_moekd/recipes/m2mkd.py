@@ -74,6 +74,7 @@ class M2MArguments(ImageArguments):
     budget: str = field(default="forwards", metadata={"help": "How the baseline matches m2mKD's budget: `forwards` (a pass through one student module counts as a full student forward pass; conservative) or `blocks` (it counts as the module's share of the student's blocks)."})
     alpha: float = field(default=0.5, metadata={"help": "Weight of the KL term of m2mKD (1 - alpha on the labels)."})
     temperature: float = field(default=1.0, metadata={"help": "KD temperature T (the KL term is scaled by T^2)."})
+    kd_scale: str = field(default="logit", metadata={"help": "`logit` (official m2mKD / DeiT: the summed KL divided by batch x classes) or `example` (divided by the batch only: at the same alpha the KD term weighs `classes` times more)."})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Student seeds (teacher and meta model use the first)."})
     ood_rotation: float = field(default=30.0, metadata={"help": "Degrees of the rotated (out-of-distribution) test set."})
     ood_noise_std: float = field(default=0.3, metadata={"help": "Gaussian noise std of the noised (out-of-distribution) test set."})
@@ -89,6 +90,8 @@ class M2MArguments(ImageArguments):
             raise ValueError("phase `module` needs --module_index (and --module_index needs --phase module).")
         if self.module_index is not None and not 0 <= self.module_index < self.num_modules:
             raise ValueError(f"module_index {self.module_index} is out of range 0..{self.num_modules - 1}.")
+        if self.kd_scale not in ("logit", "example"):
+            raise ValueError(f"kd_scale must be 'logit' or 'example', got {self.kd_scale!r}.")
         if self.budget not in BUDGETS:
             raise ValueError(f"budget {self.budget!r} is unknown; choose one of {BUDGETS}.")
         if self.meta_init not in META_INITS:
@@ -208,7 +211,9 @@ class M2MRun:
         start = time.perf_counter()
         with counting_forwards(model) as count:
             if epochs > 0:
-                train(model, self.data["train"], self.args, seed, epochs, teacher=teacher)
+                per = {"logit": "logit", "example": "item"}[self.args.kd_scale]
+                kd = [f"logits_kd={self.args.alpha},per={per}"] if teacher is not None else None
+                train(model, self.data["train"], self.args, seed, epochs, teacher=teacher, extra_loss_terms=kd)
         return {"train_forwards": count.examples, "train_seconds": round(time.perf_counter() - start, 1)}
 
     def save_model(self, model: PreTrainedModel, folder: Path, record: dict, methods: list[str],
@@ -287,7 +292,7 @@ class M2MRun:
                           metadata={"format": "pt"})
                 (tmp / "all_results.json").write_text(json.dumps({**record["results"], "m2m": record}, indent=2))
 
-        settings = args.settings(*DATA, *STUDENT, "module_epochs", "alpha", "temperature", index=index, seed=seed, **deps)
+        settings = args.settings(*DATA, *STUDENT, "module_epochs", "alpha", "temperature", "kd_scale", index=index, seed=seed, **deps)
         return self.stage(folder, settings, make, build)
 
     def student(self, seed: int, modules: list[dict], build: bool = True) -> dict:

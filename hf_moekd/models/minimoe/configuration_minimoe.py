@@ -23,8 +23,10 @@ class MiniMoEConfig(PreTrainedConfig):
     num_ffn_experts (`int`, defaults to 4): FFN experts per layer, each the size of the dense FFN (`intermediate_size`).
     num_attention_experts (`int`, defaults to 1): attention experts per layer; each is a group of
         `num_attention_heads // num_attention_experts` heads (1 = plain multi-head attention, no router).
-    router_noise (`float`, *optional*): eps of the multiplicative uniform noise `U(1 - eps, 1 + eps)` applied to the
-        gate logits in training; `None` uses `hidden_dropout_prob`.
+    router_noise (`float`, *optional*): eps of the uniform router noise in training; `None` uses `hidden_dropout_prob`.
+    router_noise_type (`str`, defaults to "additive"): "additive" adds `U(-eps, eps)` to every gate logit, as the
+        official code (`gates += noises`, noises in `[1 - eps, 1 + eps]`: the constant 1 does not change the
+        softmax); "multiplicative" multiplies the logits by `U(1 - eps, 1 + eps)` (hf_moekd before 0.2).
     router_aux_loss_coef (`float`, defaults to 0.01): weight of the load-balancing loss added to the task loss.
     expert_shared_fraction (`float`, defaults to 2/3): fraction of each expert's neurons identical across experts at
         initialisation (the rest are independent).
@@ -52,6 +54,7 @@ class MiniMoEConfig(PreTrainedConfig):
     num_ffn_experts: int = 4
     num_attention_experts: int = 1
     router_noise: float | int | None = None
+    router_noise_type: str = "additive"
     router_aux_loss_coef: float | int = 0.01
     expert_shared_fraction: float | int = 2 / 3
     scale_expert_output_by_gate: bool = True
@@ -87,6 +90,9 @@ class MiniMoEConfig(PreTrainedConfig):
             raise ValueError(
                 f"router_noise must be in [0, 1) or None (= hidden_dropout_prob), got {self.router_noise}."
             )
+
+        if self.router_noise_type not in ("additive", "multiplicative"):
+            raise ValueError(f"router_noise_type must be 'additive' or 'multiplicative', got {self.router_noise_type!r}.")
 
     @property
     def router_noise_eps(self) -> float:

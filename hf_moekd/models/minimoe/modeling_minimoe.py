@@ -7,8 +7,9 @@ Design (see `MiniMoEConfig` for the knobs):
 * Parameter names follow BERT (`embeddings.*`, `encoder.layer.N.attention.self.{query,key,value}`,
   `attention.output.{dense,LayerNorm}`, `output.LayerNorm`, `pooler.dense`, `classifier`), so dense BERT weights copy
   over by name; only the FFN differs (`encoder.layer.N.ffn.router.gate`, `encoder.layer.N.ffn.experts.*`).
-* Router: `gate = Linear(hidden, E, bias=False)`; in training only, the logits are multiplied by uniform noise in
-  `[1 - eps, 1 + eps]`; softmax; top-1. The returned `router_logits` are the (noisy) logits used for routing, so the
+* Router: `gate = Linear(hidden, E, bias=False)`; in training only, uniform noise `U(-eps, eps)` is added to the
+  logits (as the official code; `router_noise_type="multiplicative"` multiplies by `U(1 - eps, 1 + eps)`); softmax;
+  top-1. The returned `router_logits` are the (noisy) logits used for routing, so the
   balancing loss can be recomputed from them exactly.
 * FFN experts are stored fused (`w_in [E, I, H]`, `b_in [E, I]`, `w_out [E, H, I]`, `b_out [E, H]`); tokens are
   grouped per expert, so each token goes through exactly one expert (the FLOPs of one dense FFN, plus the router).
@@ -127,18 +128,23 @@ class MiniMoEEmbeddings(nn.Module):
 
 
 class MiniMoERouter(nn.Module):
-    """Top-1 router: gate logits (times uniform noise in [1 - eps, 1 + eps] in training), softmax, argmax."""
+    """Top-1 router: gate logits (plus uniform noise `U(-eps, eps)` in training, or times `U(1 - eps, 1 + eps)` with
+    `noise_type="multiplicative"`), softmax, argmax."""
 
-    def __init__(self, hidden_size: int, num_experts: int, noise: float):
+    def __init__(self, hidden_size: int, num_experts: int, noise: float, noise_type: str = "additive"):
         super().__init__()
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         self.noise = noise
+        self.noise_type = noise_type
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns `(logits, top_prob, expert_index)`; logits `[..., E]`, the others `[...]`."""
         logits = self.gate(hidden_states)
         if self.training and self.noise > 0:
-            logits = logits * torch.empty_like(logits).uniform_(1.0 - self.noise, 1.0 + self.noise)
+            if self.noise_type == "additive":
+                logits = logits + torch.empty_like(logits).uniform_(-self.noise, self.noise)
+            else:
+                logits = logits * torch.empty_like(logits).uniform_(1.0 - self.noise, 1.0 + self.noise)
         top_prob, expert_index = logits.float().softmax(-1).max(-1)
         return logits, top_prob, expert_index
 
@@ -224,7 +230,7 @@ class MiniMoEAttention(nn.Module):
         self.num_experts = config.num_attention_experts
         self.scale_by_gate = config.scale_expert_output_by_gate
         self.router = (
-            MiniMoERouter(config.hidden_size, self.num_experts, config.router_noise_eps)
+            MiniMoERouter(config.hidden_size, self.num_experts, config.router_noise_eps, config.router_noise_type)
             if self.num_experts > 1
             else None
         )
@@ -292,7 +298,7 @@ class MiniMoESparseFFN(nn.Module):
         self.num_experts = config.num_ffn_experts
         self.scale_by_gate = config.scale_expert_output_by_gate
         self.router = (
-            MiniMoERouter(config.hidden_size, self.num_experts, config.router_noise_eps)
+            MiniMoERouter(config.hidden_size, self.num_experts, config.router_noise_eps, config.router_noise_type)
             if self.num_experts > 1
             else None
         )
