@@ -5,7 +5,10 @@ Per GLUE task (and CoNLL-2003 NER, test entity F1): a MiniLM-L6 teacher fine-tun
 from it (logits KD, alpha 0.5, T 2) three ways, each over several seeds, same data, steps and learning rate:
 plain; OPDF (`--mpo_overparameterize`: every linear of the encoder trained as MPO cores, contracted back to
 nn.Linear before saving); OPDF + the tensor constraint loss (`--extra_loss_terms mpo_constraint=W`: MSE between
-the student's and teacher's auxiliary MPO tensors, student block i -> teacher block 2i+1). Also reports trainable
+the student's and teacher's auxiliary MPO tensors, student block i -> the teacher block it was copied from, 2i;
+weight 1e-4 / L by default, L the student's blocks, as in one official script, or a sweep). Every variant runs at each
+learning rate of `--lrs` and is reported at its best one (mean dev score over seeds), since the learning rate
+decided the CoNLL comparison before. Also reports trainable
 parameters during training, the training step-time ratio OPDF / plain (from the runs' train_runtime, and
 measured interleaved with plain so that machine load cancels) and the CPU latency ratio of the saved
 (contracted) OPDF student to the plain one (same architecture: target <= 1.02).
@@ -35,13 +38,16 @@ TASKS = {  # metric, student training subset and epochs (MRPC/RTE: the whole tra
 STUDENT = ["--student_layers", "0,2,4", "--alpha", "0.5", "--temperature", "2"]
 
 
-def variants(constraint_weight: float) -> dict[str, list[str]]:
-    return {
-        "plain_kd": STUDENT,
-        "opdf": [*STUDENT, "--mpo_overparameterize", "true"],
-        "opdf_constraint": [*STUDENT, "--mpo_overparameterize", "true", "--extra_loss_terms",
-                            f"mpo_constraint={constraint_weight}"],
-    }
+STUDENT_LAYERS = 3
+DEFAULT_CONSTRAINT_WEIGHT = 1e-4 / STUDENT_LAYERS
+
+
+def variants(constraint_weights: list[float]) -> dict[str, list[str]]:
+    found = {"plain_kd": STUDENT, "opdf": [*STUDENT, "--mpo_overparameterize", "true"]}
+    for w in constraint_weights:
+        name = "opdf_constraint" if len(constraint_weights) == 1 else f"opdf_constraint_w{w:g}"
+        found[name] = [*STUDENT, "--mpo_overparameterize", "true", "--extra_loss_terms", f"mpo_constraint={w}"]
+    return found
 
 
 def kd_step_time_ratio(teacher_dir: Path, task: str, repeats: int = 20) -> float:
@@ -82,8 +88,10 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--train_samples", type=int, default=None, help="student training subset (default: per task)")
     parser.add_argument("--epochs", type=float, default=None, help="student epochs (default: per task)")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--constraint_weight", type=float, default=1.0)
+    parser.add_argument("--lrs", nargs="+", type=float, default=[1e-4, 5e-4],
+                        help="learning-rate grid; each variant is reported at its best (mean dev score)")
+    parser.add_argument("--constraint_weights", nargs="+", type=float, default=[DEFAULT_CONSTRAINT_WEIGHT],
+                        help="constraint weights (several: a sweep, one row each)")
     parser.add_argument("--teacher", action="append", default=[], metavar="TASK=DIR",
                         help="reuse a fine-tuned teacher, e.g. sst2=runs/kd_quality/sst2/teacher-seed0")
     a = parser.parse_args()
@@ -103,8 +111,8 @@ def main() -> None:
 def task_settings(task: str, a: argparse.Namespace) -> dict:
     """What shapes one task's rows (a saved task is kept in the result file only when these are unchanged)."""
     _, samples, epochs = TASKS[task]
-    return {"train_samples": a.train_samples or samples, "epochs": a.epochs or epochs, "lr": a.lr, "seeds": a.seeds,
-            "constraint_weight": a.constraint_weight}
+    return {"train_samples": a.train_samples or samples, "epochs": a.epochs or epochs, "lrs": a.lrs, "seeds": a.seeds,
+            "constraint_weights": a.constraint_weights}
 
 
 def kept_tasks(a: argparse.Namespace) -> dict:
@@ -120,30 +128,42 @@ def run_task(task: str, a: argparse.Namespace, given: dict[str, str]) -> dict:
     teacher_dir = teacher(task, Path(a.work_dir), a.data_dir, given, "opdf")
     teacher_file = teacher_dir / "all_results.json"
     kd = ["--teacher_model_name_or_path", str(teacher_dir), "--teacher_logits_cache", str(Path(a.work_dir, task, "teacher-logits"))]
-    table, extras, values = {}, {}, {}
-    for name, extra in variants(a.constraint_weight).items():
-        results = []
-        for seed in a.seeds:
-            out = Path(a.work_dir, task, f"{name}-seed{seed}")
-            cmd = task_command(task, out, seed, a.data_dir, a.train_samples or samples, a.epochs or epochs, a.lr, [*extra, *kd])
-            result = run_script(cmd, out, "opdf")
-            if result["mode"] != "distil":
-                raise RuntimeError(f"{out} did not distil; delete it and rerun")
-            results.append(result)
+    table, extras, values, best_lr = {}, {}, {}, {}
+    for name, extra in variants(a.constraint_weights).items():
+        by_lr = {}
+        for lr in a.lrs:
+            results = []
+            for seed in a.seeds:
+                out = Path(a.work_dir, task, f"{name}-lr{lr:g}-seed{seed}")
+                cmd = task_command(task, out, seed, a.data_dir, a.train_samples or samples, a.epochs or epochs, lr,
+                                   [*extra, *kd])
+                result = run_script(cmd, out, "opdf")
+                if result["mode"] != "distil":
+                    raise RuntimeError(f"{out} did not distil; delete it and rerun")
+                results.append(result)
+            by_lr[lr] = results
+            scores = [r[metric] for r in results]
+            print(f"[opdf] {task} {name} lr {lr:g}: {statistics.fmean(scores):.4f}", file=sys.stderr, flush=True)
+        best_lr[name] = max(a.lrs, key=lambda lr: statistics.fmean(r[metric] for r in by_lr[lr]))
+        results = by_lr[best_lr[name]]
         values[name] = [r[metric] for r in results]
-        table[name] = mean_std(values[name])
+        table[name] = {**mean_std(values[name]), "lr": best_lr[name],
+                       "by_lr": {f"{lr:g}": mean_std([r[metric] for r in by_lr[lr]]) for lr in a.lrs}}
         extras[name] = {"train_runtime_mean": statistics.fmean(r["train_runtime"] for r in results),
                         "trainable_params": results[0]["trainable_params"]}
-        print(f"[opdf] {task} {name}: {table[name]['mean']:.4f} ± {table[name]['std']:.4f}", file=sys.stderr, flush=True)
+        print(f"[opdf] {task} {name}: {table[name]['mean']:.4f} ± {table[name]['std']:.4f} (lr {best_lr[name]:g})",
+              file=sys.stderr, flush=True)
     plain = extras["plain_kd"]["train_runtime_mean"]
-    ratios = {f"{name}/train_runtime_ratio": extras[name]["train_runtime_mean"] / plain for name in ("opdf", "opdf_constraint")}
+    others = [name for name in table if name != "plain_kd"]
+    ratios = {f"{name}/train_runtime_ratio": extras[name]["train_runtime_mean"] / plain for name in others}
     ratios["opdf/kd_step_time_ratio_interleaved"] = kd_step_time_ratio(teacher_dir, task)
-    ratios["opdf/latency_ratio_contracted"] = latency_ratio(Path(a.work_dir, task, "opdf-seed0"),
-                                                            Path(a.work_dir, task, "plain_kd-seed0"), task=task)
+    ratios["opdf/latency_ratio_contracted"] = latency_ratio(Path(a.work_dir, task, f"opdf-lr{best_lr['opdf']:g}-seed0"),
+                                                            Path(a.work_dir, task, f"plain_kd-lr{best_lr['plain_kd']:g}-seed0"),
+                                                            task=task)
     return {
         "metric": metric, "table": table, "extras": extras, "ratios": ratios,
         "paired_delta": {name: mean_std([x - y for x, y in zip(values[name], values["plain_kd"])])
-                         for name in ("opdf", "opdf_constraint")},
+                         for name in others},
         "teacher": json.loads(teacher_file.read_text()).get(metric) if teacher_file.exists() else None,
         "settings": task_settings(task, a), "command": " ".join(["python", *sys.argv]),
     }

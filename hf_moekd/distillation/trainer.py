@@ -14,6 +14,7 @@ from transformers import Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from ..cards import RunFacts, write_model_card
+from ..modeling.auto import label_alignment, shift_labels
 from ..integrations.peft import is_peft_model, merge_peft, remove_stale_files, warn_if_baseless, wrap_student
 from .arguments import DistillationArguments
 from .card import training_facts
@@ -97,6 +98,7 @@ class DistillationTrainer(Trainer):
                     batch_size=args.per_device_eval_batch_size, cache_dir=args.teacher_logits_cache,
                     device=self.args.device, write_cache=self.is_world_process_zero(),
                 )
+        self.label_alignment = label_alignment(self.model)  # causal LMs: labels shifted as ForCausalLMLoss
         self.loss_terms = self._build_terms(loss_terms or {}).to(self.args.device)
         extra = [p for p in self.loss_terms.parameters() if p.requires_grad]
         # DeepSpeed optimises only its engine's module: the loss terms' parameters get an optimizer of their own
@@ -162,7 +164,7 @@ class DistillationTrainer(Trainer):
         for batch in batch_samples:
             labels = batch.get("labels")
             if labels is not None:
-                counts[0] += labels.ne(-100).sum().item()
+                counts[0] += self._aligned_labels(labels).ne(-100).sum().item()
             counts[1] += batch_size(batch)
         if self.accelerator.num_processes > 1:
             counts = self.accelerator.gather(counts).view(-1, 2).sum(0)
@@ -183,6 +185,9 @@ class DistillationTrainer(Trainer):
             return (outputs.loss, outputs) if return_outputs else outputs.loss
 
         labels = inputs.pop("labels", None)
+        if labels is not None and self.label_alignment == "decoder" and "decoder_input_ids" not in inputs:
+            inputs["decoder_input_ids"] = self._unwrapped_student().prepare_decoder_input_ids_from_labels(labels=labels)
+        labels = None if labels is None else self._aligned_labels(labels)
         terms = self.loss_terms
         hidden = {"output_hidden_states": True} if any(t.needs_hidden_states for t in terms.values()) else {}
         with ExitStack() as stack:
@@ -227,6 +232,14 @@ class DistillationTrainer(Trainer):
         for name, value in values.items():
             self._term_sums[name] += value.detach()
         return (loss, student_out) if return_outputs else loss
+
+    def _aligned_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """The labels each logit position is scored against: shifted for causal LMs."""
+        return shift_labels(labels) if self.label_alignment == "shift" else labels
+
+    def _unwrapped_student(self) -> nn.Module:
+        model = self.accelerator.unwrap_model(self.model)
+        return model.get_base_model() if is_peft_model(model) else model
 
     def _any_nonfinite(self, loss: torch.Tensor) -> bool:
         """True on every process when the loss is NaN/inf on any process (so that all of them stop together)."""

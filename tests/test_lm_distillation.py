@@ -1,0 +1,79 @@
+"""Causal-LM and seq2seq students: the trainer's label terms follow the models' own losses (labels shifted as
+transformers' ForCausalLMLoss for causal LMs; decoder labels for encoder-decoders)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM, T5Config, T5ForConditionalGeneration
+
+from hf_moekd.distillation import DistillationArguments, DistillationTrainer
+
+
+def tiny_mistral(seed: int = 0) -> MistralForCausalLM:
+    torch.manual_seed(seed)
+    return MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+
+
+def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                               num_decoder_layers=2, num_heads=4, decoder_start_token_id=0,
+                                               dropout_rate=0.0))
+
+
+def args(tmp_path, **kw) -> DistillationArguments:
+    return DistillationArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **kw)
+
+
+def causal_batch() -> dict[str, torch.Tensor]:
+    ids = torch.randint(1, 64, (3, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def test_causal_lm_ce_equals_the_models_own_loss(tmp_path):
+    """Issue 17's bug: without the shift, `ce` compared position t with label t and rewarded copying the input."""
+    model = tiny_mistral().train()
+    trainer = DistillationTrainer(model=model, args=args(tmp_path, alpha=0.0))
+    assert trainer.label_alignment == "shift"
+    batch = causal_batch()
+    loss = trainer.compute_loss(model, dict(batch))
+    torch.testing.assert_close(loss, model(**batch).loss, rtol=1e-5, atol=1e-5)
+
+
+def test_causal_lm_kd_is_per_predicted_token(tmp_path):
+    student, teacher = tiny_mistral(0).train(), tiny_mistral(1).eval()
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args(tmp_path, alpha=1.0, temperature=1.0))
+    batch = causal_batch()
+    loss = trainer.compute_loss(student, dict(batch))
+    with torch.no_grad():
+        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    keep = batch["labels"][:, 1:].ne(-100)  # the positions whose next token is a label
+    kl = torch.nn.functional.kl_div(s[keep].log_softmax(-1), t[keep].log_softmax(-1), log_target=True,
+                                    reduction="batchmean")
+    torch.testing.assert_close(loss, kl, rtol=1e-5, atol=1e-6)
+
+
+def test_seq2seq_ce_equals_the_models_own_loss(tmp_path):
+    model = tiny_t5().train()
+    trainer = DistillationTrainer(model=model, args=args(tmp_path, alpha=0.0))
+    assert trainer.label_alignment == "decoder"
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(1, 64, (3, 6), generator=g)
+    labels[2, 4:] = -100
+    batch = {"input_ids": torch.randint(1, 64, (3, 9), generator=g), "attention_mask": torch.ones(3, 9, dtype=torch.long),
+             "labels": labels}
+    loss = trainer.compute_loss(model, dict(batch))
+    torch.testing.assert_close(loss, model(**batch).loss, rtol=1e-5, atol=1e-5)
+
+
+def test_labels_that_do_not_fit_the_head_are_refused(tmp_path):
+    model = tiny_mistral().train()
+    trainer = DistillationTrainer(model=model, args=args(tmp_path, alpha=0.0))
+    batch = causal_batch()
+    batch["labels"] = batch["labels"][:, 0]  # one label per sequence on a causal LM
+    with pytest.raises(ValueError, match="do not match logits"):
+        trainer.compute_loss(model, batch)
