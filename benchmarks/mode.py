@@ -4,7 +4,7 @@
 * fashion_mnist: the V-MoE of benchmarks/ones.py (8 experts, top-2, experts in every other block);
 * sst2: the Mixtral-style MoE classifier of benchmarks/ones_text.py (8 experts, top-2, MiniLM-L6's tokenizer).
 
-Plain MoE (alpha 0) vs MoE + MoDE (`--mode`, default 'routed') over an alpha sweep and several seeds: test accuracy,
+Plain MoE (alpha 0) vs MoE + MoDE (`--mode`, default 'all', the library's default) over an alpha sweep and several seeds: test accuracy,
 expert probing (`hf_moekd.analysis.probe_experts`: each expert's accuracy when it alone serves the samples allocated
 to it; allocation by the majority top-1 vote of a sample's tokens and by one token, CLS for V-MoE / last real token
 for text), expert diversity (mean pairwise cosine of expert outputs and of expert weights, and the MoDE loss among
@@ -255,7 +255,8 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["fashion_mnist", "sst2"], choices=["fashion_mnist", "sst2"])
     parser.add_argument("--alphas", type=float, nargs="+", default=ALPHAS, help="0 = plain MoE")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--mode", default="routed", choices=sorted(TERMS), help="MoDE variant of the alpha sweep")
+    parser.add_argument("--mode", default="all", choices=sorted(TERMS),
+                        help="MoDE variant of the alpha sweep (results/mode_<variant>.json)")
     parser.add_argument("--work_dir", default=str(REPO / "runs" / "mode"))
     parser.add_argument("--data_dir", default=None, help="Fashion-MNIST IDX folder (default: Debian's)")
     parser.add_argument("--train_samples", type=int, default=20000, help="Fashion-MNIST training images")
@@ -305,7 +306,7 @@ def main() -> None:
                                     for alpha, rs in runs.items()}
         print(f"\nMoDE ({a.mode}) on {name}, seeds {a.seeds}\n{payload['tables'][name]}\nstep time vs plain: "
               f"routed {timing['routed_vs_plain']}, all {timing['all_vs_plain']}\n", flush=True)
-    write_result("mode", {**payload, "args": vars(a)})
+    write_result(f"mode_{a.mode}", {**payload, "args": vars(a)})
 
 
 if __name__ == "__main__":

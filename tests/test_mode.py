@@ -189,7 +189,8 @@ def test_padding_tokens_do_not_count():
 @pytest.mark.parametrize("family", ["minimoe", "mixtral"])
 def test_routed_refuses_top1(family):
     model = build(family, top_k=1)
-    for make in (lambda: check_mode(model, "routed"), lambda: MoDELoss(None, model, None),
+    assert MoDEConfig().mode == "all" and MoDELoss(None, model, None).mode == "all"  # the default works on top-1
+    for make in (lambda: check_mode(model, "routed"), lambda: MoDELoss(None, model, None, variant="routed"),
                  lambda: MoDETrainer(model=model, args=TrainingArguments("unused", use_cpu=True, report_to=[]),
                                      mode_config=MoDEConfig(mode="routed"))):
         with pytest.raises(ValueError, match=r"mode='all'.*mode_all=<alpha>.*num_experts_per_tok >= 2"):
@@ -212,15 +213,17 @@ def mode_logs(history: list[dict], key: str = "loss_mode") -> list[float]:
     return [h[key] for h in history if key in h]
 
 
-@pytest.mark.parametrize("term", ["mode", "mode_all"])
-def test_distillation_trainer_trains_with_the_term(tmp_path, term):
+@pytest.mark.parametrize("term,variant", [("mode", "all"), ("mode_all", "all"), ("mode=0.5,variant=routed", "routed")])
+def test_distillation_trainer_trains_with_the_term(tmp_path, term, variant):
     model = build("vmoe").train()
     before = model.vmoe.encoder.layer[0].mlp.experts.w_in.detach().clone()
-    args = DistillationArguments(output_dir=str(tmp_path), alpha=0.0, extra_loss_terms=[f"{term}=0.5"], max_steps=3,
+    spec = term if "=" in term else f"{term}=0.5"
+    term = term.split("=")[0]
+    args = DistillationArguments(output_dir=str(tmp_path), alpha=0.0, extra_loss_terms=[spec], max_steps=3,
                                  per_device_train_batch_size=8, learning_rate=1e-2, logging_steps=1, save_strategy="no",
                                  report_to=[], use_cpu=True, disable_tqdm=True)
     trainer = DistillationTrainer(model=model, args=args, train_dataset=image_dataset())
-    assert trainer.loss_terms[term].mode == ("routed" if term == "mode" else "all") and term in LOSS_REGISTRY
+    assert trainer.loss_terms[term].mode == variant and term in LOSS_REGISTRY
     trainer.train()
     values = mode_logs(trainer.state.log_history, f"loss_{term}")
     assert len(values) == 3 and all(v > 0 for v in values)
@@ -243,8 +246,8 @@ def test_distillation_trainer_term_value_is_the_per_example_mean(tmp_path):
 
 
 def test_distillation_trainer_refuses_routed_minimoe(tmp_path):
-    args = DistillationArguments(output_dir=str(tmp_path), alpha=0.0, extra_loss_terms=["mode=0.1"], report_to=[],
-                                 use_cpu=True)
+    args = DistillationArguments(output_dir=str(tmp_path), alpha=0.0, extra_loss_terms=["mode=0.1,variant=routed"],
+                                 report_to=[], use_cpu=True)
     with pytest.raises(ValueError, match="mode_all"):
         DistillationTrainer(model=build("minimoe"), args=args, train_dataset=tiny_dataset(8))
 
@@ -254,7 +257,7 @@ def test_plain_trainer_mixin(tmp_path):
     data = tiny_dataset(24, seq=8, ragged=True)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, learning_rate=1e-2,
                              logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
-    trainer = MoDETrainer(model=model, args=args, train_dataset=data, mode_config=MoDEConfig(mode_alpha=2.0))
+    trainer = MoDETrainer(model=model, args=args, train_dataset=data, mode_config=MoDEConfig(mode_alpha=2.0, mode="routed"))
     batch = {k: torch.tensor(data[:4][k]) for k in ("input_ids", "attention_mask", "labels")}
     with torch.no_grad():
         loss = trainer.compute_loss(model, batch)

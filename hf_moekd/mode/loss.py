@@ -1,9 +1,14 @@
 """MoDE (arXiv 2402.00893): mutual distillation among the experts of every MoE layer.
 
 What is compared: for every MoE layer and every token, the FFN outputs ``y_1 .. y_m`` (hidden vectors ``[H]``,
-*before* gate weighting) of the experts in the comparison set: the k experts the router sent the token to
-(``mode="routed"``, no extra expert compute, needs top-k >= 2) or all E experts (``mode="all"``, every expert runs on
-every token: E FFNs per token instead of k; the model's own output still uses only the routed k).
+*before* gate weighting) of the experts in the comparison set: all E experts (``mode="all"``, the default: every
+expert runs on every token, E FFNs per token instead of k; the model's own output still uses only the routed k) or
+the k experts the router sent the token to (``mode="routed"``, no extra expert compute, needs top-k >= 2).
+
+Why ``all`` is the default: the paper's mechanism (abstract) is that each expert "picks up more features learned by
+other experts" from samples the gate allocated to them, which an expert only sees when it runs on them; in
+``routed`` mode an expert never sees the samples routed elsewhere. The paper's exact loss (which outputs, which
+divergence, which weighting) is not in the sources available here, so the divergence below is our choice.
 
 Divergence: each expert's output is pulled toward the mean of the others', in relative squared error,
 ``l_token = 1/m * sum_j mean_h (y_j - sg(mean_{i != j} y_i))^2 / sg(1/m * sum_j mean_h y_j^2)``. Expert outputs are
@@ -41,13 +46,13 @@ MODES = ("routed", "all")
 @dataclass
 class MoDEConfig:
     """Settings of MoDE for `MoDETrainerMixin` (with `DistillationTrainer`, use ``extra_loss_terms=["mode=0.1"]`` or
-    ``["mode_all=0.1"]``: the weight is `mode_alpha`)."""
+    ``["mode=0.1,variant=routed"]``: the weight is `mode_alpha`)."""
 
     mode_alpha: float = field(default=0.1, metadata={"help": "Weight of the mutual-distillation loss (0 disables it)."})
     mode: str = field(
-        default="routed",
-        metadata={"help": "'routed': among the k experts that processed each token (no extra compute, needs top-k >= 2); "
-                  "'all': among all experts, each run on every token (E x FFN compute)."},
+        default="all",
+        metadata={"help": "'all' (default): among all experts, each run on every token (E x FFN compute); 'routed': "
+                  "among the k experts that processed each token (no extra compute, needs top-k >= 2)."},
     )
 
     def __post_init__(self) -> None:
@@ -69,7 +74,7 @@ def check_mode(model: nn.Module, mode: str) -> None:
 def _top1_message() -> str:
     return ("MoDE mode='routed' distils among the experts that processed each token, but this model routes each token "
             "to a single expert (top-1, e.g. MiniMoE), so there is nothing to compare. Use mode='all' "
-            "(MoDEConfig(mode='all') or extra_loss_terms=['mode_all=<alpha>']; every expert then runs on every token, "
+            "(MoDEConfig(mode='all') or extra_loss_terms=['mode=<alpha>'] / ['mode_all=<alpha>']; every expert then runs on every token, "
             "E x FFN compute), or a model with num_experts_per_tok >= 2.")
 
 
@@ -111,16 +116,16 @@ def mode_loss_per_example(calls: list[ExpertCall], n_examples: int,
 
 @register_loss("mode")
 class MoDELoss(LossTerm):
-    """MoDE as a `DistillationTrainer` term (`extra_loss_terms=["mode=0.1"]`: routed; `"mode=0.1,variant=all"` or
-    `"mode_all=0.1"`: all experts).
+    """MoDE as a `DistillationTrainer` term (`extra_loss_terms=["mode=0.1"]`: all experts; `"mode=0.1,variant=routed"`:
+    the routed experts only).
 
     Args:
-        variant: 'routed' or 'all'; default the registered name's (`mode` -> routed, `mode_all` -> all).
+        variant: 'all' (default) or 'routed'.
     """
 
     needs_teacher = False
     card_method = "mode"
-    default_mode: ClassVar[str] = "routed"
+    default_mode: ClassVar[str] = "all"
 
     def __init__(self, args: Any, student: nn.Module, teacher: nn.Module | None, variant: str | None = None) -> None:
         super().__init__(args, student, teacher)
@@ -145,7 +150,7 @@ class MoDELoss(LossTerm):
 
 @register_loss("mode_all")
 class MoDEAllLoss(MoDELoss):
-    """`MoDELoss` among all experts (every expert runs on every token)."""
+    """`MoDELoss` among all experts (every expert runs on every token): the default, under an explicit name."""
 
     default_mode = "all"
 
