@@ -77,3 +77,65 @@ def test_labels_that_do_not_fit_the_head_are_refused(tmp_path):
     batch["labels"] = batch["labels"][:, 0]  # one label per sequence on a causal LM
     with pytest.raises(ValueError, match="do not match logits"):
         trainer.compute_loss(model, batch)
+
+
+def trl_generalized_jsd(student_logits, teacher_logits, beta, temperature):
+    """trl GKDTrainer.generalized_jsd_loss's per-token value (written out here as the reference formula)."""
+    import torch.nn.functional as F
+
+    s = F.log_softmax(student_logits / temperature, -1)
+    t = F.log_softmax(teacher_logits / temperature, -1)
+    if beta == 0:
+        return F.kl_div(s, t, reduction="none", log_target=True).sum(-1)
+    if beta == 1:
+        return F.kl_div(t, s, reduction="none", log_target=True).sum(-1)
+    b = torch.tensor(beta)
+    m = torch.logsumexp(torch.stack([s + torch.log(1 - b), t + torch.log(b)]), dim=0)
+    return (b * F.kl_div(m, t, reduction="none", log_target=True) + (1 - b) * F.kl_div(m, s, reduction="none",
+                                                                                        log_target=True)).sum(-1)
+
+
+@pytest.mark.parametrize("divergence,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.3),
+                                             ("jsd", 0.5), ("jsd", 1.0)])
+def test_divergences_match_trl_gkd_times_t_squared(divergence, beta):
+    from hf_moekd.distillation.losses import soft_divergence
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 5, 40, generator=g) * 3, torch.randn(3, 5, 40, generator=g) * 3
+    trl_beta = {"forward_kl": 0.0, "reverse_kl": 1.0}.get(divergence, beta)
+    for temperature in (1.0, 2.0):
+        ours = soft_divergence(s, t, temperature, divergence, beta)
+        torch.testing.assert_close(ours, temperature**2 * trl_generalized_jsd(s, t, trl_beta, temperature),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_divergence_equals_unchunked_with_gradients():
+    from hf_moekd.distillation.losses import chunked_divergence_sum, soft_divergence
+
+    g = torch.Generator().manual_seed(1)
+    s0, t = torch.randn(2, 7, 50, generator=g), torch.randn(2, 7, 50, generator=g)
+    w = (torch.rand(2, 7, generator=g) > 0.3).float()
+    results = []
+    for chunk in (1, 3, 1024):
+        s = s0.clone().requires_grad_(True)
+        total = chunked_divergence_sum(s, t, w, 2.0, "jsd", 0.4, chunk_size=chunk)
+        total.backward()
+        results.append((total.detach(), s.grad))
+    s = s0.clone().requires_grad_(True)
+    direct = (soft_divergence(s, t, 2.0, "jsd", 0.4) * w).sum()
+    direct.backward()
+    for total, grad in results:
+        torch.testing.assert_close(total, direct.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, s.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_reverse_kl_and_jsd_train_a_causal_lm(tmp_path):
+    for divergence in ("reverse_kl", "jsd"):
+        student, teacher = tiny_mistral(0).train(), tiny_mistral(1).eval()
+        trainer = DistillationTrainer(model=student, teacher_model=teacher,
+                                      args=args(tmp_path, alpha=1.0, kd_divergence=divergence, kd_chunk_size=4))
+        loss = trainer.compute_loss(student, dict(causal_batch()))
+        loss.backward()
+        assert loss.item() > 0 and student.lm_head.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="kd_divergence"):
+        args(tmp_path, kd_divergence="kl")

@@ -149,11 +149,76 @@ def _label_mask(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return labels.ne(-100)
 
 
-def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher/T || student/T) * T^2 over the last axis, unreduced."""
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def soft_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                    divergence: str = "forward_kl", beta: float = 0.5) -> torch.Tensor:
+    """Divergence between the temperature-softened distributions over the last axis, times T^2, unreduced.
+
+    "forward_kl": KL(teacher || student); "reverse_kl": KL(student || teacher); "jsd": the generalised
+    Jensen-Shannon divergence of trl's GKD, beta * KL(teacher || M) + (1 - beta) * KL(student || M) with
+    M = beta * teacher + (1 - beta) * student (beta 0 and 1 give the two KLs). trl's GKD loss omits the T^2 factor.
+    """
     log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return (log_t.exp() * (log_t - log_s)).sum(-1) * temperature**2
+    if divergence == "forward_kl" or (divergence == "jsd" and beta == 0):
+        value = (log_t.exp() * (log_t - log_s)).sum(-1)
+    elif divergence == "reverse_kl" or (divergence == "jsd" and beta == 1):
+        value = (log_s.exp() * (log_s - log_t)).sum(-1)
+    elif divergence == "jsd":
+        log_m = torch.logsumexp(torch.stack([log_s + math.log(1 - beta), log_t + math.log(beta)]), dim=0)
+        value = beta * (log_t.exp() * (log_t - log_m)).sum(-1) + (1 - beta) * (log_s.exp() * (log_s - log_m)).sum(-1)
+    else:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}.")
+    return value * temperature**2
+
+
+def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher/T || student/T) * T^2 over the last axis, unreduced."""
+    return soft_divergence(student_logits, teacher_logits, temperature)
+
+
+def chunked_divergence_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, weights: torch.Tensor,
+                           temperature: float, divergence: str = "forward_kl", beta: float = 0.5,
+                           chunk_size: int = 128) -> torch.Tensor:
+    """sum_p weights[p] * soft_divergence at every position p of [..., vocab] logits, `chunk_size` positions at a
+    time. The gradient with respect to the student logits is computed chunk by chunk in the forward pass into one
+    buffer of the logits' size and dtype (the gradient the logits get anyway), so float32 softmax copies exist for
+    one chunk at a time, never for the whole [batch, seq, vocab]."""
+    return _ChunkedDivergence.apply(student_logits, teacher_logits.detach(), weights.detach(),
+                                    (temperature, divergence, beta, chunk_size))
+
+
+class _ChunkedDivergence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor,
+                settings: tuple) -> torch.Tensor:
+        temperature, divergence, beta, chunk_size = settings
+        vocab = student.shape[-1]
+        flat_s, flat_t, flat_w = student.reshape(-1, vocab), teacher.reshape(-1, vocab), weights.reshape(-1)
+        needs_grad = ctx.needs_input_grad[0]
+        grad = torch.zeros_like(flat_s) if needs_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        for start in range(0, flat_s.shape[0], chunk_size):
+            part = slice(start, start + chunk_size)
+            if not bool(flat_w[part].any()):
+                continue
+            with torch.enable_grad():
+                s = flat_s[part].detach().requires_grad_(needs_grad)
+                value = (soft_divergence(s, flat_t[part], temperature, divergence, beta) * flat_w[part]).sum()
+                if needs_grad:
+                    grad[part] = torch.autograd.grad(value, s)[0]
+            total += value.detach()
+        ctx.save_for_backward(grad.view_as(student) if needs_grad else None)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
+        (grad,) = ctx.saved_tensors
+        if grad is not None and not bool(grad_output == 1):
+            grad = grad * grad_output
+        return grad, None, None, None
 
 
 @register_loss("ce")
@@ -191,7 +256,9 @@ class RouterAuxLoss(LossTerm):
 
 @register_loss("logits_kd")
 class LogitsKD(LossTerm):
-    """KL(teacher/T || student/T) * T^2 per labelled item (MSE to the teacher's prediction for regression).
+    """KL(teacher/T || student/T) * T^2 per labelled item (MSE to the teacher's prediction for regression); with
+    `kd_divergence` reverse KL or trl's generalised JSD (`jsd_beta`) instead. Token-level logits (LMs, NER) are
+    processed `kd_chunk_size` positions at a time.
 
     Without labels it is averaged over each example's real tokens (token heads) and summed per example.
 
@@ -200,7 +267,7 @@ class LogitsKD(LossTerm):
             scale (`KL summed / outputs.numel()`), e.g. ``extra_loss_terms=["logits_kd=0.5,per=logit"]``.
     """
 
-    card_settings = ("temperature",)
+    card_settings = ("temperature", "kd_divergence", "jsd_beta")
 
     def __init__(self, args: Any, student: nn.Module, teacher: nn.Module | None, per: str = "item") -> None:
         super().__init__(args, student, teacher)
@@ -215,13 +282,25 @@ class LogitsKD(LossTerm):
         student, teacher = batch.student.logits, batch.teacher_logits
         if student.shape != teacher.shape:
             raise ValueError(f"Student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ in shape.")
+        args = self.args
+        options = dict(temperature=args.temperature, divergence=getattr(args, "kd_divergence", "forward_kl"),
+                       beta=getattr(args, "jsd_beta", 0.5))
+        if student.dim() == 3 and not is_regression(student):  # token-level heads, LMs: chunked over positions
+            if batch.labels is not None:
+                weights = _label_mask(student, batch.labels).float()
+                return batch.per_item(chunked_divergence_sum(student, teacher, weights, **options,
+                                                             chunk_size=getattr(args, "kd_chunk_size", 128)))
+            mask = batch.token_mask(student).float()  # no labels: mean over each example's real tokens
+            weights = mask / mask.sum(1, keepdim=True).clamp_min(1)
+            return batch.per_example(chunked_divergence_sum(student, teacher, weights, **options,
+                                                            chunk_size=getattr(args, "kd_chunk_size", 128)))
         if is_regression(student):
             per_position = (student.float() - teacher.float()).squeeze(-1) ** 2
         else:
-            per_position = soft_kl(student, teacher, self.args.temperature)
+            per_position = soft_divergence(student, teacher, **options)
         if batch.labels is not None:
             return batch.per_item((per_position * _label_mask(student, batch.labels)).sum())
-        if per_position.dim() == 2:  # token-level heads: mean over real tokens
+        if per_position.dim() == 2:  # token-level regression heads: mean over real tokens
             mask = batch.token_mask(student).float()
             per_position = (per_position * mask).sum(1) / mask.sum(1).clamp_min(1)
         return batch.per_example(per_position.sum())
