@@ -30,8 +30,8 @@ def add_distill_parser(sub: Any) -> argparse.ArgumentParser:
 
     flags = HfArgumentParser(_distill_arguments(), add_help=False)
     p = sub.add_parser(
-        "distill", parents=[flags], help="Fine-tune or distil a student on a GLUE task or CoNLL-2003 NER; prints a "
-                                         "summary table.",
+        "distill", parents=[flags], help="Fine-tune or distil a student on a GLUE task, CoNLL-2003 NER or your "
+                                         "texts (--task clm); prints a summary table.",
         description="Fine-tune (no teacher) or distil a student on --task, save it with its model card and "
                     "all_results.json in --output_dir, evaluate it (CoNLL: validation and test) and print a summary "
                     "table. Takes every TrainingArguments / DistillationArguments flag (--report_to tensorboard, "
@@ -55,9 +55,10 @@ def add_evaluate_parser(sub: Any) -> argparse.ArgumentParser:
     from .recipes.text import TASK_NAMES
 
     p = sub.add_parser(
-        "evaluate", help="Evaluate a saved model folder on a GLUE dev set or CoNLL-2003 test; prints a summary table.",
-        description="Score a saved sequence / token classifier with the local metrics (hf_moekd.metrics), computed as "
-                    "a distill run's final evaluation is.")
+        "evaluate", help="Evaluate a saved model folder on a GLUE dev set, CoNLL-2003 test or held-out text (clm: "
+                         "loss and perplexity); prints a summary table.",
+        description="Score a saved sequence / token classifier with the local metrics (hf_moekd.metrics), or a causal "
+                    "LM by loss and perplexity, computed as a distill run's final evaluation is.")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="a saved model folder (config.json, weights, tokenizer)")
     p.add_argument("--task", required=True, help=f"the task the model was trained for: {', '.join(TASK_NAMES)}")
     p.add_argument("--data_dir", default=None,
@@ -67,6 +68,9 @@ def add_evaluate_parser(sub: Any) -> argparse.ArgumentParser:
                    help="default: validation (GLUE dev set), test (CoNLL-2003)")
     p.add_argument("--max_eval_samples", type=int, default=None, help="the first N examples of the split")
     p.add_argument("--max_seq_length", type=int, default=128, help="as in training (default: 128)")
+    p.add_argument("--validation_file", default=None, help="clm: held-out texts (.txt, .json, .jsonl, datasets folder)")
+    p.add_argument("--text_column", default="text", help="clm: the column holding the texts (default: text)")
+    p.add_argument("--block_size", type=int, default=None, help="clm: tokens per block (default: --max_seq_length)")
     p.add_argument("--batch_size", type=int, default=32, help="evaluation batch size (default: 32)")
     p.add_argument("--output_file", default=None, help="also write the metrics as JSON to this file")
     p.add_argument("--plot_routing", metavar="PNG", default=None,
@@ -88,7 +92,8 @@ def _evaluate(ns: argparse.Namespace) -> None:
     model, tokenizer = load_for_task(ns.model_dir, task, ns.allow_pickle)
     if ns.plot_routing and not has_experts(model):
         raise ValueError(f"{ns.model_dir} has no MoE experts: --plot_routing needs an MoE model")
-    data_args = DataArguments(data_dir=ns.data_dir, max_seq_length=ns.max_seq_length, max_eval_samples=ns.max_eval_samples)
+    data_args = DataArguments(data_dir=ns.data_dir, max_seq_length=ns.max_seq_length, max_eval_samples=ns.max_eval_samples,
+                              validation_file=ns.validation_file, text_column=ns.text_column, block_size=ns.block_size)
     metrics, data = evaluate_model(model, tokenizer, task, data_args, ns.split, ns.batch_size)
     split = ns.split or task.eval_splits[-1]
     info = {"model_dir": str(ns.model_dir), "task": task.name, "split": split, "examples": len(data),

@@ -31,10 +31,11 @@ from ..modeling.parameters import count_parameters
 from ..plots import plot_loss_terms, plot_routing
 from ..utils import NOT_METRIC_SUFFIXES, markdown_table, refuse_pickle
 from .common import check_output_dir, configure_losses, removed_on_failure, resume_checkpoint, save_run
+from .clm import CausalLMTask
 from .students import ModelArguments, build_model, model_for_saving
 
 CONLL = "conll2003"
-TASK_NAMES = (*GLUE_TASKS, "conll")
+TASK_NAMES = (*GLUE_TASKS, "conll", "clm")
 
 
 @dataclass
@@ -48,6 +49,18 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Train on a fixed random subset this large."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N examples of each "
                                                                          "evaluation split."})
+    train_file: str | None = field(default=None, metadata={"help": "clm: training texts (.txt, a text per line; "
+                                                           ".json / .jsonl records; or a datasets folder)."})
+    validation_file: str | None = field(default=None, metadata={"help": "clm: held-out texts (same formats)."})
+    text_column: str = field(default="text", metadata={"help": "clm: the column holding the texts (json, datasets)."})
+    block_size: int | None = field(default=None, metadata={"help": "clm: tokens per block; texts are concatenated "
+                                                           "and cut into blocks (run_clm.py). Default: max_seq_length."})
+
+    def __post_init__(self) -> None:
+        if self.max_seq_length < 1:
+            raise ValueError(f"--max_seq_length must be >= 1, got {self.max_seq_length}")
+        if self.block_size is not None and self.block_size < 2:
+            raise ValueError(f"--block_size must be >= 2 (a token and the next one), got {self.block_size}")
 
 
 @dataclass
@@ -57,7 +70,8 @@ class GlueDataArguments(DataArguments):
 
 @dataclass
 class TaskArguments:
-    task: str = field(metadata={"help": f"The task: {', '.join(TASK_NAMES)} (CoNLL-2003 NER)."})
+    task: str = field(metadata={"help": f"The task: {', '.join(TASK_NAMES)} (conll: CoNLL-2003 NER; clm: causal "
+                                        "language modelling on --train_file / --validation_file)."})
 
 
 @dataclass
@@ -91,6 +105,28 @@ class TaskSpec:
     @property
     def num_labels(self) -> int:
         return 1 if self.label_names is None else len(self.label_names)
+
+    def sequence_length(self, data_args: DataArguments) -> int:
+        return data_args.max_seq_length
+
+    @staticmethod
+    def add_metrics(metrics: dict[str, float]) -> dict[str, float]:
+        return metrics
+
+    def check_config(self, config: Any, folder: Path) -> None:
+        """Refuse a saved model whose head or labels do not fit this task."""
+        arch = (config.architectures or [""])[0]
+        wanted = "ForTokenClassification" if self.token_level else "ForSequenceClassification"
+        if arch and not arch.endswith(wanted):
+            raise ValueError(f"{folder} holds a {arch}, but {self.name} needs a *{wanted} model")
+        names = [config.id2label[i] for i in sorted(config.id2label)]
+        if config.num_labels != self.num_labels:
+            raise ValueError(f"{folder} has {config.num_labels} labels {names} but {self.name} has {self.num_labels}: "
+                             "evaluate it on the task it was trained for")
+        if self.label_names and not all(n == f"LABEL_{i}" for i, n in enumerate(names)) \
+                and tuple(names) != self.label_names:
+            raise ValueError(f"{folder} has labels {names} but {self.name} has {list(self.label_names)}: evaluate it "
+                             "on the task it was trained for")
 
     def head_kwargs(self) -> dict[str, Any]:
         if self.label_names is None:
@@ -131,14 +167,16 @@ class TaskSpec:
         return conll_compute_metrics(self.label_names) if self.token_level else glue_compute_metrics(self.name)
 
 
-def get_task(name: str) -> TaskSpec:
-    """A GLUE task (sst2, cola, mrpc, rte, stsb) or CoNLL-2003 ("conll" / "conll2003")."""
+def get_task(name: str) -> TaskSpec | CausalLMTask:
+    """A GLUE task (sst2, cola, mrpc, rte, stsb), CoNLL-2003 ("conll" / "conll2003") or causal LM ("clm")."""
+    if name.lower() == "clm":
+        return CausalLMTask()
     if name.lower() in ("conll", CONLL):
         return TaskSpec(CONLL, CONLL_LABELS, True, ("validation", "test"))
     try:
         glue = get_glue_task(name)
     except ValueError as err:
-        raise ValueError(f"{err}, or conll (CoNLL-2003 NER)") from None
+        raise ValueError(f"{err}, conll (CoNLL-2003 NER) or clm (causal language modelling)") from None
     return TaskSpec(glue.name, glue.label_names, False, ("validation",))
 
 
@@ -166,7 +204,7 @@ def run_task(task_name: str, model_args: ModelArguments, data_args: DataArgument
         raw = task.load(data_args)
         set_seed(args.seed)
         model, tokenizer = build_model(model_args, task.auto_class, args.allow_pickle_checkpoints, **task.head_kwargs())
-        data = task.tokenize(raw, tokenizer, data_args.max_seq_length)
+        data = task.tokenize(raw, tokenizer, task.sequence_length(data_args))
         callbacks = []
         if report.log_csv:
             callbacks.append(CSVLoggerCallback())
@@ -182,9 +220,9 @@ def run_task(task_name: str, model_args: ModelArguments, data_args: DataArgument
         results.update(trainer.train(resume_from_checkpoint=resume_checkpoint(args)).metrics)
         model_for_saving(trainer.model, model_args)
         trainer.save_model()
-    results.update(trainer.evaluate())
+    results.update(task.add_metrics(trainer.evaluate()))
     for split in task.eval_splits[1:]:
-        results.update(trainer.evaluate(data[split], metric_key_prefix=split))
+        results.update(task.add_metrics(trainer.evaluate(data[split], metric_key_prefix=split)))
     save_run(trainer, results, model_args, [task.name], model_saved=trained)
     if trainer.is_world_process_zero():
         if report.plot:
@@ -273,17 +311,7 @@ def load_for_task(model_dir: str | Path, task: TaskSpec, allow_pickle: bool = Fa
     if not allow_pickle:
         refuse_pickle(folder, "--allow_pickle")
     config = AutoConfig.from_pretrained(folder)
-    arch = (config.architectures or [""])[0]
-    wanted = "ForTokenClassification" if task.token_level else "ForSequenceClassification"
-    if arch and not arch.endswith(wanted):
-        raise ValueError(f"{folder} holds a {arch}, but {task.name} needs a *{wanted} model")
-    names = [config.id2label[i] for i in sorted(config.id2label)]
-    if config.num_labels != task.num_labels:
-        raise ValueError(f"{folder} has {config.num_labels} labels {names} but {task.name} has {task.num_labels}: "
-                         "evaluate it on the task it was trained for")
-    if task.label_names and not all(n == f"LABEL_{i}" for i, n in enumerate(names)) and tuple(names) != task.label_names:
-        raise ValueError(f"{folder} has labels {names} but {task.name} has {list(task.label_names)}: evaluate it on the "
-                         "task it was trained for")
+    task.check_config(config, folder)
     model = task.auto_class.from_pretrained(folder, use_safetensors=None if allow_pickle else True)
     return model, AutoTokenizer.from_pretrained(folder)
 
@@ -297,13 +325,14 @@ def evaluate_model(model: PreTrainedModel, tokenizer: Any, task: TaskSpec, data_
     split = split or task.eval_splits[-1]
     if split not in task.eval_splits:
         raise ValueError(f"{task.name} has no split {split!r} with labels to evaluate on; use {', '.join(task.eval_splits)}")
-    data = task.tokenize(DatasetDict({split: task.load(data_args)[split]}), tokenizer, data_args.max_seq_length)[split]
+    data = task.tokenize(DatasetDict({split: task.load(data_args)[split]}), tokenizer,
+                         task.sequence_length(data_args))[split]
     with tempfile.TemporaryDirectory() as scratch:  # evaluation writes nothing; the Trainer still wants a folder
         args = TrainingArguments(output_dir=scratch, per_device_eval_batch_size=batch_size, report_to="none")
         trainer = Trainer(model=model, args=args, processing_class=tokenizer, data_collator=task.collator(tokenizer),
                           compute_metrics=task.compute_metrics())
         metrics = trainer.evaluate(data, metric_key_prefix="eval" if split == "validation" else split)
-    return metrics, data
+    return task.add_metrics(metrics), data
 
 
 __all__ = ["DataArguments", "GlueDataArguments", "ReportArguments", "TASK_NAMES", "TaskArguments", "TaskSpec",

@@ -1,0 +1,86 @@
+"""`--task clm` end to end as a user would run it: a Mixtral teacher -> `hf-moekd gather` -> `hf-moekd distill --task
+clm` with the MoE as teacher -> `hf-moekd evaluate` (loss, perplexity) -> the saved folder generates with
+`pipeline("text-generation")` and loads with the stock Auto class."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import transformers as tf
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+from hf_moekd.cli import main
+
+SENTENCES = [f"the {a} {b} sat on the {c} mat ." for a in ("red", "big", "old", "small") for b in ("cat", "dog", "fox")
+             for c in ("green", "blue", "flat")]
+
+
+def tokenizer_for(folder) -> tf.PreTrainedTokenizerFast:
+    raw = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]", "[EOS]"]))
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+    tok.save_pretrained(folder)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def lm_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clm")
+    teacher = root / "mixtral"
+    tok = tokenizer_for(teacher)
+    torch.manual_seed(0)
+    config = tf.MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                              max_position_embeddings=64, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    tf.MixtralForCausalLM(config).save_pretrained(teacher)
+    (root / "train.txt").write_text("\n".join(SENTENCES[:30]) + "\n")
+    (root / "valid.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES[30:]))
+    return root
+
+
+def test_mixtral_gather_distill_evaluate_generate(lm_files, tmp_path, capsys):
+    student, out = tmp_path / "mistral", tmp_path / "distilled"
+    main(["gather", str(lm_files / "mixtral"), str(student)])
+    assert tf.AutoConfig.from_pretrained(student).model_type == "mistral"
+    main(["distill", "--task", "clm", "--model_name_or_path", str(student), "--teacher_model_name_or_path",
+          str(lm_files / "mixtral"), "--train_file", str(lm_files / "train.txt"), "--validation_file",
+          str(lm_files / "valid.jsonl"), "--block_size", "8", "--output_dir", str(out), "--max_steps", "3",
+          "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--report_to", "none",
+          "--disable_tqdm", "true", "--use_cpu", "true", "--save_strategy", "no"])
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["task"] == "clm" and results["mode"] == "distil"
+    assert results["eval_perplexity"] == pytest.approx(math.exp(results["eval_loss"]))
+    card = (out / "README.md").read_text()
+    assert "pipeline_tag: text-generation" in card and "Knowledge distillation" in card
+    capsys.readouterr()
+    main(["evaluate", str(out), "--task", "clm", "--validation_file", str(lm_files / "valid.jsonl"), "--block_size", "8",
+          "--output_file", str(tmp_path / "metrics.json")])
+    printed = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    assert "eval_perplexity" in printed
+    assert metrics["eval_loss"] == pytest.approx(results["eval_loss"], rel=1e-4)
+    model = tf.AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "MistralForCausalLM"
+    generator = tf.pipeline("text-generation", model=str(out), device="cpu")
+    text = generator("the red cat", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert text.startswith("the red cat") and len(text.split()) > 3
+
+
+def test_clm_bad_input_is_one_clear_line(lm_files, tmp_path, capsys):
+    common = ["distill", "--task", "clm", "--model_name_or_path", str(lm_files / "mixtral"), "--output_dir",
+              str(tmp_path / "out"), "--report_to", "none", "--use_cpu", "true"]
+    cases = [
+        ([], "--task clm needs --validation_file"),
+        (["--validation_file", str(tmp_path / "missing.txt")], "missing.txt does not exist"),
+        (["--validation_file", str(lm_files / "valid.jsonl"), "--text_column", "body"], "has no column 'body'"),
+        (["--validation_file", str(lm_files / "train.txt"), "--block_size", "1"], "--block_size must be >= 2"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit):
+            main([*common, *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+        assert not (tmp_path / "out").exists()
