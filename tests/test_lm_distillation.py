@@ -139,3 +139,48 @@ def test_reverse_kl_and_jsd_train_a_causal_lm(tmp_path):
         assert loss.item() > 0 and student.lm_head.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="kd_divergence"):
         args(tmp_path, kd_divergence="kl")
+
+
+def test_topk_kl_with_all_tokens_is_the_full_kl_and_close_with_few():
+    from hf_moekd.distillation.losses import soft_divergence, topk_forward_kl
+
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(4, 6, 200, generator=g), torch.randn(4, 6, 200, generator=g) * 4  # a peaked teacher
+    full = soft_divergence(s, t, 2.0)
+    for k, tolerance in ((200, 1e-5), (64, 0.05)):
+        logp, idx = torch.log_softmax(t / 2.0, -1).topk(k, -1)
+        approx = topk_forward_kl(s, logp, idx, 2.0)
+        assert (approx - full).abs().max() / full.abs().max() < tolerance, k
+
+
+def lm_dataset(n: int = 6):
+    from datasets import Dataset
+
+    ids = torch.randint(1, 64, (n, 10), generator=torch.Generator().manual_seed(3))
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
+                              "labels": ids.tolist()})
+
+
+@pytest.mark.parametrize("top_k", [64, 8])
+def test_cached_topk_teacher_matches_the_online_teacher(tmp_path, top_k):
+    """The cache keeps fp16 top-k log-probs + int32 ids; with k = vocab the loss is the online one up to fp16."""
+    from hf_moekd.distillation import TEACHER_TOPK_INDICES, TEACHER_TOPK_LOGPROBS
+
+    student, teacher = tiny_mistral(0).train(), tiny_mistral(1).eval()
+    with torch.no_grad():  # a confident teacher, as a trained LM is (a random one is near uniform)
+        teacher.lm_head.weight.mul_(30)
+    common = dict(alpha=1.0, temperature=2.0, per_device_train_batch_size=6, teacher_logits_top_k=top_k)
+    online = DistillationTrainer(model=student, teacher_model=teacher, args=args(tmp_path / "a", **common),
+                                 train_dataset=lm_dataset())
+    cached = DistillationTrainer(model=student, teacher_model=teacher, train_dataset=lm_dataset(),
+                                 args=args(tmp_path / "b", teacher_logits_cache=str(tmp_path / "cache"), **common))
+    data = cached.train_dataset
+    assert {TEACHER_TOPK_LOGPROBS, TEACHER_TOPK_INDICES} <= set(data.column_names)
+    assert data.features[TEACHER_TOPK_LOGPROBS].feature.feature.dtype == "float16"
+    assert len(data[0][TEACHER_TOPK_INDICES][0]) == top_k
+    batch_online = online.data_collator([lm_dataset()[i] for i in range(6)])
+    batch_cached = cached.data_collator([data[i] for i in range(6)])
+    loss_online = online.compute_loss(student, batch_online)
+    loss_cached = cached.compute_loss(student, batch_cached)
+    tolerance = 5e-3 if top_k == 64 else 0.2  # fp16 log-probs; k = 8 of 64 tokens: the rest bucket approximates
+    assert abs(loss_cached.item() - loss_online.item()) / loss_online.item() < tolerance

@@ -5,6 +5,8 @@ from .losses import LOSS_REGISTRY, DistillationBatch, LossTerm, get_loss_class, 
 from .teacher import check_compatible, load_teacher
 from .teacher_outputs import (
     TEACHER_LOGITS,
+    TEACHER_TOPK_INDICES,
+    TEACHER_TOPK_LOGPROBS,
     TeacherLogitsCollator,
     precompute_teacher_logits,
 )
@@ -17,6 +19,8 @@ __all__ = [
     "LOSS_REGISTRY",
     "LossTerm",
     "TEACHER_LOGITS",
+    "TEACHER_TOPK_INDICES",
+    "TEACHER_TOPK_LOGPROBS",
     "TeacherLogitsCollator",
     "check_compatible",
     "get_loss_class",

@@ -86,6 +86,13 @@ class DistillationArguments(TrainingArguments):
                   "the data and the teacher's weights, reused by later runs), then KD runs no teacher forward for "
                   "logits. Terms that read teacher internals (hidden_mse, attention_relation) still run the teacher."},
     )
+    teacher_logits_top_k: int = field(
+        default=64,
+        metadata={"help": "Language-model students (causal LM, seq2seq): the teacher-logits cache keeps the top k "
+                  "log-probs per token (float16, at the run's temperature) and their token ids (int32) instead of the "
+                  "full vocabulary; logits KD then uses those k plus one bucket for the rest of the mass (forward KL). "
+                  "0: cache full logits."},
+    )
     task_agnostic: bool = field(
         default=False,
         metadata={"help": "Label- and logit-free distillation of intermediate representations only (e.g. stage 1 of "
@@ -148,6 +155,8 @@ class DistillationArguments(TrainingArguments):
             raise ValueError(f"kd_divergence must be 'forward_kl', 'reverse_kl' or 'jsd', got {self.kd_divergence!r}.")
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}.")
+        if self.teacher_logits_top_k < 0:
+            raise ValueError(f"teacher_logits_top_k must be >= 0 (0: full logits), got {self.teacher_logits_top_k}.")
         if self.kd_chunk_size < 1:
             raise ValueError(f"kd_chunk_size must be >= 1, got {self.kd_chunk_size}.")
         if self.relation_student_source not in ("final_hidden", "block"):

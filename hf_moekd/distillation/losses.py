@@ -34,6 +34,7 @@ from ..modeling.capture import capture_block_output, capture_qkv, find_blocks
 
 LOSS_REGISTRY: dict[str, type["LossTerm"]] = {}
 LOSS_TERMS_GROUP = "hf_moekd.loss_terms"  # entry points: name -> "module:LossTermClass"
+TEACHER_TOPK = "teacher_topk"  # DistillationBatch.extras: (log-probs [B, L, k], indices [B, L, k]) from a cache
 
 
 def register_loss(name: str) -> Callable[[type["LossTerm"]], type["LossTerm"]]:
@@ -186,18 +187,46 @@ def chunked_divergence_sum(student_logits: torch.Tensor, teacher_logits: torch.T
     time. The gradient with respect to the student logits is computed chunk by chunk in the forward pass into one
     buffer of the logits' size and dtype (the gradient the logits get anyway), so float32 softmax copies exist for
     one chunk at a time, never for the whole [batch, seq, vocab]."""
-    return _ChunkedDivergence.apply(student_logits, teacher_logits.detach(), weights.detach(),
-                                    (temperature, divergence, beta, chunk_size))
+    def divergence_of(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return soft_divergence(s, t, temperature, divergence, beta)
+
+    return _ChunkedSum.apply(divergence_of, student_logits, weights.detach(), chunk_size, teacher_logits.detach())
 
 
-class _ChunkedDivergence(torch.autograd.Function):
+def topk_forward_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_indices: torch.Tensor,
+                    temperature: float) -> torch.Tensor:
+    """KL(teacher || student) * T^2 from the teacher's top-k log-probs (at temperature T) plus one "rest" bucket
+    holding the teacher's and the student's remaining probability mass; exact when k is the vocabulary size."""
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    q_k = log_q.gather(-1, teacher_indices.long())
+    log_p = teacher_logprobs.float()
+    p_rest = (1 - log_p.exp().sum(-1)).clamp_min(0)
+    q_rest = (1 - q_k.exp().sum(-1)).clamp_min(1e-12)
+    rest = torch.where(p_rest > 0, p_rest * (p_rest.clamp_min(1e-12).log() - q_rest.log()), torch.zeros_like(p_rest))
+    return ((log_p.exp() * (log_p - q_k)).sum(-1) + rest) * temperature**2
+
+
+def chunked_topk_kl_sum(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_indices: torch.Tensor,
+                        weights: torch.Tensor, temperature: float, chunk_size: int = 128) -> torch.Tensor:
+    """`topk_forward_kl` summed with `weights`, chunked over positions as `chunked_divergence_sum`."""
+    def divergence_of(s: torch.Tensor, logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return topk_forward_kl(s, logp, idx, temperature)
+
+    return _ChunkedSum.apply(divergence_of, student_logits, weights.detach(), chunk_size, teacher_logprobs.detach(),
+                             teacher_indices)
+
+
+class _ChunkedSum(torch.autograd.Function):
+    """sum_p weights[p] * fn(student[p], *teacher[p]) over flattened positions, chunk by chunk, with the gradient
+    with respect to `student` built in the forward pass (no graph over the whole logits is kept)."""
+
     @staticmethod
-    def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor,
-                settings: tuple) -> torch.Tensor:
-        temperature, divergence, beta, chunk_size = settings
+    def forward(ctx: Any, fn: Callable, student: torch.Tensor, weights: torch.Tensor, chunk_size: int,
+                *teacher: torch.Tensor) -> torch.Tensor:
         vocab = student.shape[-1]
-        flat_s, flat_t, flat_w = student.reshape(-1, vocab), teacher.reshape(-1, vocab), weights.reshape(-1)
-        needs_grad = ctx.needs_input_grad[0]
+        flat_s, flat_w = student.reshape(-1, vocab), weights.reshape(-1)
+        flat_t = [t.reshape(flat_s.shape[0], -1) for t in teacher]
+        needs_grad = ctx.needs_input_grad[1]
         grad = torch.zeros_like(flat_s) if needs_grad else None
         total = torch.zeros((), dtype=torch.float32, device=student.device)
         for start in range(0, flat_s.shape[0], chunk_size):
@@ -206,7 +235,7 @@ class _ChunkedDivergence(torch.autograd.Function):
                 continue
             with torch.enable_grad():
                 s = flat_s[part].detach().requires_grad_(needs_grad)
-                value = (soft_divergence(s, flat_t[part], temperature, divergence, beta) * flat_w[part]).sum()
+                value = (fn(s, *(t[part] for t in flat_t)) * flat_w[part]).sum()
                 if needs_grad:
                     grad[part] = torch.autograd.grad(value, s)[0]
             total += value.detach()
@@ -218,7 +247,7 @@ class _ChunkedDivergence(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if grad is not None and not bool(grad_output == 1):
             grad = grad * grad_output
-        return grad, None, None, None
+        return (None, grad, None, None, *([None] * (ctx.needs_input_grad.__len__() - 4)))
 
 
 @register_loss("ce")
@@ -279,6 +308,8 @@ class LogitsKD(LossTerm):
         return self._per_item(batch) / (batch.student.logits.shape[-1] if self.per == "logit" else 1)
 
     def _per_item(self, batch: DistillationBatch) -> torch.Tensor:
+        if TEACHER_TOPK in batch.extras:
+            return self._per_item_topk(batch)
         student, teacher = batch.student.logits, batch.teacher_logits
         if student.shape != teacher.shape:
             raise ValueError(f"Student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ in shape.")
@@ -304,6 +335,26 @@ class LogitsKD(LossTerm):
             mask = batch.token_mask(student).float()
             per_position = (per_position * mask).sum(1) / mask.sum(1).clamp_min(1)
         return batch.per_example(per_position.sum())
+
+
+    def _per_item_topk(self, batch: DistillationBatch) -> torch.Tensor:
+        """KD from cached top-k teacher log-probs (`teacher_logits_top_k`): forward KL on the k tokens plus a rest
+        bucket, per labelled position (or per real token, averaged per example, without labels)."""
+        if getattr(self.args, "kd_divergence", "forward_kl") != "forward_kl":
+            raise ValueError("cached top-k teacher log-probs support kd_divergence='forward_kl' only: set "
+                             "teacher_logits_top_k=0 to cache full logits for reverse_kl / jsd")
+        logprobs, indices = batch.extras[TEACHER_TOPK]
+        student = batch.student.logits
+        if logprobs.shape[:-1] != student.shape[:-1]:
+            raise ValueError(f"cached top-k teacher log-probs {tuple(logprobs.shape)} do not fit the student logits "
+                             f"{tuple(student.shape)}")
+        chunk = getattr(self.args, "kd_chunk_size", 128)
+        if batch.labels is not None:
+            weights = _label_mask(student, batch.labels).float()
+            return batch.per_item(chunked_topk_kl_sum(student, logprobs, indices, weights, self.args.temperature, chunk))
+        mask = batch.token_mask(student).float()
+        weights = mask / mask.sum(1, keepdim=True).clamp_min(1)
+        return batch.per_example(chunked_topk_kl_sum(student, logprobs, indices, weights, self.args.temperature, chunk))
 
 
 def uniform_layer_map(student_layers: int, teacher_layers: int) -> dict[int, int]:

@@ -19,14 +19,27 @@ from ..integrations.peft import is_peft_model, merge_peft, remove_stale_files, w
 from .arguments import DistillationArguments
 from .card import training_facts
 from .engines import SideOptimizer, place_teacher
-from .losses import DistillationBatch, LossTerm, batch_size, build_term, get_loss_class
+from .losses import TEACHER_TOPK, DistillationBatch, LossTerm, batch_size, build_term, get_loss_class
 from .teacher import check_compatible, load_teacher, prepare_teacher
-from .teacher_outputs import TEACHER_LOGITS, TeacherLogitsCollator, precompute_teacher_logits
+from .teacher_outputs import (
+    CACHED_COLUMNS,
+    TEACHER_LOGITS,
+    TEACHER_TOPK_INDICES,
+    TEACHER_TOPK_LOGPROBS,
+    TeacherLogitsCollator,
+    precompute_teacher_logits,
+)
 
 
 LOSS_TERMS_FILE = "loss_terms.safetensors"
 LOSS_TERMS_OPTIMIZER_FILE = "loss_terms_optimizer.safetensors"  # DeepSpeed runs: the loss terms' own optimizer
 Counts = torch.Tensor  # [labelled items, examples] of one optimizer step, summed over all processes
+
+
+def _top_k_settings(args: DistillationArguments, model: nn.Module | None) -> dict[str, Any]:
+    """Language models cache the teacher's top-k log-probs (`teacher_logits_top_k`) instead of full logits."""
+    lm = model is not None and label_alignment(model) in ("shift", "decoder")
+    return {"top_k": args.teacher_logits_top_k, "temperature": args.temperature} if lm else {}
 
 
 def _as_list(value: str | list[str] | None) -> list[str]:
@@ -76,7 +89,7 @@ class DistillationTrainer(Trainer):
                     kwargs["train_dataset"] = precompute_teacher_logits(
                         prepare_teacher(teacher_model, args.device), train, kwargs.get("data_collator"),
                         batch_size=args.per_device_eval_batch_size, cache_dir=args.teacher_logits_cache,
-                        device=args.device,
+                        device=args.device, **_top_k_settings(args, model),
                     )
         if model is not None:
             model = wrap_student(model, args.peft_config)  # after the teacher: it is loaded like the bare student
@@ -97,6 +110,7 @@ class DistillationTrainer(Trainer):
                     self.teacher, self.train_dataset, kwargs.get("data_collator"),
                     batch_size=args.per_device_eval_batch_size, cache_dir=args.teacher_logits_cache,
                     device=self.args.device, write_cache=self.is_world_process_zero(),
+                    **_top_k_settings(args, self.model),
                 )
         self.label_alignment = label_alignment(self.model)  # causal LMs: labels shifted as ForCausalLMLoss
         self.loss_terms = self._build_terms(loss_terms or {}).to(self.args.device)
@@ -127,7 +141,7 @@ class DistillationTrainer(Trainer):
 
     @staticmethod
     def _has_cached_logits(dataset: Any) -> bool:
-        return TEACHER_LOGITS in (getattr(dataset, "column_names", None) or [])
+        return any(c in (getattr(dataset, "column_names", None) or []) for c in CACHED_COLUMNS)
 
     def _check_teacher_source(self) -> None:
         if self.teacher is not None:
@@ -141,8 +155,7 @@ class DistillationTrainer(Trainer):
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        if TEACHER_LOGITS not in self._signature_columns:
-            self._signature_columns.append(TEACHER_LOGITS)
+        self._signature_columns += [c for c in CACHED_COLUMNS if c not in self._signature_columns]
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
@@ -180,6 +193,9 @@ class DistillationTrainer(Trainer):
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         inputs = dict(inputs)
         cached_logits = inputs.pop(TEACHER_LOGITS, None)
+        topk = (inputs.pop(TEACHER_TOPK_LOGPROBS), inputs.pop(TEACHER_TOPK_INDICES)) \
+            if TEACHER_TOPK_LOGPROBS in inputs else None
+        cached = cached_logits is not None or topk is not None
         if not model.training:  # evaluation: the student's own loss; the teacher is not run
             outputs = model(**inputs)
             return (outputs.loss, outputs) if return_outputs else outputs.loss
@@ -196,7 +212,7 @@ class DistillationTrainer(Trainer):
             student_out = model(**inputs, **hidden)
 
         teacher_out = None
-        if any(t.needs_teacher_forward or (t.needs_teacher and cached_logits is None) for t in terms.values()):
+        if any(t.needs_teacher_forward or (t.needs_teacher and not cached) for t in terms.values()):
             if self.teacher is None:
                 raise ValueError(f"This batch has no '{TEACHER_LOGITS}' and the trainer has no teacher.")
             with torch.no_grad(), ExitStack() as stack:
@@ -219,6 +235,7 @@ class DistillationTrainer(Trainer):
             n_items=n_items,
             n_examples=n_examples,
             scale=float(self.accelerator.num_processes) if is_global else 1.0,
+            extras={TEACHER_TOPK: topk} if topk is not None else {},
         )
         loss = torch.zeros((), device=self.args.device)
         values = {}
