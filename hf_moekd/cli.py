@@ -68,8 +68,11 @@ def add_evaluate_parser(sub: Any) -> argparse.ArgumentParser:
                    help="default: validation (GLUE dev set), test (CoNLL-2003)")
     p.add_argument("--max_eval_samples", type=int, default=None, help="the first N examples of the split")
     p.add_argument("--max_seq_length", type=int, default=128, help="as in training (default: 128)")
-    p.add_argument("--validation_file", default=None, help="clm: held-out texts (.txt, .json, .jsonl, datasets folder)")
+    p.add_argument("--validation_file", default=None,
+                   help="clm / seq2seq: held-out texts (.txt, .json, .jsonl, .csv, .tsv, .parquet, datasets folder)")
     p.add_argument("--text_column", default="text", help="clm: the column holding the texts (default: text)")
+    p.add_argument("--source_column", default="source", help="seq2seq: the input column (default: source)")
+    p.add_argument("--target_column", default="target", help="seq2seq: the output column (default: target)")
     p.add_argument("--block_size", type=int, default=None, help="clm: tokens per block (default: --max_seq_length)")
     p.add_argument("--batch_size", type=int, default=32, help="evaluation batch size (default: 32)")
     p.add_argument("--output_file", default=None, help="also write the metrics as JSON to this file")
@@ -93,7 +96,8 @@ def _evaluate(ns: argparse.Namespace) -> None:
     if ns.plot_routing and not has_experts(model):
         raise ValueError(f"{ns.model_dir} has no MoE experts: --plot_routing needs an MoE model")
     data_args = DataArguments(data_dir=ns.data_dir, max_seq_length=ns.max_seq_length, max_eval_samples=ns.max_eval_samples,
-                              validation_file=ns.validation_file, text_column=ns.text_column, block_size=ns.block_size)
+                              validation_file=ns.validation_file, text_column=ns.text_column, block_size=ns.block_size,
+                              source_column=ns.source_column, target_column=ns.target_column)
     metrics, data = evaluate_model(model, tokenizer, task, data_args, ns.split, ns.batch_size)
     split = ns.split or task.eval_splits[-1]
     info = {"model_dir": str(ns.model_dir), "task": task.name, "split": split, "examples": len(data),

@@ -1,4 +1,4 @@
-"""`--task clm` end to end as a user would run it: a Mixtral teacher -> `hf-moekd gather` -> `hf-moekd distill --task
+"""`--task clm` / `--task seq2seq` end to end as a user would run them: a Mixtral teacher -> `hf-moekd gather` -> `hf-moekd distill --task
 clm` with the MoE as teacher -> `hf-moekd evaluate` (loss, perplexity) -> the saved folder generates with
 `pipeline("text-generation")` and loads with the stock Auto class."""
 from __future__ import annotations
@@ -84,3 +84,36 @@ def test_clm_bad_input_is_one_clear_line(lm_files, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
         assert not (tmp_path / "out").exists()
+
+
+def test_switch_gather_distill_seq2seq(tmp_path, capsys):
+    """Switch Transformers teacher -> gathered T5 -> `--task seq2seq` with decoder-logit KD from the MoE."""
+    teacher, student, out = tmp_path / "switch", tmp_path / "t5", tmp_path / "distilled"
+    tok = tokenizer_for(teacher)
+    torch.manual_seed(0)
+    config = tf.SwitchTransformersConfig(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=32, num_layers=2,
+                                         num_decoder_layers=2, num_heads=4, num_experts=4, num_sparse_encoder_layers=1,
+                                         num_sparse_decoder_layers=1, expert_capacity=64, dropout_rate=0.0,
+                                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                         decoder_start_token_id=tok.pad_token_id)
+    tf.SwitchTransformersForConditionalGeneration(config).save_pretrained(teacher)
+    pairs = [{"source": s, "target": " ".join(reversed(s.split()))} for s in SENTENCES]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[:30]))
+    (tmp_path / "valid.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[30:]))
+    main(["gather", str(teacher), str(student)])
+    assert tf.AutoConfig.from_pretrained(student).model_type == "t5"
+    main(["distill", "--task", "seq2seq", "--model_name_or_path", str(student), "--teacher_model_name_or_path",
+          str(teacher), "--train_file", str(tmp_path / "train.jsonl"), "--validation_file", str(tmp_path / "valid.jsonl"),
+          "--max_seq_length", "16", "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "4",
+          "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true", "--save_strategy", "no",
+          "--logging_steps", "1"])
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["task"] == "seq2seq" and results["eval_perplexity"] == pytest.approx(math.exp(results["eval_loss"]))
+    capsys.readouterr()
+    main(["evaluate", str(out), "--task", "seq2seq", "--validation_file", str(tmp_path / "valid.jsonl"),
+          "--max_seq_length", "16"])
+    assert "eval_perplexity" in capsys.readouterr().out
+    assert type(tf.AutoModelForSeq2SeqLM.from_pretrained(out)).__name__ == "T5ForConditionalGeneration"
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(out), "--task", "clm", "--validation_file", str(tmp_path / "valid.jsonl")])
+    assert "needs a causal language model" in capsys.readouterr().err

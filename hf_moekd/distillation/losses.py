@@ -311,6 +311,9 @@ class LogitsKD(LossTerm):
         if TEACHER_TOPK in batch.extras:
             return self._per_item_topk(batch)
         student, teacher = batch.student.logits, batch.teacher_logits
+        if teacher is None:
+            raise ValueError("logits_kd: the teacher returned no logits; load it with the task head of the student "
+                             "(e.g. AutoModelForCausalLM / AutoModelForSeq2SeqLM), not a bare AutoModel.")
         if student.shape != teacher.shape:
             raise ValueError(f"Student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ in shape.")
         args = self.args

@@ -11,6 +11,7 @@ _AUTO_BY_SUFFIX = {
     "ForImageClassification": "AutoModelForImageClassification",
     "ForMaskedLM": "AutoModelForMaskedLM",
     "ForCausalLM": "AutoModelForCausalLM",
+    "ForConditionalGeneration": "AutoModelForSeq2SeqLM",
 }
 
 

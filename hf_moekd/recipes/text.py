@@ -31,11 +31,11 @@ from ..modeling.parameters import count_parameters
 from ..plots import plot_loss_terms, plot_routing
 from ..utils import NOT_METRIC_SUFFIXES, markdown_table, refuse_pickle
 from .common import check_output_dir, configure_losses, removed_on_failure, resume_checkpoint, save_run
-from .clm import CausalLMTask
+from .lm import CausalLMTask, LanguageModelTask, Seq2SeqTask
 from .students import ModelArguments, build_model, model_for_saving
 
 CONLL = "conll2003"
-TASK_NAMES = (*GLUE_TASKS, "conll", "clm")
+TASK_NAMES = (*GLUE_TASKS, "conll", "clm", "seq2seq")
 
 
 @dataclass
@@ -49,10 +49,13 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Train on a fixed random subset this large."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N examples of each "
                                                                          "evaluation split."})
-    train_file: str | None = field(default=None, metadata={"help": "clm: training texts (.txt, a text per line; "
-                                                           ".json / .jsonl records; or a datasets folder)."})
+    train_file: str | None = field(default=None, metadata={"help": "clm / seq2seq: training texts (.txt, a text per "
+                                                           "line; .json / .jsonl / .csv / .tsv / .parquet records; "
+                                                           "or a datasets folder)."})
     validation_file: str | None = field(default=None, metadata={"help": "clm: held-out texts (same formats)."})
     text_column: str = field(default="text", metadata={"help": "clm: the column holding the texts (json, datasets)."})
+    source_column: str = field(default="source", metadata={"help": "seq2seq: the column holding the inputs."})
+    target_column: str = field(default="target", metadata={"help": "seq2seq: the column holding the outputs."})
     block_size: int | None = field(default=None, metadata={"help": "clm: tokens per block; texts are concatenated "
                                                            "and cut into blocks (run_clm.py). Default: max_seq_length."})
 
@@ -167,16 +170,19 @@ class TaskSpec:
         return conll_compute_metrics(self.label_names) if self.token_level else glue_compute_metrics(self.name)
 
 
-def get_task(name: str) -> TaskSpec | CausalLMTask:
-    """A GLUE task (sst2, cola, mrpc, rte, stsb), CoNLL-2003 ("conll" / "conll2003") or causal LM ("clm")."""
+def get_task(name: str) -> TaskSpec | LanguageModelTask:
+    """A GLUE task (sst2, cola, mrpc, rte, stsb), CoNLL-2003 ("conll" / "conll2003"), causal LM ("clm") or
+    sequence-to-sequence ("seq2seq")."""
     if name.lower() == "clm":
         return CausalLMTask()
+    if name.lower() == "seq2seq":
+        return Seq2SeqTask()
     if name.lower() in ("conll", CONLL):
         return TaskSpec(CONLL, CONLL_LABELS, True, ("validation", "test"))
     try:
         glue = get_glue_task(name)
     except ValueError as err:
-        raise ValueError(f"{err}, conll (CoNLL-2003 NER) or clm (causal language modelling)") from None
+        raise ValueError(f"{err}, conll (CoNLL-2003 NER), clm (causal language modelling) or seq2seq") from None
     return TaskSpec(glue.name, glue.label_names, False, ("validation",))
 
 
