@@ -72,6 +72,10 @@ def add_evaluate_parser(sub: Any) -> argparse.ArgumentParser:
                    help="clm / seq2seq: held-out texts (.txt, .json, .jsonl, .csv, .tsv, .parquet, datasets folder)")
     p.add_argument("--text_column", default="text", help="clm: the column holding the texts (default: text)")
     p.add_argument("--source_column", default="source", help="seq2seq: the input column (default: source)")
+    p.add_argument("--text_column_names", default=None, help="text-classification: the text column(s), 'a' or 'a,b'")
+    p.add_argument("--label_column_name", default="label", help="text-classification: the label column")
+    p.add_argument("--tokens_column_name", default="tokens", help="ner, json files: the tokens column")
+    p.add_argument("--tags_column_name", default="tags", help="ner, json files: the tags column")
     p.add_argument("--target_column", default="target", help="seq2seq: the output column (default: target)")
     p.add_argument("--block_size", type=int, default=None, help="clm: tokens per block (default: --max_seq_length)")
     p.add_argument("--batch_size", type=int, default=32, help="evaluation batch size (default: 32)")
@@ -97,7 +101,9 @@ def _evaluate(ns: argparse.Namespace) -> None:
         raise ValueError(f"{ns.model_dir} has no MoE experts: --plot_routing needs an MoE model")
     data_args = DataArguments(data_dir=ns.data_dir, max_seq_length=ns.max_seq_length, max_eval_samples=ns.max_eval_samples,
                               validation_file=ns.validation_file, text_column=ns.text_column, block_size=ns.block_size,
-                              source_column=ns.source_column, target_column=ns.target_column)
+                              source_column=ns.source_column, target_column=ns.target_column,
+                              text_column_names=ns.text_column_names, label_column_name=ns.label_column_name,
+                              tokens_column_name=ns.tokens_column_name, tags_column_name=ns.tags_column_name)
     metrics, data = evaluate_model(model, tokenizer, task, data_args, ns.split, ns.batch_size)
     split = ns.split or task.eval_splits[-1]
     info = {"model_dir": str(ns.model_dir), "task": task.name, "split": split, "examples": len(data),

@@ -190,33 +190,49 @@ def _is_float(value: str) -> bool:
     return True
 
 
-def _read_conll_file(path: Path) -> dict[str, list[list]]:
-    """Parse ``token<TAB>tag`` (or space-separated CoNLL columns, tag last) into tokens and tag ids."""
-    _require_file(path, "train.txt, valid.txt and test.txt")
-    tag_ids = {tag: i for i, tag in enumerate(CONLL_LABELS)}
-    sentences: dict[str, list[list]] = {"tokens": [], "ner_tags": []}
+def read_column_file(path: str | Path) -> tuple[list[list[str]], list[list[str]], list[list[int]]]:
+    """CoNLL-style column file: `token<TAB or spaces>...tag` per line (token first, tag last), a blank line between
+    sentences, `-DOCSTART-` lines skipped. Returns tokens, tags and line numbers, per sentence."""
+    path = Path(path)
+    sentences: list[list[str]] = []
+    tag_rows: list[list[str]] = []
+    line_rows: list[list[int]] = []
     tokens: list[str] = []
-    tags: list[int] = []
+    tags: list[str] = []
+    lines: list[int] = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             fields = line.rstrip("\r\n").split("\t") if "\t" in line else line.split()
             if not fields or fields[0] == "-DOCSTART-":
                 if tokens:
-                    sentences["tokens"].append(tokens)
-                    sentences["ner_tags"].append(tags)
-                    tokens, tags = [], []
+                    sentences.append(tokens)
+                    tag_rows.append(tags)
+                    line_rows.append(lines)
+                    tokens, tags, lines = [], [], []
                 continue
             if len(fields) < 2:
                 raise ValueError(f"{path}:{lineno}: expected 'token<TAB>tag', found {line.rstrip()!r}")
-            tag = fields[-1].strip()
-            if tag not in tag_ids:
-                raise ValueError(f"{path}:{lineno}: unknown NER tag {tag!r} (allowed: {', '.join(CONLL_LABELS)})")
             tokens.append(fields[0])
-            tags.append(tag_ids[tag])
+            tags.append(fields[-1].strip())
+            lines.append(lineno)
     if tokens:
-        sentences["tokens"].append(tokens)
-        sentences["ner_tags"].append(tags)
-    return sentences
+        sentences.append(tokens)
+        tag_rows.append(tags)
+        line_rows.append(lines)
+    return sentences, tag_rows, line_rows
+
+
+def _read_conll_file(path: Path) -> dict[str, list[list]]:
+    """Parse ``token<TAB>tag`` (or space-separated CoNLL columns, tag last) into tokens and CoNLL-2003 tag ids."""
+    _require_file(path, "train.txt, valid.txt and test.txt")
+    tag_ids = {tag: i for i, tag in enumerate(CONLL_LABELS)}
+    sentences, tag_rows, line_rows = read_column_file(path)
+    for tags, lines in zip(tag_rows, line_rows):
+        for tag, lineno in zip(tags, lines):
+            if tag not in tag_ids:
+                raise ValueError(f"{path}:{lineno}: unknown NER tag {tag!r} (allowed: {', '.join(CONLL_LABELS)}); for "
+                                 "another tag set use --task ner --train_file ...")
+    return {"tokens": sentences, "ner_tags": [[tag_ids[t] for t in tags] for tags in tag_rows]}
 
 
 CORPUS_SOURCES: tuple[str, ...] = ("sst2", "cola", "mrpc", "rte", "stsb", "conll")

@@ -34,6 +34,8 @@ def configure_losses(args: DistillationArguments) -> str:
 def check_output_dir(args: DistillationArguments) -> None:
     """Refuse to write into a non-empty output folder unless asked to overwrite or resume."""
     out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--output_dir {out} is a file, not a folder: pass a folder path (it is created)")
     if out.exists() and any(out.iterdir()) and not (args.overwrite_output_dir or args.resume_from_checkpoint):
         raise FileExistsError(
             f"Output directory {out} exists and is not empty: pass --overwrite_output_dir, "

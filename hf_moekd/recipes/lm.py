@@ -21,11 +21,9 @@ TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "js
                  ".parquet": "parquet"}
 
 
-def read_texts(path: str | Path, columns: str | list[str], role: str) -> Dataset:
-    """One split of texts: a .txt file (a text per line), .json/.jsonl/.csv/.tsv/.parquet (records with `columns`) or
-    a saved `datasets` folder; one clear error for a missing file, an unknown format, a missing column or an empty
-    file."""
-    columns = [columns] if isinstance(columns, str) else list(columns)
+def read_table(path: str | Path, role: str) -> Dataset:
+    """One split as a `Dataset`: a .txt file (a text per line, column "text"), .json/.jsonl/.csv/.tsv/.parquet or a
+    saved `datasets` folder; one clear error for a missing file, an unknown format or an empty file."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--{role} {path} does not exist")
@@ -34,15 +32,31 @@ def read_texts(path: str | Path, columns: str | list[str], role: str) -> Dataset
         if isinstance(data, DatasetDict):
             raise ValueError(f"--{role} {path} is a DatasetDict folder; point at one split's folder (e.g. {path}/train)")
     elif path.suffix in TEXT_SUFFIXES:
+        if path.stat().st_size == 0:
+            raise ValueError(f"--{role} {path} is empty")
         extra = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
         data = load_dataset(TEXT_SUFFIXES[path.suffix], data_files=str(path), split="train", **extra)
     else:
         raise ValueError(f"--{role} {path}: unknown file type {path.suffix!r}; use .txt (a text per line), .json, "
                          ".jsonl, .csv, .tsv, .parquet or a datasets folder")
+    if len(data) == 0:
+        raise ValueError(f"--{role} {path} holds no rows")
+    return data
+
+
+def require_columns(data: Dataset, columns: list[str], path: str | Path, role: str) -> None:
     if missing := [c for c in columns if c not in data.column_names]:
         raise ValueError(f"--{role} {path} has no column {missing[0]!r} (columns: {', '.join(data.column_names)}); "
                          "pass the column name")
-    data = data.filter(lambda row: all(row[c] and str(row[c]).strip() for c in columns))
+
+
+def read_texts(path: str | Path, columns: str | list[str], role: str) -> Dataset:
+    """`read_table` restricted to `columns`, rows with an empty text dropped; one clear error for a missing column or
+    a file without text."""
+    columns = [columns] if isinstance(columns, str) else list(columns)
+    data = read_table(path, role)
+    require_columns(data, columns, path, role)
+    data = data.filter(lambda row: all(row[c] is not None and str(row[c]).strip() for c in columns))
     if len(data) == 0:
         raise ValueError(f"--{role} {path} holds no text")
     return data.select_columns(columns)

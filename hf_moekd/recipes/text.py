@@ -31,11 +31,12 @@ from ..modeling.parameters import count_parameters
 from ..plots import plot_loss_terms, plot_routing
 from ..utils import NOT_METRIC_SUFFIXES, markdown_table, refuse_pickle
 from .common import check_output_dir, configure_losses, removed_on_failure, resume_checkpoint, save_run
+from .files import FileTask, TextClassificationTask, TokenClassificationTask, align_labels
 from .lm import CausalLMTask, LanguageModelTask, Seq2SeqTask
 from .students import ModelArguments, build_model, model_for_saving
 
 CONLL = "conll2003"
-TASK_NAMES = (*GLUE_TASKS, "conll", "clm", "seq2seq")
+TASK_NAMES = (*GLUE_TASKS, "conll", "text-classification", "ner", "clm", "seq2seq")
 
 
 @dataclass
@@ -49,10 +50,21 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Train on a fixed random subset this large."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N examples of each "
                                                                          "evaluation split."})
-    train_file: str | None = field(default=None, metadata={"help": "clm / seq2seq: training texts (.txt, a text per "
-                                                           "line; .json / .jsonl / .csv / .tsv / .parquet records; "
-                                                           "or a datasets folder)."})
-    validation_file: str | None = field(default=None, metadata={"help": "clm: held-out texts (same formats)."})
+    train_file: str | None = field(default=None, metadata={"help": "Your own data (--task text-classification, ner, "
+                                                           "clm, seq2seq): the training split, .csv / .tsv / .json / "
+                                                           ".jsonl / .parquet records or a datasets folder; clm also "
+                                                           ".txt (a text per line), ner CoNLL-style column files."})
+    validation_file: str | None = field(default=None, metadata={"help": "Your own data: the evaluation split (same "
+                                                                "formats as --train_file)."})
+    test_file: str | None = field(default=None, metadata={"help": "text-classification / ner: a labelled test split, "
+                                                          "evaluated at the end too."})
+    text_column_names: str | None = field(default=None, metadata={"help": "text-classification: the text column(s), "
+                                                                  "'a' or 'a,b' for pairs (default: sentence1,sentence2 "
+                                                                  "/ sentence / text, whichever the file has)."})
+    label_column_name: str = field(default="label", metadata={"help": "text-classification: the label column (strings "
+                                                              "or ints: classes; floats: regression)."})
+    tokens_column_name: str = field(default="tokens", metadata={"help": "ner, json files: the tokens column."})
+    tags_column_name: str = field(default="tags", metadata={"help": "ner, json files: the tags column (BIO / IOB1)."})
     text_column: str = field(default="text", metadata={"help": "clm: the column holding the texts (json, datasets)."})
     source_column: str = field(default="source", metadata={"help": "seq2seq: the column holding the inputs."})
     target_column: str = field(default="target", metadata={"help": "seq2seq: the column holding the outputs."})
@@ -170,11 +182,15 @@ class TaskSpec:
         return conll_compute_metrics(self.label_names) if self.token_level else glue_compute_metrics(self.name)
 
 
-def get_task(name: str) -> TaskSpec | LanguageModelTask:
+def get_task(name: str) -> TaskSpec | FileTask | LanguageModelTask:
     """A GLUE task (sst2, cola, mrpc, rte, stsb), CoNLL-2003 ("conll" / "conll2003"), causal LM ("clm") or
     sequence-to-sequence ("seq2seq")."""
     if name.lower() == "clm":
         return CausalLMTask()
+    if name.lower() == "text-classification":
+        return TextClassificationTask()
+    if name.lower() in ("ner", "token-classification"):
+        return TokenClassificationTask()
     if name.lower() == "seq2seq":
         return Seq2SeqTask()
     if name.lower() in ("conll", CONLL):
@@ -184,15 +200,6 @@ def get_task(name: str) -> TaskSpec | LanguageModelTask:
     except ValueError as err:
         raise ValueError(f"{err}, conll (CoNLL-2003 NER), clm (causal language modelling) or seq2seq") from None
     return TaskSpec(glue.name, glue.label_names, False, ("validation",))
-
-
-def align_labels(word_ids: list[int | None], tags: list[int]) -> list[int]:
-    """Tag of each word on its first word piece, -100 on special tokens and continuation pieces."""
-    labels, previous = [], None
-    for word in word_ids:
-        labels.append(-100 if word is None or word == previous else tags[word])
-        previous = word
-    return labels
 
 
 # ---- distillation ------------------------------------------------------------------------------------

@@ -1,0 +1,251 @@
+"""Tasks on the user's own files: `--task text-classification` (csv, tsv, json, jsonl, parquet or a datasets folder;
+any label set, or float labels for regression) and `--task ner` (CoNLL-style column files or json/jsonl with tokens and
+tags; any BIO / IOB1 tag set). Labels are read from the training data and saved as the model's id2label."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+from datasets import Dataset, DatasetDict
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    DataCollatorForTokenClassification,
+    DataCollatorWithPadding,
+)
+
+from ..data import read_column_file, training_subset
+from ..metrics import conll_compute_metrics
+from .lm import read_table, read_texts
+
+if TYPE_CHECKING:
+    from .text import DataArguments
+
+TEXT_COLUMN_GUESSES = (("sentence1", "sentence2"), ("question", "sentence"), ("premise", "hypothesis"), ("sentence",),
+                       ("text",))
+COLUMN_FILE_SUFFIXES = (".txt", ".conll", ".tsv", ".iob", ".bio")
+_TAG = re.compile(r"^(?:O|[BI]-.+)$")
+
+
+def _splits(data_args: DataArguments) -> dict[str, str]:
+    files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
+    if not files["validation"]:
+        raise ValueError("--validation_file is needed (the labelled data to evaluate on)")
+    return {split: path for split, path in files.items() if path}
+
+
+def _cap(raw: DatasetDict, data_args: DataArguments, splits: tuple[str, ...]) -> DatasetDict:
+    if "train" in raw:
+        raw["train"] = training_subset(raw["train"], data_args.max_train_samples)
+    if data_args.max_eval_samples:
+        for split in splits:
+            raw[split] = raw[split].select(range(min(data_args.max_eval_samples, len(raw[split]))))
+    return raw
+
+
+@dataclass
+class FileTask:
+    """What the file tasks share: the label set (from the training data, or from a saved model's config)."""
+
+    name: str
+    label_names: tuple[str, ...] | None = None
+    eval_splits: tuple[str, ...] = ("validation",)
+    source: str = field(default="", repr=False)  # where the label set came from, for error messages
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.label_names is None else len(self.label_names)
+
+    def head_kwargs(self) -> dict[str, Any]:
+        if self.label_names is None:
+            return {"num_labels": 1, "problem_type": "regression"}
+        return {"num_labels": self.num_labels, "id2label": dict(enumerate(self.label_names)),
+                "label2id": {n: i for i, n in enumerate(self.label_names)}}
+
+    def sequence_length(self, data_args: DataArguments) -> int:
+        return data_args.max_seq_length
+
+    @staticmethod
+    def add_metrics(metrics: dict[str, float]) -> dict[str, float]:
+        return metrics
+
+    def check_config(self, config: Any, folder: Path) -> None:
+        """A saved model of the right head; its label names become the task's (evaluation maps labels by name)."""
+        arch = (config.architectures or [""])[0]
+        wanted = self.auto_class.__name__.replace("AutoModel", "")
+        if arch and not arch.endswith(wanted):
+            raise ValueError(f"{folder} holds a {arch}, but {self.name} needs a *{wanted} model")
+        regression = getattr(config, "problem_type", None) == "regression" or config.num_labels == 1
+        self.label_names = None if regression else tuple(config.id2label[i] for i in sorted(config.id2label))
+        self.source = str(folder)
+
+    def _ids(self, labels: list[str], split: str, path: str) -> list[int]:
+        index = {name: i for i, name in enumerate(self.label_names)}
+        if unseen := sorted({label for label in labels if label not in index}):
+            raise ValueError(f"{path} ({split}) has labels {unseen} that {self.source or 'the training data'} does not "
+                             f"have ({', '.join(self.label_names)}); fix the file or add them to the training data")
+        return [index[label] for label in labels]
+
+
+@dataclass
+class TextClassificationTask(FileTask):
+    """Sequence classification or regression on csv / tsv / json / jsonl / parquet files or datasets folders."""
+
+    name: str = "text-classification"
+    token_level: bool = False
+    text_columns: tuple[str, ...] = ()
+
+    @property
+    def auto_class(self) -> type:
+        return AutoModelForSequenceClassification
+
+    def load(self, data_args: DataArguments) -> DatasetDict:
+        files = _splits(data_args)
+        self.eval_splits = tuple(s for s in ("validation", "test") if s in files)
+        label = data_args.label_column_name
+        columns = self._text_columns(data_args, files)
+        raw = DatasetDict({split: read_texts(path, [*columns, label], f"{split}_file") for split, path in files.items()})
+        if not self.source:  # training: the label set comes from the training data
+            self._labels_from(raw.get("train", raw["validation"]), label, files.get("train", files["validation"]))
+        mapped = {}
+        for split, data in raw.items():
+            values = data[label]
+            ids = ([float(v) for v in values] if self.label_names is None
+                   else self._ids([_label_text(v) for v in values], split, files[split]))
+            mapped[split] = data.remove_columns(label).add_column("label", ids)
+        self.text_columns = tuple(columns)
+        return _cap(DatasetDict(mapped), data_args, self.eval_splits)
+
+    @staticmethod
+    def _text_columns(data_args: DataArguments, files: dict[str, str]) -> list[str]:
+        if data_args.text_column_names:
+            return [c.strip() for c in data_args.text_column_names.split(",")]
+        split, path = next(iter(files.items()))
+        found = set(read_table(path, f"{split}_file").column_names)
+        for guess in TEXT_COLUMN_GUESSES:
+            if set(guess) <= found:
+                return list(guess)
+        raise ValueError(f"{path}: cannot tell the text column(s) among {sorted(found)}; pass "
+                         "--text_column_names a[,b]")
+
+    def _labels_from(self, data: Dataset, label: str, path: str) -> None:
+        values = data[label]
+        if all(isinstance(v, float) for v in values) and any(v != int(v) for v in values):
+            self.label_names = None  # regression
+        else:
+            names = sorted({_label_text(v) for v in values},
+                           key=lambda n: (not n.lstrip("-").isdigit(), int(n) if n.lstrip("-").isdigit() else 0, n))
+            if len(names) < 2:
+                raise ValueError(f"{path} has a single label {names}: classification needs at least two")
+            self.label_names = tuple(names)
+        self.source = f"the training data ({path})"
+
+    def tokenize(self, raw: DatasetDict, tokenizer: Any, max_length: int) -> DatasetDict:
+        columns = self.text_columns
+
+        def encode(batch: dict) -> Any:
+            return tokenizer(*[batch[c] for c in columns], truncation=True, max_length=max_length)
+
+        return raw.map(encode, batched=True, remove_columns=list(columns))
+
+    def collator(self, tokenizer: Any) -> Callable:
+        return DataCollatorWithPadding(tokenizer)
+
+    def compute_metrics(self) -> Callable:
+        regression = self.label_names is None
+
+        def compute(eval_pred: Any) -> dict[str, float]:
+            logits = np.asarray(eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple)
+                                else eval_pred.predictions)
+            labels = np.asarray(eval_pred.label_ids)
+            if regression:
+                from scipy.stats import pearsonr, spearmanr
+
+                scores = logits.reshape(-1)
+                return {"pearson": float(pearsonr(scores, labels)[0]), "spearmanr": float(spearmanr(scores, labels)[0]),
+                        "mse": float(((scores - labels) ** 2).mean())}
+            from sklearn.metrics import f1_score
+
+            predictions = logits.argmax(-1)
+            return {"accuracy": float((predictions == labels).mean()),
+                    "f1_macro": float(f1_score(labels, predictions, average="macro", zero_division=0))}
+
+        return compute
+
+
+@dataclass
+class TokenClassificationTask(FileTask):
+    """NER / token classification on CoNLL-style column files or json / jsonl with tokens and tags; scored by seqeval."""
+
+    name: str = "ner"
+    token_level: bool = True
+
+    @property
+    def auto_class(self) -> type:
+        return AutoModelForTokenClassification
+
+    def load(self, data_args: DataArguments) -> DatasetDict:
+        files = _splits(data_args)
+        self.eval_splits = tuple(s for s in ("validation", "test") if s in files)
+        raw = {split: self._read(path, data_args, f"{split}_file") for split, path in files.items()}
+        if not self.source:
+            train = raw.get("train", raw["validation"])
+            self.label_names = tag_set(train["tags"], files.get("train", files["validation"]))
+            self.source = f"the training data ({files.get('train', files['validation'])})"
+        data = {split: Dataset.from_dict({"tokens": d["tokens"],
+                                          "ner_tags": [self._ids(tags, split, files[split]) for tags in d["tags"]]})
+                for split, d in raw.items()}
+        return _cap(DatasetDict(data), data_args, self.eval_splits)
+
+    @staticmethod
+    def _read(path: str, data_args: DataArguments, role: str) -> dict[str, list]:
+        file = Path(path)
+        if file.is_file() and file.suffix in COLUMN_FILE_SUFFIXES:
+            tokens, tags, _ = read_column_file(file)
+            if not tokens:
+                raise ValueError(f"--{role} {path} holds no sentence")
+            return {"tokens": tokens, "tags": tags}
+        columns = [data_args.tokens_column_name, data_args.tags_column_name]
+        data = read_texts(path, columns, role)
+        return {"tokens": [list(t) for t in data[columns[0]]], "tags": [[str(x) for x in t] for t in data[columns[1]]]}
+
+    def tokenize(self, raw: DatasetDict, tokenizer: Any, max_length: int) -> DatasetDict:
+        def encode(batch: dict) -> Any:
+            enc = tokenizer(batch["tokens"], is_split_into_words=True, truncation=True, max_length=max_length)
+            enc["labels"] = [align_labels(enc.word_ids(i), tags) for i, tags in enumerate(batch["ner_tags"])]
+            return enc
+
+        return raw.map(encode, batched=True, remove_columns=["tokens", "ner_tags"])
+
+    def collator(self, tokenizer: Any) -> Callable:
+        return DataCollatorForTokenClassification(tokenizer)
+
+    def compute_metrics(self) -> Callable:
+        return conll_compute_metrics(self.label_names)
+
+
+def align_labels(word_ids: list[int | None], tags: list[int]) -> list[int]:
+    """Tag of each word on its first word piece, -100 on special tokens and continuation pieces."""
+    labels, previous = [], None
+    for word in word_ids:
+        labels.append(-100 if word is None or word == previous else tags[word])
+        previous = word
+    return labels
+
+
+def _label_text(value: Any) -> str:
+    """A label as its name: integral floats (csv readers make them) without ".0"."""
+    return str(int(value)) if isinstance(value, float) and value == int(value) else str(value)
+
+
+def tag_set(rows: list[list[str]], path: str) -> tuple[str, ...]:
+    """The tags of a BIO / IOB1 file, "O" first, then by entity type (B before I); one error for other schemes."""
+    tags = {t for row in rows for t in row}
+    if bad := sorted(t for t in tags if not _TAG.match(t)):
+        raise ValueError(f"{path}: tags {bad[:5]} are not BIO / IOB1 ('O', 'B-TYPE', 'I-TYPE'); mixed or other tag "
+                         "schemes (BIOES, plain types) are not supported: convert the file to BIO")
+    types = sorted({t[2:] for t in tags if t != "O"})
+    return ("O", *(f"{p}-{t}" for t in types for p in "BI" if f"{p}-{t}" in tags))

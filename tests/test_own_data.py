@@ -1,0 +1,121 @@
+"""Your own data: `--task text-classification` and `--task ner` on files the tests write (each format, string labels,
+a regression set, a non-CoNLL tag set): teacher fine-tune, student distil, evaluate, reload with the Auto class;
+bad input is one line naming the file and the fix."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+from test_cli import FAST, TINY, cli
+
+WORDS = {"joy": "a happy bright sunny day", "anger": "a furious loud angry shout", "calm": "a quiet slow still lake"}
+
+
+def sentiment_rows(n: int = 24) -> list[dict]:
+    labels = list(WORDS)
+    return [{"text": f"{WORDS[labels[i % 3]]} number {i}", "label": labels[i % 3]} for i in range(n)]
+
+
+def write(rows: list[dict], path: Path) -> Path:
+    frame = pd.DataFrame(rows)
+    if path.suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif path.suffix == ".tsv":
+        frame.to_csv(path, index=False, sep="\t")
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    else:
+        frame.to_parquet(path)
+    return path
+
+
+COMMON = ["--save_strategy", "no", "--max_steps", "2", "--per_device_train_batch_size", "8", "--max_seq_length", "32",
+          "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true"]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".json", ".jsonl", ".parquet"])
+def test_three_string_labels_teacher_student_evaluate(tmp_path, suffix, capsys):
+    train, valid = write(sentiment_rows(), tmp_path / f"train{suffix}"), write(sentiment_rows(9), tmp_path / f"valid{suffix}")
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    files = ["--task", "text-classification", "--train_file", train, "--validation_file", valid]
+    assert cli("distill", *files, "--output_dir", teacher, "--student_config_overrides", TINY, *COMMON) == 0
+    config = AutoModelForSequenceClassification.from_pretrained(teacher).config
+    assert config.id2label == {0: "anger", 1: "calm", 2: "joy"}
+    assert cli("distill", *files, "--output_dir", student, "--model_name_or_path", teacher,
+               "--teacher_model_name_or_path", teacher, *COMMON) == 0
+    results = json.loads((student / "all_results.json").read_text())
+    assert results["mode"] == "distil" and {"eval_accuracy", "eval_f1_macro"} <= set(results)
+    capsys.readouterr()
+    assert cli("evaluate", student, "--task", "text-classification", "--validation_file", valid,
+               "--max_seq_length", "32", "--output_file", tmp_path / "eval.json") == 0
+    metrics = json.loads((tmp_path / "eval.json").read_text())["metrics"]
+    assert metrics["eval_accuracy"] == pytest.approx(results["eval_accuracy"])
+
+
+def test_regression_and_pairs_from_csv(tmp_path):
+    rows = [{"sentence1": f"a {w} thing", "sentence2": f"another {w} thing", "score": i / 5 + 0.3}
+            for i, w in enumerate(["red", "blue", "green", "small", "big", "odd"] * 3)]
+    train, valid = write(rows, tmp_path / "train.csv"), write(rows[:6], tmp_path / "valid.csv")
+    out = tmp_path / "model"
+    assert cli("distill", "--task", "text-classification", "--train_file", train, "--validation_file", valid,
+               "--label_column_name", "score", "--output_dir", out, "--student_config_overrides", TINY, *COMMON) == 0
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.num_labels == 1 and model.config.problem_type == "regression"
+    results = json.loads((out / "all_results.json").read_text())
+    assert {"eval_pearson", "eval_spearmanr", "eval_mse"} <= set(results)
+
+
+TWEETS = [("Paris", "B-geo-loc"), ("is", "O"), ("home", "O"), ("of", "O"), ("the", "O"), ("Louvre", "B-facility"),
+          ("Museum", "I-facility"), ("says", "O"), ("@bob", "B-person")]
+
+
+def test_ner_with_its_own_tag_set(tmp_path):
+    column = tmp_path / "train.conll"
+    column.write_text("-DOCSTART- O\n\n" + "\n\n".join("\n".join(f"{w}\t{t}" for w, t in TWEETS) for _ in range(8)) + "\n")
+    valid = tmp_path / "valid.jsonl"
+    valid.write_text("".join(json.dumps({"tokens": [w for w, _ in TWEETS], "tags": [t for _, t in TWEETS]}) + "\n"
+                             for _ in range(3)))
+    out = tmp_path / "ner"
+    assert cli("distill", "--task", "ner", "--train_file", column, "--validation_file", valid, "--output_dir", out,
+               "--student_config_overrides", TINY, *COMMON) == 0
+    model = AutoModelForTokenClassification.from_pretrained(out)
+    assert list(model.config.id2label.values()) == ["O", "B-facility", "I-facility", "B-geo-loc", "B-person"]
+    assert "eval_f1" in json.loads((out / "all_results.json").read_text())
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    train = write(sentiment_rows(), tmp_path / "train.csv")
+    unseen = write([{"text": "x y", "label": "fear"}], tmp_path / "unseen.csv")
+    nolabel = write([{"text": "x y", "target": "joy"}], tmp_path / "nolabel.csv")
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "data.xlsx").write_text("x")
+    mixed = tmp_path / "mixed.conll"
+    mixed.write_text("a\tB-PER\nb\tE-PER\n")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [
+        (["--validation_file", unseen], "unseen.csv (validation) has labels ['fear']"),
+        (["--validation_file", nolabel], "has no column 'label' (columns: text, target)"),
+        (["--validation_file", tmp_path / "empty.csv"], "empty.csv is empty"),
+        (["--validation_file", tmp_path / "data.xlsx"], "unknown file type '.xlsx'"),
+        (["--validation_file", train, "--max_seq_length", "0"], "--max_seq_length must be >= 1"),
+    ]
+    for extra, message in cases:
+        args = ["distill", "--task", "text-classification", "--train_file", train, "--output_dir", tmp_path / "out",
+                *COMMON, "--student_config_overrides", TINY, *extra]
+        assert cli(*args) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and message in err[0], err
+        assert not (tmp_path / "out").exists()
+    assert cli("distill", "--task", "ner", "--train_file", mixed, "--validation_file", mixed, "--output_dir",
+               tmp_path / "out", *COMMON, "--student_config_overrides", TINY) == 2
+    assert "not BIO / IOB1" in capsys.readouterr().err
+    assert cli("distill", "--task", "text-classification", "--train_file", train, "--validation_file", train,
+               "--output_dir", afile, *COMMON, "--student_config_overrides", TINY) == 2
+    assert "is a file" in capsys.readouterr().err
