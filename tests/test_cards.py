@@ -193,14 +193,18 @@ def test_push_to_hub_uploads_our_card_and_the_student_only(tmp_path, monkeypatch
 
 
 def test_example_script_writes_card_that_the_cli_reproduces(data_dir, tmp_path, monkeypatch, capsys):
-    out = tmp_path / "student"
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_moekd.teachers import minilm_path
+
+    out, teacher = tmp_path / "student", tmp_path / "teacher"
+    AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2).save_pretrained(teacher)
     code = run_script("run_glue.py", "--task_name", "sst2", "--data_dir", str(data_dir / "glue"), "--output_dir", str(out),
-                      "--teacher_model_name_or_path", "minilm-l6", "--student_config_overrides",
-                      "hidden_size=96,num_hidden_layers=2,num_attention_heads=4,intermediate_size=192", *FAST,
-                      monkeypatch=monkeypatch)
+                      "--teacher_model_name_or_path", str(teacher), "--model_name_or_path", "minilm-l6",
+                      "--student_layers", "0,1", *FAST, monkeypatch=monkeypatch)
     assert code == 0
     meta = front_matter(out)
-    assert meta["base_model"] == MINILM_HUB_ID and meta["datasets"] == ["nyu-mll/glue"]  # the teacher, via the alias
+    assert meta["base_model"] == MINILM_HUB_ID and meta["datasets"] == ["nyu-mll/glue"]  # the initial weights, via the alias
     results = json.loads((out / "all_results.json").read_text())
     card = (out / "README.md").read_text()
     assert results[CARD_KEY]["methods"] == ["kd"] and f"| validation | accuracy | {results['eval_accuracy']:.4g}" in card

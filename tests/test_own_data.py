@@ -119,3 +119,15 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert cli("distill", "--task", "text-classification", "--train_file", train, "--validation_file", train,
                "--output_dir", afile, *COMMON, "--student_config_overrides", TINY) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_teacher_without_its_task_head_is_refused(tmp_path, capsys):
+    """A base checkpoint (no classifier) as teacher: its head would be random; refused before training."""
+    from hf_moekd.teachers import MINILM
+
+    train = write(sentiment_rows(), tmp_path / "train.csv")
+    assert cli("distill", "--task", "text-classification", "--train_file", train, "--validation_file", train,
+               "--teacher_model_name_or_path", MINILM, "--output_dir", tmp_path / "out", *COMMON,
+               "--student_config_overrides", TINY) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "has no trained weights for classifier" in err[0] and "fine-tune it" in err[0], err

@@ -261,10 +261,12 @@ def test_run_glue_with_lora(data_dir, tmp_path, monkeypatch):
     config = tmp_path / "lora.json"
     config.write_text(json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["query", "value"],
                                   "task_type": "SEQ_CLS"}))
-    out = tmp_path / "student"
+    out, teacher = tmp_path / "student", tmp_path / "teacher"
+    # a teacher folder that holds its classification head (a base checkpoint's random head is refused)
+    AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2).save_pretrained(teacher)
     monkeypatch.setattr(sys, "argv", [
         "run_glue.py", "--task_name", "sst2", "--data_dir", str(data_dir / "glue"), "--output_dir", str(out),
-        "--teacher_model_name_or_path", str(minilm_path()), "--peft_config", str(config), "--merge_adapters", "true",
+        "--teacher_model_name_or_path", str(teacher), "--peft_config", str(config), "--merge_adapters", "true",
         "--student_config_overrides", "hidden_size=64,num_hidden_layers=2,num_attention_heads=4,intermediate_size=128",
         "--max_train_samples", "16", "--max_eval_samples", "16", "--max_steps", "2", "--per_device_train_batch_size",
         "8", "--max_seq_length", "32", "--save_strategy", "no", "--disable_tqdm", "true", "--report_to", "none",

@@ -19,13 +19,23 @@ def load_teacher(name_or_path: str, like: nn.Module | type | None = None, allow_
         refuse_pickle(name_or_path, "--allow_pickle_checkpoints true")
     kwargs.setdefault("use_safetensors", None if allow_pickle else True)
     try:
-        return auto_class_like(like).from_pretrained(name_or_path, **kwargs)
+        teacher, info = auto_class_like(like).from_pretrained(name_or_path, output_loading_info=True, **kwargs)
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FileNotFoundError(
             f"Could not load teacher {name_or_path!r} ({first}); pass a local folder with config.json and "
             "model.safetensors, or a Hub id while online."
         ) from err
+    if missing := [k for k in info.get("missing_keys", []) if not k.endswith(_NOT_LEARNED)]:
+        raise ValueError(f"Teacher {name_or_path!r} has no trained weights for {', '.join(sorted(missing)[:4])}"
+                         f"{' ...' if len(missing) > 4 else ''} (its task head is not in the checkpoint, so it would "
+                         "be initialised at random): fine-tune it on the task first (hf-moekd distill --task ... "
+                         "without a teacher) and distil from that folder.")
+    return teacher
+
+
+# Buffers some architectures recreate at load (not learned): never a reason to refuse a teacher.
+_NOT_LEARNED = ("position_ids", "inv_freq", "num_batches_tracked")
 
 
 def prepare_teacher(teacher: nn.Module, device: torch.device | str) -> nn.Module:
