@@ -1,4 +1,8 @@
-"""hf_moekd: knowledge distillation between sparse Mixture-of-Experts and dense models."""
+"""hf_moekd: knowledge distillation between sparse Mixture-of-Experts and dense models.
+
+The public API loads lazily, as transformers' does: `import hf_moekd` registers the models with the Auto classes
+and stays fast; `from hf_moekd import DistillationTrainer` imports the distillation package on first use.
+"""
 from __future__ import annotations
 
 import importlib
@@ -7,23 +11,44 @@ from typing import Any
 from .models import minimoe as _minimoe  # noqa: F401  (registers the models with the Auto classes)
 from .models import ones as _ones  # noqa: F401
 from .models import vmoe as _vmoe  # noqa: F401
+from .models.minimoe import (
+    MiniMoEConfig,
+    MiniMoEForSequenceClassification,
+    MiniMoEForTokenClassification,
+    MiniMoEModel,
+    minimoe_from_dense,
+)
+from .models.ones import OneSConfig, OneSForImageClassification, OneSModel
+from .models.vmoe import VMoEConfig, VMoEForImageClassification, VMoEModel
 
 __version__ = "0.1.0"
 
-# Heavy submodules load on first use, so `import hf_moekd.data` stays fast.
+# name -> module; heavy modules load on first use
 _LAZY = {
-    "DistillationArguments": "hf_moekd.distillation",
-    "DistillationTrainer": "hf_moekd.distillation",
-    "precompute_teacher_logits": "hf_moekd.distillation",
-    "register_loss": "hf_moekd.distillation",
-    "MoDEConfig": "hf_moekd.mode",
-    "MoDETrainer": "hf_moekd.mode",
-    "probe_experts": "hf_moekd.analysis",
+    **dict.fromkeys(["DistillationArguments", "DistillationTrainer", "LossTerm", "precompute_teacher_logits",
+                     "register_loss", "training_facts"], "hf_moekd.distillation"),
+    **dict.fromkeys(["gather_experts", "merge_experts", "register_family", "register_strategy"], "hf_moekd.gathering"),
+    **dict.fromkeys(["MoDEConfig", "MoDETrainer", "MoDETrainerMixin"], "hf_moekd.mode"),
+    **dict.fromkeys(["MPOConstraintLoss", "contract", "mpo_contract", "mpo_decompose", "overparameterize"],
+                    "hf_moekd.opdf"),
+    **dict.fromkeys(["probe_experts", "routing_counts"], "hf_moekd.analysis"),
+    **dict.fromkeys(["CardMethod", "register_card_method", "write_model_card"], "hf_moekd.cards"),
+    **dict.fromkeys(["OneSArguments", "run_ones"], "hf_moekd.recipes.ones"),
+    **dict.fromkeys(["M2MArguments", "run_m2mkd"], "hf_moekd.recipes.m2mkd"),
+    **dict.fromkeys(["ModelArguments"], "hf_moekd.recipes"),
 }
-__all__ = [*_LAZY, "__version__"]
+__all__ = [
+    "MiniMoEConfig", "MiniMoEForSequenceClassification", "MiniMoEForTokenClassification", "MiniMoEModel",
+    "OneSConfig", "OneSForImageClassification", "OneSModel", "VMoEConfig", "VMoEForImageClassification", "VMoEModel",
+    "minimoe_from_dense", *_LAZY, "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'hf_moekd' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -253,3 +253,10 @@ def test_distillation_trainer_trains_cores_with_the_constraint(tmp_path):
     assert len(logged) == 2 and logged[0] == pytest.approx(0.0, abs=1e-9) and logged[1] > 0
     after = dict(student.named_parameters())
     assert all(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_contract_takes_what_decompose_returns():
+    weight = torch.randn(12, 8)
+    dec = mpo_decompose(weight, [3, 4], [2, 4])
+    torch.testing.assert_close(mpo_contract(dec), mpo_contract(dec.cores))
+    torch.testing.assert_close(mpo_contract(dec), weight, rtol=1e-4, atol=1e-5)

@@ -175,12 +175,15 @@ def _merge(a: Tensor, b: Tensor) -> Tensor:
     return out.permute(0, 1, 3, 2, 4, 5).reshape(p, i1 * i2, j1 * j2, s)
 
 
-def mpo_contract(cores: Sequence[Tensor]) -> Tensor:
-    """Contract MPO cores back to the ``[prod(i_k), prod(j_k)]`` matrix (differentiable).
+def mpo_contract(cores: Sequence[Tensor] | MPODecomposition) -> Tensor:
+    """Contract MPO cores (or the `MPODecomposition` that `mpo_decompose` returns) back to the
+    ``[prod(i_k), prod(j_k)]`` matrix (differentiable).
 
     Cores are multiplied pairwise in the cheapest matrix-chain order (no single giant einsum), which for
     OPDF factorisations multiplies the small ``r x r`` middle cores before the large outer ones.
     """
+    if isinstance(cores, MPODecomposition):
+        cores = cores.cores
     if not cores:
         raise ValueError("mpo_contract needs at least one core.")
     for k, core in enumerate(cores):
