@@ -184,3 +184,34 @@ def test_cached_topk_teacher_matches_the_online_teacher(tmp_path, top_k):
     loss_cached = cached.compute_loss(student, batch_cached)
     tolerance = 5e-3 if top_k == 64 else 0.2  # fp16 log-probs; k = 8 of 64 tokens: the rest bucket approximates
     assert abs(loss_cached.item() - loss_online.item()) / loss_online.item() < tolerance
+
+
+def ragged_lm_dataset(n: int = 8):
+    """Causal-LM rows of different real lengths (right-padded, labels -100 on padding)."""
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 64, (n, 12), generator=g)
+    lengths = torch.randint(4, 13, (n,), generator=g)
+    mask = (torch.arange(12) < lengths[:, None]).long()
+    return Dataset.from_dict({"input_ids": (ids * mask).tolist(), "attention_mask": mask.tolist(),
+                              "labels": ids.masked_fill(mask == 0, -100).tolist()})
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_lm_gradient_accumulation_matches_one_big_batch(tmp_path, divergence):
+    """Per-token normalisation over the whole optimizer step (shifted labels counted): 1 x 8 == 4 x 2."""
+    from test_distillation import GradRecorder, assert_same_grads
+
+    grads = []
+    for batch, steps in ((8, 1), (2, 4)):
+        recorder = GradRecorder()
+        trainer = DistillationTrainer(
+            model=tiny_mistral(0), teacher_model=tiny_mistral(1),
+            args=args(tmp_path / f"{batch}", alpha=0.5, temperature=2.0, kd_divergence=divergence, kd_chunk_size=5,
+                      max_steps=1, per_device_train_batch_size=batch, gradient_accumulation_steps=steps,
+                      learning_rate=1e-3, save_strategy="no", disable_tqdm=True),
+            train_dataset=ragged_lm_dataset(), callbacks=[recorder])
+        trainer.train()
+        grads.append(recorder.grads[0])
+    assert_same_grads(*grads)
