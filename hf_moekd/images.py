@@ -109,8 +109,61 @@ def load_digits(data_dir: None = None, max_train_samples: int | None = None, max
     return splits
 
 
+def load_image_folders(train_dir: str | os.PathLike, test_dir: str | os.PathLike, image_size: int = 28,
+                       max_train_samples: int | None = None, max_test_samples: int | None = None,
+                       seed: int = 0) -> datasets.DatasetDict:
+    """Your own images, one folder per class (`datasets`' imagefolder layout: `<dir>/<label>/<image>`), or saved
+    `datasets` folders with an `image` and a `label` column: converted to grayscale, resized to `image_size`,
+    `pixel_values` [1, S, S] in [0, 1]. The test labels must be among the training labels (mapped by name)."""
+    raw = {split: _image_split(Path(path), split) for split, path in (("train", train_dir), ("test", test_dir))}
+    names = raw["train"].features["label"].names
+    splits = {}
+    for split, data, limit in (("train", raw["train"], max_train_samples), ("test", raw["test"], max_test_samples)):
+        own = data.features["label"].names
+        if unknown := sorted(set(own) - set(names)):
+            raise ValueError(f"the {split} images have classes {unknown} that the training images do not have "
+                             f"({', '.join(names)}); add them to the training folder or drop them")
+        labels = np.array([names.index(own[i]) for i in data["label"]])
+        images = np.stack([_grayscale(img, image_size) for img in data["image"]])
+        images, labels = _subsample(images, labels, limit, seed)
+        dataset = datasets.Dataset.from_dict(
+            {"pixel_values": images, "labels": labels.astype(np.int64)},
+            features=datasets.Features({"pixel_values": datasets.Array3D((1, image_size, image_size), "float32"),
+                                        "labels": datasets.ClassLabel(names=list(names))}))
+        splits[split] = dataset.with_format("torch")
+    return datasets.DatasetDict(splits)
+
+
+def _image_split(path: Path, split: str) -> datasets.Dataset:
+    if not path.is_dir():
+        raise FileNotFoundError(f"image folder {path} ({split}) does not exist: pass a folder with one subfolder per "
+                                "class, or a saved datasets folder")
+    if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+        data = datasets.load_from_disk(str(path))
+    else:
+        data = datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
+    missing = [c for c in ("image", "label") if c not in data.column_names]
+    if missing or not isinstance(data.features["label"], datasets.ClassLabel):
+        raise ValueError(f"{path} ({split}) needs an 'image' and a class 'label' column (found "
+                         f"{', '.join(data.column_names)}): use one subfolder per class")
+    if len(data) == 0:
+        raise ValueError(f"{path} ({split}) holds no images")
+    return data
+
+
+def _grayscale(image, size: int) -> np.ndarray:
+    resized = image.convert("L").resize((size, size))
+    return (np.asarray(resized, dtype=np.float32) / 255.0)[None]
+
+
 IMAGE_DATASETS: dict[str, Callable[..., datasets.DatasetDict]] = {"digits": load_digits, "fashion_mnist": load_fashion_mnist}
 IMAGE_LABELS = {"digits": tuple(str(i) for i in range(10)), "fashion_mnist": FASHION_MNIST_LABELS}
+
+
+def image_labels(name: str, data: datasets.DatasetDict) -> tuple[str, ...]:
+    """The class names of a named image dataset, or those stored in its `labels` feature (image folders)."""
+    feature = data["train"].features.get("labels")
+    return IMAGE_LABELS.get(name) or tuple(feature.names)
 
 
 def load_image_dataset(name: str, **kwargs) -> datasets.DatasetDict:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
 from test_cli import FAST, TINY, cli
 
@@ -131,3 +131,45 @@ def test_teacher_without_its_task_head_is_refused(tmp_path, capsys):
                "--student_config_overrides", TINY) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "has no trained weights for classifier" in err[0] and "fine-tune it" in err[0], err
+
+
+def image_folder(root: Path, classes: dict[str, int], per_class: int) -> Path:
+    """One subfolder per class of small RGB PNGs: a bright square at a class-specific place, plus noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(len(str(root)))
+    for name, offset in classes.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 60, (12, 12, 3)).astype(np.uint8)
+            pixels[offset:offset + 5, offset:offset + 5] = 250
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def test_image_folders_for_ones_and_m2mkd(tmp_path):
+    from hf_moekd.recipes.m2mkd import M2MArguments, run_m2mkd
+    from hf_moekd.recipes.ones import OneSArguments, run_ones
+
+    classes = {"cat": 0, "dog": 3, "owl": 6}
+    train, valid = image_folder(tmp_path / "train", classes, 8), image_folder(tmp_path / "valid", classes, 3)
+    data = dict(dataset="imagefolder", train_dir=str(train), validation_dir=str(valid), image_size=8)
+    report = run_ones(OneSArguments(**data, hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_experts=4,
+                                    epochs=1, kd_epochs=1, batch_size=8, seeds=[0], measure_speed=False,
+                                    controls=False, output_dir=str(tmp_path / "ones")), progress=False)
+    model = AutoModelForImageClassification.from_pretrained(tmp_path / "ones")
+    assert model.config.id2label == {0: "cat", 1: "dog", 2: "owl"} and model.config.image_size == 8
+    assert len(report.accuracy["moe"]) == 1
+    m2m = run_m2mkd(M2MArguments(**data, patch_size=2, teacher_hidden_size=16, teacher_layers=2, teacher_heads=2,
+                                 teacher_intermediate_size=16, hidden_size=16, num_hidden_layers=2, num_modules=2,
+                                 intermediate_size=16, num_experts=2, teacher_epochs=1, meta_epochs=0, module_epochs=1,
+                                 finetune_epochs=1, batch_size=8, seeds=[0], output_dir=str(tmp_path / "m2m")),
+                    progress=False)
+    assert m2m.summary()["models"]
+    with pytest.raises(ValueError, match="needs --train_dir and --validation_dir"):
+        run_ones(OneSArguments(dataset="imagefolder", output_dir=None), progress=False)
+    (tmp_path / "valid" / "eel").mkdir()
+    (tmp_path / "valid" / "cat" / "0.png").rename(tmp_path / "valid" / "eel" / "0.png")
+    with pytest.raises(ValueError, match=r"classes \['eel'\] that the training images do not have"):
+        run_ones(OneSArguments(**data, output_dir=None), progress=False)

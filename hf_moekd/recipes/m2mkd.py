@@ -34,7 +34,7 @@ from transformers import AutoModelForImageClassification, PreTrainedModel, set_s
 from ..cards import run_facts
 from ..distillation import load_teacher
 from ..distillation.losses import batch_size
-from ..images import IMAGE_LABELS, shifted_test_sets
+from ..images import IMAGE_LABELS, image_labels, shifted_test_sets
 from ..models.ones import OneSConfig, OneSForImageClassification
 from ..models.vmoe import VMoEConfig, VMoEForImageClassification
 from .vision import ImageArguments, accuracy, load_data, model_configs, save_and_check, train
@@ -167,9 +167,10 @@ def load_stage(folder: Path, settings: dict[str, Any], overwrite: bool) -> dict[
                      "--overwrite_output_dir to retrain it, or choose another --output_dir.")
 
 
-def image_configs(args: M2MArguments, image_size: int) -> tuple[OneSConfig, VMoEConfig]:
-    """The ViT teacher config (teacher_* fields) and the V-MoE student config."""
-    dense, student = model_configs(args, image_size, IMAGE_LABELS[args.dataset])
+def image_configs(args: M2MArguments, image_size: int,
+                  labels: tuple[str, ...] | None = None) -> tuple[OneSConfig, VMoEConfig]:
+    """The ViT teacher config (teacher_* fields) and the V-MoE student config (`labels`: the data's class names)."""
+    dense, student = model_configs(args, image_size, labels or IMAGE_LABELS[args.dataset])
     teacher = OneSConfig.from_dict({**dense.to_dict(), "hidden_size": args.teacher_hidden_size,
                                     "num_hidden_layers": args.teacher_layers, "num_attention_heads": args.teacher_heads,
                                     "intermediate_size": args.teacher_intermediate_size})
@@ -184,7 +185,8 @@ class M2MRun:
         self.log = tqdm.write if progress else (lambda *a, **k: None)
         self.data = load_data(args)
         self.ood = shifted_test_sets(self.data["test"], args.ood_rotation, args.ood_noise_std)
-        self.teacher_config, self.student_config = image_configs(args, self.data["train"][0]["pixel_values"].shape[-1])
+        self.teacher_config, self.student_config = image_configs(args, self.data["train"][0]["pixel_values"].shape[-1],
+                                                                 image_labels(args.dataset, self.data))
         self.models: dict[str, PreTrainedModel] = {}
 
     # ---- helpers ---------------------------------------------------------------------------------------

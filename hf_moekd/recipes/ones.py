@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, set_seed
 from ..cards import RunFacts, run_facts
 from ..distillation import load_teacher
 from ..gathering import gather_experts, parse_gathering
-from ..images import IMAGE_LABELS
+from ..images import image_labels
 from ..models.ones import OneSForImageClassification
 from ..models.vmoe import VMoEForImageClassification
 from ..ones import OneSReport
@@ -59,7 +59,7 @@ def run_ones(args: OneSArguments, progress: bool = True) -> OneSReport:
         check_output_free(args.output_dir, args.overwrite_output_dir)  # before minutes of training, not after
     data = load_data(args)
     image_size = data["train"][0]["pixel_values"].shape[-1]
-    dense_config, moe_config = model_configs(args, image_size, IMAGE_LABELS[args.dataset])
+    dense_config, moe_config = model_configs(args, image_size, image_labels(args.dataset, data))
     calibration = calibration_batches(data["train"])
     report = OneSReport(args=asdict(args))
     log = tqdm.write if progress else (lambda *a, **k: None)

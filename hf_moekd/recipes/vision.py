@@ -15,7 +15,7 @@ from transformers import AutoModelForImageClassification, PreTrainedModel, Print
 
 from ..cards import CARD_KEY, RunFacts, write_model_card
 from ..distillation import DistillationArguments, DistillationTrainer
-from ..images import InMemoryDataset, load_image_dataset
+from ..images import InMemoryDataset, load_image_dataset, load_image_folders
 from ..models.ones import OneSConfig
 from ..models.vmoe import VMoEConfig
 from ..utils import atomic_output_dir
@@ -25,7 +25,10 @@ from ..utils import atomic_output_dir
 class ImageArguments:
     """Data, backbone and optimisation settings every image pipeline shares (OneS and m2mKD extend it)."""
 
-    dataset: str = field(default="digits", metadata={"help": "`digits` (scikit-learn) or `fashion_mnist` (Debian IDX files)."})
+    dataset: str = field(default="digits", metadata={"help": "`digits` (scikit-learn), `fashion_mnist` (Debian IDX files) or `imagefolder` (your images: --train_dir, --validation_dir)."})
+    train_dir: str | None = field(default=None, metadata={"help": "dataset `imagefolder`: training images, one subfolder per class (or a saved datasets folder with image and label columns)."})
+    validation_dir: str | None = field(default=None, metadata={"help": "dataset `imagefolder`: the evaluation images, same layout."})
+    image_size: int = field(default=28, metadata={"help": "dataset `imagefolder`: images are converted to grayscale and resized to this size."})
     data_dir: str | None = field(default=None, metadata={"help": "Folder of the Fashion-MNIST IDX files (default: Debian's)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Random subset of the training images."})
     max_test_samples: int | None = field(default=None, metadata={"help": "Random subset of the test images."})
@@ -44,6 +47,11 @@ class ImageArguments:
 
 
 def load_data(args: ImageArguments):
+    if args.dataset == "imagefolder":
+        if not (args.train_dir and args.validation_dir):
+            raise ValueError("dataset imagefolder needs --train_dir and --validation_dir (one subfolder per class)")
+        return load_image_folders(args.train_dir, args.validation_dir, args.image_size,
+                                  max_train_samples=args.max_train_samples, max_test_samples=args.max_test_samples)
     return load_image_dataset(args.dataset, data_dir=args.data_dir, max_train_samples=args.max_train_samples,
                               max_test_samples=args.max_test_samples)
 
