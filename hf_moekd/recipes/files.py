@@ -46,14 +46,12 @@ def _cap(raw: DatasetDict, data_args: DataArguments, splits: tuple[str, ...]) ->
     return raw
 
 
-@dataclass
-class FileTask:
-    """What the file tasks share: the label set (from the training data, or from a saved model's config)."""
+class ClassifierTask:
+    """What the classification tasks (GLUE, CoNLL, your files) share: a head with `label_names` (None: regression)."""
 
     name: str
-    label_names: tuple[str, ...] | None = None
-    eval_splits: tuple[str, ...] = ("validation",)
-    source: str = field(default="", repr=False)  # where the label set came from, for error messages
+    label_names: tuple[str, ...] | None
+    auto_class: type
 
     @property
     def num_labels(self) -> int:
@@ -72,12 +70,26 @@ class FileTask:
     def add_metrics(metrics: dict[str, float]) -> dict[str, float]:
         return metrics
 
-    def check_config(self, config: Any, folder: Path) -> None:
-        """A saved model of the right head; its label names become the task's (evaluation maps labels by name)."""
+    def check_head(self, config: Any, folder: Path) -> None:
+        """Refuse a saved model whose head is not this task's kind."""
         arch = (config.architectures or [""])[0]
         wanted = self.auto_class.__name__.replace("AutoModel", "")
         if arch and not arch.endswith(wanted):
             raise ValueError(f"{folder} holds a {arch}, but {self.name} needs a *{wanted} model")
+
+
+@dataclass
+class FileTask(ClassifierTask):
+    """What the file tasks share: the label set (from the training data, or from a saved model's config)."""
+
+    name: str
+    label_names: tuple[str, ...] | None = None
+    eval_splits: tuple[str, ...] = ("validation",)
+    source: str = field(default="", repr=False)  # where the label set came from, for error messages
+
+    def check_config(self, config: Any, folder: Path) -> None:
+        """A saved model of the right head; its label names become the task's (evaluation maps labels by name)."""
+        self.check_head(config, folder)
         regression = getattr(config, "problem_type", None) == "regression" or config.num_labels == 1
         self.label_names = None if regression else tuple(config.id2label[i] for i in sorted(config.id2label))
         self.source = str(folder)

@@ -31,7 +31,7 @@ from ..modeling.parameters import count_parameters
 from ..plots import plot_loss_terms, plot_routing
 from ..utils import NOT_METRIC_SUFFIXES, markdown_table, refuse_pickle
 from .common import check_output_dir, configure_losses, removed_on_failure, resume_checkpoint, save_run
-from .files import FileTask, TextClassificationTask, TokenClassificationTask, align_labels
+from .files import ClassifierTask, FileTask, TextClassificationTask, TokenClassificationTask, align_labels
 from .lm import CausalLMTask, LanguageModelTask, Seq2SeqTask
 from .students import ModelArguments, build_model, model_for_saving
 
@@ -105,7 +105,7 @@ class ReportArguments:
 
 
 @dataclass(frozen=True)
-class TaskSpec:
+class TaskSpec(ClassifierTask):
     """How one task is read, tokenized, modelled and scored."""
 
     name: str  # GLUE task name or "conll2003"; recorded in all_results.json
@@ -117,23 +117,9 @@ class TaskSpec:
     def auto_class(self) -> type:
         return AutoModelForTokenClassification if self.token_level else AutoModelForSequenceClassification
 
-    @property
-    def num_labels(self) -> int:
-        return 1 if self.label_names is None else len(self.label_names)
-
-    def sequence_length(self, data_args: DataArguments) -> int:
-        return data_args.max_seq_length
-
-    @staticmethod
-    def add_metrics(metrics: dict[str, float]) -> dict[str, float]:
-        return metrics
-
     def check_config(self, config: Any, folder: Path) -> None:
         """Refuse a saved model whose head or labels do not fit this task."""
-        arch = (config.architectures or [""])[0]
-        wanted = "ForTokenClassification" if self.token_level else "ForSequenceClassification"
-        if arch and not arch.endswith(wanted):
-            raise ValueError(f"{folder} holds a {arch}, but {self.name} needs a *{wanted} model")
+        self.check_head(config, folder)
         names = [config.id2label[i] for i in sorted(config.id2label)]
         if config.num_labels != self.num_labels:
             raise ValueError(f"{folder} has {config.num_labels} labels {names} but {self.name} has {self.num_labels}: "
@@ -142,12 +128,6 @@ class TaskSpec:
                 and tuple(names) != self.label_names:
             raise ValueError(f"{folder} has labels {names} but {self.name} has {list(self.label_names)}: evaluate it "
                              "on the task it was trained for")
-
-    def head_kwargs(self) -> dict[str, Any]:
-        if self.label_names is None:
-            return {"num_labels": 1}
-        return {"num_labels": self.num_labels, "id2label": dict(enumerate(self.label_names)),
-                "label2id": {n: i for i, n in enumerate(self.label_names)}}
 
     def load(self, data_args: DataArguments) -> DatasetDict:
         """The task's splits, with the training subset and the evaluation cap of `data_args` applied."""
