@@ -19,7 +19,7 @@ from transformers import (
 
 from ..data import read_column_file, training_subset
 from ..metrics import conll_compute_metrics
-from .lm import read_table, read_texts
+from .readers import read_table, read_texts
 
 if TYPE_CHECKING:
     from .text import DataArguments

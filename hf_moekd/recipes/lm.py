@@ -9,58 +9,14 @@ from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import DatasetDict
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq, default_data_collator
 
 from ..data import training_subset
+from .readers import read_texts
 
 if TYPE_CHECKING:
     from .text import DataArguments
-
-TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv",
-                 ".parquet": "parquet"}
-
-
-def read_table(path: str | Path, role: str) -> Dataset:
-    """One split as a `Dataset`: a .txt file (a text per line, column "text"), .json/.jsonl/.csv/.tsv/.parquet or a
-    saved `datasets` folder; one clear error for a missing file, an unknown format or an empty file."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"--{role} {path} does not exist")
-    if path.is_dir():
-        data = load_from_disk(str(path))
-        if isinstance(data, DatasetDict):
-            raise ValueError(f"--{role} {path} is a DatasetDict folder; point at one split's folder (e.g. {path}/train)")
-    elif path.suffix in TEXT_SUFFIXES:
-        if path.stat().st_size == 0:
-            raise ValueError(f"--{role} {path} is empty")
-        extra = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
-        data = load_dataset(TEXT_SUFFIXES[path.suffix], data_files=str(path), split="train", **extra)
-    else:
-        raise ValueError(f"--{role} {path}: unknown file type {path.suffix!r}; use .txt (a text per line), .json, "
-                         ".jsonl, .csv, .tsv, .parquet or a datasets folder")
-    if len(data) == 0:
-        raise ValueError(f"--{role} {path} holds no rows")
-    return data
-
-
-def require_columns(data: Dataset, columns: list[str], path: str | Path, role: str) -> None:
-    if missing := [c for c in columns if c not in data.column_names]:
-        raise ValueError(f"--{role} {path} has no column {missing[0]!r} (columns: {', '.join(data.column_names)}); "
-                         "pass the column name")
-
-
-def read_texts(path: str | Path, columns: str | list[str], role: str) -> Dataset:
-    """`read_table` restricted to `columns`, rows with an empty text dropped; one clear error for a missing column or
-    a file without text."""
-    columns = [columns] if isinstance(columns, str) else list(columns)
-    data = read_table(path, role)
-    require_columns(data, columns, path, role)
-    data = data.filter(lambda row: all(row[c] is not None and str(row[c]).strip() for c in columns))
-    if len(data) == 0:
-        raise ValueError(f"--{role} {path} holds no text")
-    return data.select_columns(columns)
-
 
 def group_texts(examples: dict[str, list], block_size: int) -> dict[str, list]:
     """Concatenate tokenized texts and cut them into blocks of `block_size` tokens (the remainder is dropped);
