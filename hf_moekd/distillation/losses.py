@@ -175,11 +175,6 @@ def soft_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return value * temperature**2
 
 
-def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher/T || student/T) * T^2 over the last axis, unreduced."""
-    return soft_divergence(student_logits, teacher_logits, temperature)
-
-
 def chunked_divergence_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, weights: torch.Tensor,
                            temperature: float, divergence: str = "forward_kl", beta: float = 0.5,
                            chunk_size: int = 128) -> torch.Tensor:
@@ -247,7 +242,7 @@ class _ChunkedSum(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if grad is not None and not bool(grad_output == 1):
             grad = grad * grad_output
-        return (None, grad, None, None, *([None] * (ctx.needs_input_grad.__len__() - 4)))
+        return (None, grad, None, None, *([None] * (len(ctx.needs_input_grad) - 4)))
 
 
 @register_loss("ce")
@@ -320,14 +315,13 @@ class LogitsKD(LossTerm):
         options = dict(temperature=args.temperature, divergence=getattr(args, "kd_divergence", "forward_kl"),
                        beta=getattr(args, "jsd_beta", 0.5))
         if student.dim() == 3 and not is_regression(student):  # token-level heads, LMs: chunked over positions
+            chunk = getattr(args, "kd_chunk_size", 128)
             if batch.labels is not None:
                 weights = _label_mask(student, batch.labels).float()
-                return batch.per_item(chunked_divergence_sum(student, teacher, weights, **options,
-                                                             chunk_size=getattr(args, "kd_chunk_size", 128)))
+                return batch.per_item(chunked_divergence_sum(student, teacher, weights, **options, chunk_size=chunk))
             mask = batch.token_mask(student).float()  # no labels: mean over each example's real tokens
             weights = mask / mask.sum(1, keepdim=True).clamp_min(1)
-            return batch.per_example(chunked_divergence_sum(student, teacher, weights, **options,
-                                                            chunk_size=getattr(args, "kd_chunk_size", 128)))
+            return batch.per_example(chunked_divergence_sum(student, teacher, weights, **options, chunk_size=chunk))
         if is_regression(student):
             per_position = (student.float() - teacher.float()).squeeze(-1) ** 2
         else:
