@@ -70,6 +70,9 @@ def add_evaluate_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--max_seq_length", type=int, default=128, help="as in training (default: 128)")
     p.add_argument("--validation_file", default=None,
                    help="clm / seq2seq: held-out texts (.txt, .json, .jsonl, .csv, .tsv, .parquet, datasets folder)")
+    p.add_argument("--dataset_name", default=None,
+                   help="instead of --validation_file: a Hub dataset or a local folder (its validation split)")
+    p.add_argument("--dataset_config_name", default=None, help="the configuration of --dataset_name")
     p.add_argument("--text_column", default="text", help="clm: the column holding the texts (default: text)")
     p.add_argument("--source_column", default="source", help="seq2seq: the input column (default: source)")
     p.add_argument("--text_column_names", default=None, help="text-classification: the text column(s), 'a' or 'a,b'")
@@ -100,7 +103,8 @@ def _evaluate(ns: argparse.Namespace) -> None:
     if ns.plot_routing and not has_experts(model):
         raise ValueError(f"{ns.model_dir} has no MoE experts: --plot_routing needs an MoE model")
     data_args = DataArguments(data_dir=ns.data_dir, max_seq_length=ns.max_seq_length, max_eval_samples=ns.max_eval_samples,
-                              validation_file=ns.validation_file, text_column=ns.text_column, block_size=ns.block_size,
+                              validation_file=ns.validation_file, dataset_name=ns.dataset_name,
+                              dataset_config_name=ns.dataset_config_name, text_column=ns.text_column, block_size=ns.block_size,
                               source_column=ns.source_column, target_column=ns.target_column,
                               text_column_names=ns.text_column_names, label_column_name=ns.label_column_name,
                               tokens_column_name=ns.tokens_column_name, tags_column_name=ns.tags_column_name)

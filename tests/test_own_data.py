@@ -133,6 +133,73 @@ def test_teacher_without_its_task_head_is_refused(tmp_path, capsys):
     assert len(err) == 1 and "has no trained weights for classifier" in err[0] and "fine-tune it" in err[0], err
 
 
+def test_dataset_name_local_folder_of_split_files(tmp_path, capsys):
+    """`--dataset_name FOLDER` (how `datasets.load_dataset` reads a Hub repo's split files, offline)."""
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    write(sentiment_rows(), folder / "train.jsonl")
+    write(sentiment_rows(9), folder / "validation.jsonl")
+    out = tmp_path / "model"
+    assert cli("distill", "--task", "text-classification", "--dataset_name", folder, "--output_dir", out,
+               "--student_config_overrides", TINY, *COMMON) == 0
+    assert AutoModelForSequenceClassification.from_pretrained(out).config.id2label == {0: "anger", 1: "calm", 2: "joy"}
+    results = json.loads((out / "all_results.json").read_text())
+    capsys.readouterr()
+    assert cli("evaluate", out, "--task", "text-classification", "--dataset_name", folder, "--max_seq_length", "32",
+               "--output_file", tmp_path / "eval.json") == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["metrics"]["eval_accuracy"] == pytest.approx(
+        results["eval_accuracy"])
+
+
+def test_dataset_name_hub_style_class_labels(tmp_path):
+    """A DatasetDict as the Hub serves GLUE / CoNLL-2003: ClassLabel ids become the model's id2label in the dataset's
+    order; an unlabelled (-1) test split is not scored; NER tags from a `ner_tags` sequence of ClassLabel."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Sequence, Value
+
+    features = Features({"sentence": Value("string"), "label": ClassLabel(names=["positive", "negative"])})
+    rows = [{"sentence": f"{'good fine great' if i % 2 == 0 else 'bad awful poor'} film {i}", "label": i % 2}
+            for i in range(24)]
+    test = [{**r, "label": -1} for r in rows[:4]]
+    glue = tmp_path / "glue_like"
+    DatasetDict({"train": Dataset.from_list(rows, features=features), "validation": Dataset.from_list(rows[:8], features=features),
+                 "test": Dataset.from_list(test, features=features)}).save_to_disk(str(glue))
+    out = tmp_path / "sst"
+    assert cli("distill", "--task", "text-classification", "--dataset_name", glue, "--output_dir", out,
+               "--student_config_overrides", TINY, *COMMON) == 0
+    assert AutoModelForSequenceClassification.from_pretrained(out).config.id2label == {0: "positive", 1: "negative"}
+    results = json.loads((out / "all_results.json").read_text())
+    assert "eval_accuracy" in results and not any(k.startswith("test_") for k in results)
+
+    names = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    ner_features = Features({"tokens": Sequence(Value("string")), "ner_tags": Sequence(ClassLabel(names=names))})
+    sentence = {"tokens": ["Ada", "Lovelace", "visits", "Paris"], "ner_tags": [1, 2, 0, 3]}
+    conll = tmp_path / "conll_like"
+    DatasetDict({split: Dataset.from_list([sentence] * n, features=ner_features)
+                 for split, n in (("train", 16), ("validation", 4))}).save_to_disk(str(conll))
+    ner = tmp_path / "ner"
+    assert cli("distill", "--task", "ner", "--dataset_name", conll, "--output_dir", ner,
+               "--student_config_overrides", TINY, *COMMON) == 0
+    assert list(AutoModelForTokenClassification.from_pretrained(ner).config.id2label.values()) == names
+
+
+def test_dataset_name_errors_are_one_line(tmp_path, capsys):
+    train = write(sentiment_rows(), tmp_path / "train.csv")
+    only_train = tmp_path / "only_train"
+    only_train.mkdir()
+    write(sentiment_rows(), only_train / "train.csv")
+    cases = [
+        (["--dataset_name", tmp_path / "nowhere"], "cannot be loaded"),
+        (["--dataset_name", only_train], "has no 'validation' split (splits: train)"),
+        (["--dataset_name", only_train, "--train_file", train], "either --dataset_name or --train_file"),
+    ]
+    for extra, message in cases:
+        assert cli("distill", "--task", "text-classification", "--output_dir", tmp_path / "out", *COMMON,
+                   "--student_config_overrides", TINY, *extra) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and message in err[0], err
+        assert not (tmp_path / "out").exists()
+
+
 def image_folder(root: Path, classes: dict[str, int], per_class: int) -> Path:
     """One subfolder per class of small RGB PNGs: a bright square at a class-specific place, plus noise."""
     import numpy as np

@@ -19,7 +19,7 @@ from transformers import (
 
 from ..data import read_column_file, training_subset
 from ..metrics import conll_compute_metrics
-from .readers import read_table, read_texts
+from .readers import Source, data_sources, label_names_of, select_texts
 
 if TYPE_CHECKING:
     from .text import DataArguments
@@ -28,13 +28,6 @@ TEXT_COLUMN_GUESSES = (("sentence1", "sentence2"), ("question", "sentence"), ("p
                        ("text",))
 COLUMN_FILE_SUFFIXES = (".txt", ".conll", ".tsv", ".iob", ".bio")
 _TAG = re.compile(r"^(?:O|[BI]-.+)$")
-
-
-def _splits(data_args: DataArguments) -> dict[str, str]:
-    files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
-    if not files["validation"]:
-        raise ValueError("--validation_file is needed (the labelled data to evaluate on)")
-    return {split: path for split, path in files.items() if path}
 
 
 def _cap(raw: DatasetDict, data_args: DataArguments, splits: tuple[str, ...]) -> DatasetDict:
@@ -115,45 +108,54 @@ class TextClassificationTask(FileTask):
         return AutoModelForSequenceClassification
 
     def load(self, data_args: DataArguments) -> DatasetDict:
-        files = _splits(data_args)
-        self.eval_splits = tuple(s for s in ("validation", "test") if s in files)
+        sources = data_sources(data_args, self.name)
         label = data_args.label_column_name
-        columns = self._text_columns(data_args, files)
-        raw = DatasetDict({split: read_texts(path, [*columns, label], f"{split}_file") for split, path in files.items()})
+        tables = {split: source.read() for split, source in sources.items()}
+        columns = self._text_columns(data_args, tables, sources)
+        first = "train" if "train" in tables else "validation"
         if not self.source:  # training: the label set comes from the training data
-            self._labels_from(raw.get("train", raw["validation"]), label, files.get("train", files["validation"]))
+            self._labels_from(tables[first], label, sources[first].where)
         mapped = {}
-        for split, data in raw.items():
+        for split, table in tables.items():
+            data = _named_labels(select_texts(table, [*columns, label], sources[split].where), label,
+                                 label_names_of(table, label))
+            if len(data) == 0 and split == "test":
+                continue  # an unlabelled test split (GLUE's on the Hub): nothing to score
             values = data[label]
             ids = ([float(v) for v in values] if self.label_names is None
-                   else self._ids([_label_text(v) for v in values], split, files[split]))
+                   else self._ids([_label_text(v) for v in values], split, sources[split].where))
             mapped[split] = data.remove_columns(label).add_column("label", ids)
+        self.eval_splits = tuple(s for s in ("validation", "test") if s in mapped)
         self.text_columns = tuple(columns)
         return _cap(DatasetDict(mapped), data_args, self.eval_splits)
 
     @staticmethod
-    def _text_columns(data_args: DataArguments, files: dict[str, str]) -> list[str]:
+    def _text_columns(data_args: DataArguments, tables: dict[str, Dataset], sources: dict[str, Source]) -> list[str]:
         if data_args.text_column_names:
             return [c.strip() for c in data_args.text_column_names.split(",")]
-        split, path = next(iter(files.items()))
-        found = set(read_table(path, f"{split}_file").column_names)
+        split, table = next(iter(tables.items()))
+        found = set(table.column_names)
         for guess in TEXT_COLUMN_GUESSES:
             if set(guess) <= found:
                 return list(guess)
-        raise ValueError(f"{path}: cannot tell the text column(s) among {sorted(found)}; pass "
+        raise ValueError(f"{sources[split].where}: cannot tell the text column(s) among {sorted(found)}; pass "
                          "--text_column_names a[,b]")
 
-    def _labels_from(self, data: Dataset, label: str, path: str) -> None:
-        values = data[label]
-        if all(isinstance(v, float) for v in values) and any(v != int(v) for v in values):
+    def _labels_from(self, data: Dataset, label: str, where: str) -> None:
+        if names := label_names_of(data, label):  # a datasets ClassLabel: its names, in its order
+            self.label_names = tuple(names)
+            self.source = f"the training data ({where})"
+            return
+        values = [v for v in data[label] if v is not None] if label in data.column_names else []
+        if values and all(isinstance(v, float) for v in values) and any(v != int(v) for v in values):
             self.label_names = None  # regression
         else:
             names = sorted({_label_text(v) for v in values},
                            key=lambda n: (not n.lstrip("-").isdigit(), int(n) if n.lstrip("-").isdigit() else 0, n))
             if len(names) < 2:
-                raise ValueError(f"{path} has a single label {names}: classification needs at least two")
+                raise ValueError(f"{where} has a single label {names}: classification needs at least two")
             self.label_names = tuple(names)
-        self.source = f"the training data ({path})"
+        self.source = f"the training data ({where})"
 
     def tokenize(self, raw: DatasetDict, tokenizer: Any, max_length: int) -> DatasetDict:
         columns = self.text_columns
@@ -200,29 +202,38 @@ class TokenClassificationTask(FileTask):
         return AutoModelForTokenClassification
 
     def load(self, data_args: DataArguments) -> DatasetDict:
-        files = _splits(data_args)
-        self.eval_splits = tuple(s for s in ("validation", "test") if s in files)
-        raw = {split: self._read(path, data_args, f"{split}_file") for split, path in files.items()}
+        sources = data_sources(data_args, self.name)
+        self.eval_splits = tuple(s for s in ("validation", "test") if s in sources)
+        raw = {split: self._read(source, data_args) for split, source in sources.items()}
         if not self.source:
-            train = raw.get("train", raw["validation"])
-            self.label_names = tag_set(train["tags"], files.get("train", files["validation"]))
-            self.source = f"the training data ({files.get('train', files['validation'])})"
-        data = {split: Dataset.from_dict({"tokens": d["tokens"],
-                                          "ner_tags": [self._ids(tags, split, files[split]) for tags in d["tags"]]})
-                for split, d in raw.items()}
+            first = "train" if "train" in raw else "validation"
+            names, where = raw[first]["names"], sources[first].where
+            if names:  # a ClassLabel column: its tags in its order, the scheme checked
+                tag_set([names], where)
+            self.label_names = tuple(names) if names else tag_set(raw[first]["tags"], where)
+            self.source = f"the training data ({sources[first].where})"
+        data = {split: Dataset.from_dict({"tokens": d["tokens"], "ner_tags": [
+            self._ids(tags, split, sources[split].where) for tags in d["tags"]]}) for split, d in raw.items()}
         return _cap(DatasetDict(data), data_args, self.eval_splits)
 
     @staticmethod
-    def _read(path: str, data_args: DataArguments, role: str) -> dict[str, list]:
-        file = Path(path)
-        if file.is_file() and file.suffix in COLUMN_FILE_SUFFIXES:
+    def _read(source: Source, data_args: DataArguments) -> dict[str, Any]:
+        """Tokens and tag names of one split; `names`: the tag set a ClassLabel column declares (else None)."""
+        file = Path(source.path or "")
+        if source.path and file.is_file() and file.suffix in COLUMN_FILE_SUFFIXES:
             tokens, tags, _ = read_column_file(file)
             if not tokens:
-                raise ValueError(f"--{role} {path} holds no sentence")
-            return {"tokens": tokens, "tags": tags}
-        columns = [data_args.tokens_column_name, data_args.tags_column_name]
-        data = read_texts(path, columns, role)
-        return {"tokens": [list(t) for t in data[columns[0]]], "tags": [[str(x) for x in t] for t in data[columns[1]]]}
+                raise ValueError(f"{source.where} holds no sentence")
+            return {"tokens": tokens, "tags": tags, "names": None}
+        table = source.read()
+        tags_column = data_args.tags_column_name
+        if tags_column == "tags" and "tags" not in table.column_names and "ner_tags" in table.column_names:
+            tags_column = "ner_tags"  # the Hub's NER datasets (conll2003, wnut_17, ...)
+        names = label_names_of(table, tags_column)
+        data = select_texts(table, [data_args.tokens_column_name, tags_column], source.where)
+        rows = data[tags_column]
+        tags = [[names[x] for x in row] for row in rows] if names else [[str(x) for x in row] for row in rows]
+        return {"tokens": [list(t) for t in data[data_args.tokens_column_name]], "tags": tags, "names": names}
 
     def tokenize(self, raw: DatasetDict, tokenizer: Any, max_length: int) -> DatasetDict:
         def encode(batch: dict) -> Any:
@@ -246,6 +257,17 @@ def align_labels(word_ids: list[int | None], tags: list[int]) -> list[int]:
         labels.append(-100 if word is None or word == previous else tags[word])
         previous = word
     return labels
+
+
+def _named_labels(data: Dataset, label: str, names: list[str] | None) -> Dataset:
+    """ClassLabel ids as their names; rows labelled -1 (unlabelled, as GLUE's test split on the Hub) dropped."""
+    if not names:
+        return data
+    data = data.filter(lambda row: row[label] is not None and row[label] >= 0)
+    if len(data) == 0:
+        return data
+    named = data.map(lambda row: {"__name": names[row[label]]}, remove_columns=[label])
+    return named.rename_column("__name", label)
 
 
 def _label_text(value: Any) -> str:

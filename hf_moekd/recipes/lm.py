@@ -13,7 +13,7 @@ from datasets import DatasetDict
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq, default_data_collator
 
 from ..data import training_subset
-from .readers import read_texts
+from .readers import data_sources, select_texts
 
 if TYPE_CHECKING:
     from .text import DataArguments
@@ -48,11 +48,9 @@ class LanguageModelTask:
         raise NotImplementedError
 
     def load(self, data_args: DataArguments) -> DatasetDict:
-        files = {"train": data_args.train_file, "validation": data_args.validation_file}
-        if not files["validation"]:
-            raise ValueError(f"--task {self.name} needs --validation_file (held-out text for loss and perplexity)")
-        raw = DatasetDict({split: read_texts(path, self.columns(data_args), f"{split}_file")
-                           for split, path in files.items() if path})
+        sources = data_sources(data_args, self.name, ("train", "validation"))
+        raw = DatasetDict({split: select_texts(source.read(), self.columns(data_args), source.where)
+                           for split, source in sources.items()})
         if "train" in raw:
             raw["train"] = training_subset(raw["train"], data_args.max_train_samples)
         if data_args.max_eval_samples:

@@ -50,6 +50,11 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Train on a fixed random subset this large."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N examples of each "
                                                                          "evaluation split."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Your own data, instead of the files: a dataset "
+                                                             "on the Hub (datasets.load_dataset) or a local folder (split "
+                                                             "files train.* / validation.* / test.*, or save_to_disk)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The configuration of --dataset_name "
+                                                                    "(e.g. sst2 for glue)."})
     train_file: str | None = field(default=None, metadata={"help": "Your own data (--task text-classification, ner, "
                                                            "clm, seq2seq): the training split, .csv / .tsv / .json / "
                                                            ".jsonl / .parquet records or a datasets folder; clm also "
