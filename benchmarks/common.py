@@ -7,10 +7,13 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable
+
+from transformers import TrainerCallback as TrainerCallbackBase
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -127,3 +130,76 @@ def latency_ratio(model_dir: Path, reference_dir: Path, batch: int = 32, seq_len
     with torch.inference_mode():
         t = interleaved_medians({"model": lambda: model(**inputs), "reference": lambda: reference(**inputs)}, repeats)
     return t["model"] / t["reference"]
+
+
+class _Turns:
+    """Round-robin turns between named participants; finished ones leave the rotation."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names, self.turn, self.finished = list(names), 0, set()
+        self.cv = threading.Condition()
+
+    def wait(self, name: str) -> None:
+        with self.cv:
+            self.cv.wait_for(lambda: self.names[self.turn] == name or name in self.finished)
+
+    def advance(self, name: str, finish: bool = False) -> None:
+        with self.cv:
+            if finish:
+                self.finished.add(name)
+            if len(self.finished) < len(self.names) and self.names[self.turn] == name:
+                self.turn = (self.turn + 1) % len(self.names)
+                while self.names[self.turn] in self.finished:
+                    self.turn = (self.turn + 1) % len(self.names)
+            self.cv.notify_all()
+
+
+class LockstepClock(TrainerCallbackBase):
+    """A Trainer callback that times each optimizer step (forward, backward, clipping, optimizer) while the other
+    participants of a `lockstep` run wait: the configurations share the machine's load step by step."""
+
+    def __init__(self, turns: _Turns, name: str) -> None:
+        self.turns, self.name, self.times, self._start = turns, name, [], 0.0
+
+    def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
+        self.turns.wait(self.name)
+        self._start = time.perf_counter()
+
+    def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+        self.times.append(time.perf_counter() - self._start)
+        self.turns.advance(self.name)
+
+    def on_train_end(self, *args: Any, **kwargs: Any) -> None:
+        self.turns.advance(self.name, finish=True)
+
+    def step(self, fn: Callable[[], object]) -> None:
+        """Time one step of a loop that is not a Trainer (e.g. the teacher's forward pass)."""
+        self.on_step_begin()
+        fn()
+        self.on_step_end()
+
+
+def lockstep(runs: dict[str, Callable[[LockstepClock], object]]) -> dict[str, list[float]]:
+    """Run each `runs[name](clock)` in its own thread, one optimizer step at a time in turn (a Trainer gets `clock` as
+    a callback; a plain loop calls `clock.step(fn)`), so every configuration is timed under the same machine load.
+    Returns each configuration's step times, in order."""
+    turns = _Turns(list(runs))
+    clocks = {name: LockstepClock(turns, name) for name in runs}
+    errors: list[BaseException] = []
+
+    def target(name: str) -> None:
+        try:
+            runs[name](clocks[name])
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(error)
+        finally:
+            turns.advance(name, finish=True)
+
+    threads = [threading.Thread(target=target, args=(name,), daemon=True) for name in runs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return {name: clock.times for name, clock in clocks.items()}

@@ -7,10 +7,11 @@ into held-out sentences (`--heldout`, fixed shuffle) and training sentences; a b
 trained on the training sentences; texts joined with </s> and cut into blocks of `--block_size` tokens (run_clm.py).
 
 Rows (held-out next-token loss, lower is better; perplexity = exp(loss)), per seed:
-  dense              Mistral with the MoE's active FFN width (top-k x expert width), `--steps` steps
-  dense, +D steps    the same trained `--steps + --kd_steps` steps (the "trained as long" control)
-  dense (student)    Mistral of the gathered student's size (one expert's width), `--steps + --kd_steps` steps
   moe                the Mixtral teacher, `--steps` steps (router aux loss 0.01 as Mixtral)
+  dense              Mistral of the gathered student's size (one expert's FFN width), `--steps` steps: the baseline
+                     OneS improves on (the same model, trained directly)
+  dense, +D steps    the same trained `--steps + --kd_steps` steps (the "trained as long" control)
+  dense (MoE's active params)  Mistral with the MoE's active FFN width (top-2 x expert width), `--steps` steps
   <g> gathered       the MoE gathered with strategy <g>, before any training
   <g> + CE           gathered, fine-tuned `--kd_steps` steps on the labels only (no KD control)
   <g> + KD (OneS)    gathered, distilled `--kd_steps` steps from the MoE (alpha 0.5, T 1, forward KL)
@@ -148,17 +149,17 @@ def run_seed(seed: int, tok, train: Blocks, held: torch.Tensor, a: argparse.Name
     loss["moe"] = heldout_loss(moe, held)
     log("moe")
     set_seed(seed)
-    dense = fit(MistralForCausalLM(active_cfg), train, a, seed, a.steps, a.lr)
+    dense = fit(MistralForCausalLM(student_cfg), train, a, seed, a.steps, a.lr)
     loss["dense"] = heldout_loss(dense, held)
     log("dense")
     set_seed(seed)
-    longer = fit(MistralForCausalLM(active_cfg), train, a, seed, a.steps + a.kd_steps, a.lr)
+    longer = fit(MistralForCausalLM(student_cfg), train, a, seed, a.steps + a.kd_steps, a.lr)
     loss[f"dense, +{a.kd_steps} steps"] = heldout_loss(longer, held)
     log(f"dense, +{a.kd_steps} steps")
     set_seed(seed)
-    small = fit(MistralForCausalLM(student_cfg), train, a, seed, a.steps + a.kd_steps, a.lr)
-    loss[f"dense (student size), {a.steps + a.kd_steps} steps"] = heldout_loss(small, held)
-    log(f"dense (student size), {a.steps + a.kd_steps} steps")
+    active = fit(MistralForCausalLM(active_cfg), train, a, seed, a.steps, a.lr)
+    loss["dense (MoE's active params)"] = heldout_loss(active, held)
+    log("dense (MoE's active params)")
     calibration = [train.ids[i:i + 32] for i in range(0, 512, 32)]
     for spec in a.gatherings:
         g = parse_gathering(spec)
@@ -173,8 +174,9 @@ def run_seed(seed: int, tok, train: Blocks, held: torch.Tensor, a: argparse.Name
         student = fit(make(), train, a, seed, a.kd_steps, a.kd_lr, teacher=moe)
         loss[f"{spec} + KD (OneS)"] = heldout_loss(student, held)
         log(f"{spec} + KD (OneS)")
-    speed = tokens_per_second({"moe": moe, "dense": dense, "student": student}, a.block_size, len(tok), a.speed_repeats)
-    params = {"moe": moe.num_parameters(), "dense": dense.num_parameters(), "student": student.num_parameters()}
+    speed = tokens_per_second({"moe": moe, "dense_active": active, "student": student}, a.block_size, len(tok),
+                              a.speed_repeats)
+    params = {"moe": moe.num_parameters(), "dense_active": active.num_parameters(), "student": student.num_parameters()}
     return {"loss": loss, "tokens_per_s": speed, "params": params, "seconds": time.time() - start}
 
 
@@ -279,7 +281,9 @@ def main() -> None:
     ones_rows = {n: r for n, r in summary["rows"].items() if n.endswith("(OneS)")}
     best = min(ones_rows, key=lambda n: ones_rows[n]["loss"]["mean"])
     headline = {"dense_loss": summary["rows"]["dense"]["loss"]["mean"], "moe_loss": summary["rows"]["moe"]["loss"]["mean"],
-                "moe_margin": summary["moe_margin"]["mean"], "best_ones": best,
+                "moe_margin": summary["moe_margin"]["mean"],
+                "active_params_dense_loss": summary["rows"]["dense (MoE's active params)"]["loss"]["mean"],
+                "best_ones": best,
                 "best_ones_loss": ones_rows[best]["loss"]["mean"],
                 "best_benefit_preserved_pct": ones_rows[best]["benefit_preserved_pct"],
                 "best_kd_vs_ce": ones_rows[best]["delta_vs_ce"]["mean"],
