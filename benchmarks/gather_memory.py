@@ -4,8 +4,9 @@
 Writes a 1-layer Mixtral checkpoint with 8 experts (hidden 4096, intermediate 14336, bf16, random weights, legacy
 per-expert keys, one shard per expert as `save_pretrained` would shard it) to --work_dir, then runs
 `gather_experts(path, strategy, rank, output_dir=...)` in a fresh process per strategy and records its wall time and
-peak resident memory (`ru_maxrss`). Target: peak RSS under 3x the layer's expert weights (8 x 3 x 4096 x 14336 x
-2 bytes = 2.63 GiB).
+peak resident memory (`ru_maxrss`). Targets: peak RSS under 3x the layer's expert weights (8 x 3 x 4096 x 14336 x
+2 bytes = 2.63 GiB) at full rank and under 2x at rank 256; rank 256 within 1.5x of its floor, the bare
+`torch.svd_lowrank(W, q=256, niter=2)` of the same 24 matrices measured in the same run (FLOOR below).
 
     python benchmarks/gather_memory.py               # ~5 GB of disk in --work_dir, a few minutes
 """
@@ -34,6 +35,34 @@ gather_experts(sys.argv[1], strategy=strategy, rank=int(rank) if rank else None,
                overwrite=True, progress=False, return_model=False)
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+"""
+
+# The floor of svd-r256: bare `torch.svd_lowrank(W, q=256, niter=2)` on the same 24 fp32 expert matrices, timed in the
+# same run; plus the rank-256 reconstruction error ||W - U S V^T|| / ||W|| of expert 0's matrices under the floor's
+# settings, gathering's default (q = r + 16, niter 2) and the earlier default (q = 2r, niter 4).
+FLOOR = r"""
+import json, sys, time
+import torch
+from safetensors import safe_open
+torch.set_num_threads(int(sys.argv[2]))
+index = json.load(open(sys.argv[1] + "/model.safetensors.index.json"))["weight_map"]
+names = sorted(k for k in index if ".experts." in k)
+seconds, errors, r = 0.0, {}, 256
+for name in names:
+    with safe_open(sys.argv[1] + "/" + index[name], "pt") as f:
+        w = f.get_tensor(name).to(torch.float32)
+    start = time.perf_counter()
+    torch.svd_lowrank(w, q=r, niter=2)
+    seconds += time.perf_counter() - start
+    if ".experts.0." in name:
+        for label, q, niter in (("floor q=256 niter=2", r, 2), ("default q=272 niter=2", r + 16, 2),
+                                ("before q=512 niter=4", 2 * r, 4)):
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(w, q=q, niter=niter)
+            err = float((w - (u[:, :r] * s[:r]) @ v[:, :r].T).norm() / w.norm())
+            errors.setdefault(label, []).append(err)
+print(json.dumps({"svd_floor_seconds_r256": seconds, "matrices": len(names),
+                  "reconstruction_error_expert0": {k: sum(v) / len(v) for k, v in errors.items()}}))
 """
 
 
@@ -91,6 +120,10 @@ def main() -> None:
     ckpt = work / "mixtral-1layer"
     expert_bytes = write_checkpoint(ckpt)
     runs = {}
+    out = subprocess.run([sys.executable, "-c", FLOOR, str(ckpt), str(a.threads)], check=True, capture_output=True,
+                         text=True)
+    floor = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"[gather_memory] floor: {floor}", flush=True)
     for strategy in a.strategies:
         out = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), strategy, str(work / f"dense-{strategy}"),
                               str(a.threads)], check=True, capture_output=True, text=True)
@@ -103,7 +136,16 @@ def main() -> None:
     headline = {"layer_expert_weights_gib": layer_gib, **{f"{s}_seconds": r["seconds"] for s, r in runs.items()},
                 **{f"{s}_peak_rss_gib": r["peak_rss_gib"] for s, r in runs.items()},
                 "svd_peak_under_3x_layer": runs.get("svd", {}).get("peak_over_layer", 99) < 3}
-    write_result("gather_memory", {"headline": headline, "runs": runs, "threads": a.threads,
+    if "svd-r256" in runs:
+        per_layer = runs["svd-r256"]["seconds"]
+        headline.update({
+            "seconds_per_layer_r256": per_layer, "svd_floor_seconds_r256": floor["svd_floor_seconds_r256"],
+            "r256_over_floor": per_layer / floor["svd_floor_seconds_r256"],
+            "r256_peak_over_layer": runs["svd-r256"]["peak_over_layer"],
+            "mixtral_8x7b_32_layers_r256_minutes": 32 * per_layer / 60,
+            "reconstruction_error_r256": floor["reconstruction_error_expert0"],
+        })
+    write_result("gather_memory", {"headline": headline, "runs": runs, "floor": floor, "threads": a.threads,
                                    "shape": {"hidden": HIDDEN, "intermediate": INTERMEDIATE, "experts": EXPERTS,
                                              "dtype": "bfloat16"}})
 

@@ -221,6 +221,27 @@ def test_svd_low_rank_identical_experts_exact(method):
         torch.testing.assert_close(out.in_proj[1], ex.in_proj[1][0], atol=1e-4, rtol=1e-4)
 
 
+def test_svd_lowrank_settings(monkeypatch):
+    """Randomized SVD: q = rank + 16 directions and 2 power iterations by default (benchmarks/gather_memory.py),
+    both options; one matmul joins the experts' factors, as the per-expert sum does."""
+    calls = []
+    real = torch.svd_lowrank
+    monkeypatch.setattr(torch, "svd_lowrank", lambda m, q, niter: calls.append((q, niter)) or real(m, q=q, niter=niter))
+    ex = _experts(noise=1.0, i=64, h=48)
+    merge_experts(ex, "svd", rank=2, lowrank=True)
+    assert set(calls) == {(18, 2)} and len(calls) == 3 * EXPERTS
+    calls.clear()
+    merge_experts(ex, "svd", rank=2, lowrank=True, lowrank_oversample=4, lowrank_niter=5)
+    assert set(calls) == {(6, 5)}
+    exact = merge_experts(ex, "svd", rank=3, lowrank=False)
+    w = torch.full((EXPERTS,), 1 / EXPERTS)
+    parts = []
+    for e in range(EXPERTS):
+        u, sv, vh = torch.linalg.svd(ex.out_proj[e], full_matrices=False)
+        parts.append(w[e] * (u[:, :3] * sv[:3]) @ vh[:3])
+    torch.testing.assert_close(exact.out_proj, sum(parts), atol=1e-5, rtol=1e-5)
+
+
 def test_svd_rank_errors():
     ex = _experts()
     with pytest.raises(ValueError, match=r"24x16.*rank <= 16"):

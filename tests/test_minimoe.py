@@ -248,6 +248,34 @@ def test_sdpa_matches_eager():
     assert probs[0][1, :, :, 5:].abs().max() < 1e-6  # padding keys get no attention
 
 
+@pytest.mark.parametrize("implementation", ["batched_mm", "grouped_mm"])
+def test_experts_implementations_match_eager(implementation, tmp_path):
+    """batched_mm / grouped_mm give the eager loop's outputs and gradients (4 experts, uneven groups, one empty)."""
+    model = tiny_model(num_ffn_experts=4, intermediate_size=40).train()  # grouped_mm: 16-byte aligned rows
+    assert model.config._experts_implementation == "eager"
+    inputs, labels = batch(), torch.tensor([0, 1, 2])
+    with torch.no_grad():  # route nothing to expert 3 in block 0
+        model.minimoe.encoder.layer[0].ffn.router.gate.weight[3] = -100.0
+
+    def run():
+        model.zero_grad()
+        out = model(**inputs, labels=labels)
+        out.loss.backward()
+        return out.logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    logits, grads = run()
+    model.config._experts_implementation = implementation
+    other_logits, other_grads = run()
+    torch.testing.assert_close(other_logits, logits, rtol=1e-5, atol=1e-6)
+    for a, b in zip(other_grads, grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    model.save_pretrained(tmp_path)
+    loaded = MiniMoEForSequenceClassification.from_pretrained(tmp_path, experts_implementation=implementation)
+    assert loaded.config._experts_implementation == implementation
+    with pytest.raises(ValueError, match="not supported by MiniMoE"):
+        MiniMoEForSequenceClassification.from_pretrained(tmp_path, experts_implementation="sonicmoe")
+
+
 def test_gradient_checkpointing_same_grads():
     # Dropout and router noise on: checkpointing must replay the same random draws.
     model = tiny_model(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, router_noise=0.2).train()

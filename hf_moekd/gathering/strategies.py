@@ -36,10 +36,13 @@ Strategies (``usage`` = each expert's share of routed tokens, from calibration d
   tried, and it also has the lowest weight-space error to the weighted average. No truncation beat
   full rank before distillation, hence the full-rank default.
 
-  ``torch.svd_lowrank`` (oversampling q = 2r, 4 power iterations) replaces the exact SVD when
-  ``r <= min(I, H) / 8`` (``lowrank=None``): on 8 experts of 2816x1024 its merged-matrix error was
-  within 0.3% of the exact SVD's (r = 32 / 64 / 128: 8x / 4x / 1.7x faster); set ``lowrank`` to force
-  either. Experts are processed one at a time, so memory stays ~one expert in float32.
+  ``torch.svd_lowrank`` replaces the exact SVD when ``r <= min(I, H) / 8`` (``lowrank=None``; set
+  ``lowrank`` to force either), with ``q = r + lowrank_oversample`` (16) sampled directions and
+  ``lowrank_niter`` (2) power iterations: on 2816x1024 matrices at r = 64 its rank-r reconstruction
+  error ||W - U S V^T|| / ||W|| was within 0.3-0.8% of the exact SVD's (Gaussian, s_k ~ k^-0.5 and
+  k^-1 spectra; the earlier q = 2r, 4 iterations: within 0.01-0.2%, at ~2x the time: see
+  ``benchmarks/gather_memory.py`` for a Mixtral-8x7B layer). Experts are decomposed one at a time,
+  so memory stays ~one expert in float32; their factors are multiplied back in one matmul.
 
 ``align=True`` (any strategy): each expert's hidden units are permuted to match a reference expert
 (the most used one, else expert 0) by Hungarian matching
@@ -225,26 +228,36 @@ def topk(experts: ExpertWeights, *, usage: Tensor | None = None, k: int = 2) -> 
 
 
 # --------------------------------------------------------------------------- SVD-KG
-def _svd_topr(m: Tensor, r: int, lowrank: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-``r`` singular triplets ``U [m, r], S [r], V [n, r]`` of a matrix."""
-    if lowrank:
-        u, s, v = torch.svd_lowrank(m, q=min(2 * r, *m.shape), niter=4)
+@dataclass(frozen=True)
+class LowRank:
+    """Settings of ``torch.svd_lowrank``: ``q = rank + oversample`` sampled directions, ``niter`` power iterations."""
+
+    oversample: int = 16
+    niter: int = 2
+
+
+def _svd_topr(m: Tensor, r: int, lowrank: LowRank | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``r`` singular triplets ``U [m, r], S [r], V [n, r]`` of a matrix (randomized with ``lowrank``)."""
+    if lowrank is not None:
+        u, s, v = torch.svd_lowrank(m, q=min(r + lowrank.oversample, *m.shape), niter=lowrank.niter)
         return u[:, :r], s[:r], v[:, :r]
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
     return u[:, :r], s[:r], vh[:r].T
 
 
-def _svd_expert(stack: Tensor, w: Tensor, r: int, lowrank: bool) -> Tensor:
-    """``sum_e w_e [W_e]_r`` (each expert truncated to its top-r components), one expert at a time."""
-    out = torch.zeros(stack.shape[1:], dtype=torch.float32, device=stack.device)
+def _svd_expert(stack: Tensor, w: Tensor, r: int, lowrank: LowRank | None) -> Tensor:
+    """``sum_e w_e [W_e]_r`` (each expert truncated to its top-r components), one decomposition at a time; the
+    factors are joined into one ``[m, E r] @ [E r, n]`` product (one large matmul instead of E)."""
+    left, right = [], []
     for e in range(stack.shape[0]):
         if w[e] != 0:
             u, s, v = _svd_topr(stack[e].to(torch.float32), r, lowrank)
-            out.addmm_(u * (s * w[e]), v.T)
-    return out
+            left.append(u * (s * w[e]))
+            right.append(v)
+    return torch.cat(left, 1) @ torch.cat(right, 1).T
 
 
-def _svd_joint(stack: Tensor, w: Tensor, r: int, lowrank: bool) -> Tensor:
+def _svd_joint(stack: Tensor, w: Tensor, r: int, lowrank: LowRank | None) -> Tensor:
     """Average projected on the top-r basis shared by all experts (Sub-MoE-like joint SVD).
 
     The basis is the top-r singular vectors, on the smaller side, of the experts stacked along the
@@ -261,21 +274,24 @@ def _svd_joint(stack: Tensor, w: Tensor, r: int, lowrank: bool) -> Tensor:
     return (mean @ basis) @ basis.T if right else basis @ (basis.T @ mean)
 
 
-def _svd_merged(stack: Tensor, w: Tensor, r: int, lowrank: bool) -> Tensor:
+def _svd_merged(stack: Tensor, w: Tensor, r: int, lowrank: LowRank | None) -> Tensor:
     """Best rank-r approximation of the weighted average."""
     u, s, v = _svd_topr(_mix(stack, w), r, lowrank)
     return (u * s) @ v.T
 
 
-SVD_METHODS: dict[str, Callable[[Tensor, Tensor, int, bool], Tensor]] = {
+SVD_METHODS: dict[str, Callable[[Tensor, Tensor, int, LowRank | None], Tensor]] = {
     "expert": _svd_expert, "joint": _svd_joint, "merged": _svd_merged,
 }
 
 
 @register_strategy("svd")
 def svd(experts: ExpertWeights, *, usage: Tensor | None = None, rank: int | None = None,
-        method: str = "expert", lowrank: bool | None = None) -> DenseFFN:
-    """SVD-KG: merge each expert's top-``rank`` singular components, usage-weighted (see module docstring)."""
+        method: str = "expert", lowrank: bool | None = None, lowrank_oversample: int = 16,
+        lowrank_niter: int = 2) -> DenseFFN:
+    """SVD-KG: merge each expert's top-``rank`` singular components, usage-weighted (see module docstring).
+    ``lowrank``: randomized SVD (None: when ``rank <= min(I, H) / 8``) with ``q = rank + lowrank_oversample``
+    and ``lowrank_niter`` power iterations."""
     if method not in SVD_METHODS:
         raise ValueError(f"unknown svd method {method!r}; choose one of {sorted(SVD_METHODS)}")
     w = _weights(experts, usage)
@@ -288,9 +304,10 @@ def svd(experts: ExpertWeights, *, usage: Tensor | None = None, rank: int | None
         raise ValueError(f"svd rank {rank} is invalid for expert matrices of shape {shape[0]}x{shape[1]}: "
                          f"use 1 <= rank <= {max_rank} (max rank), or rank=None for full rank")
     use_low = rank * 8 <= max_rank if lowrank is None else lowrank
+    low = LowRank(lowrank_oversample, lowrank_niter) if use_low else None
     fn = SVD_METHODS[method]
-    return replace(merged, in_proj=[fn(t, w, rank, use_low) for t in experts.in_proj],
-                   out_proj=fn(experts.out_proj, w, rank, use_low))
+    return replace(merged, in_proj=[fn(t, w, rank, low) for t in experts.in_proj],
+                   out_proj=fn(experts.out_proj, w, rank, low))
 
 
 def expert_spectra(experts: ExpertWeights) -> dict[str, Tensor]:

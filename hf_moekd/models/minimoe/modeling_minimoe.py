@@ -253,12 +253,18 @@ class MiniMoEAttention(nn.Module):
 
 
 class MiniMoEExperts(nn.Module):
-    """E FFN experts (each `H -> I -> H`, like BERT's intermediate/output dense) stored as fused weights."""
+    """E FFN experts (each `H -> I -> H`, like BERT's intermediate/output dense) stored as fused weights.
+
+    How the routed rows are computed follows `config._experts_implementation` (transformers' `experts_implementation`
+    argument of `from_pretrained`): "eager" one matmul pair per expert on its rows; "batched_mm" one batched matmul
+    over the experts with their rows padded to the largest group; "grouped_mm" `torch.nn.functional.grouped_mm` over
+    the rows sorted by expert (widths whose rows are not 16-byte aligned use "eager"). All give the same result (benchmarks/minimoe_latency.py times them)."""
 
     def __init__(self, config: MiniMoEConfig, num_experts: int | None = None):
         super().__init__()
         num_experts = num_experts or config.num_ffn_experts
         inner, hidden = config.intermediate_size, config.hidden_size
+        self.config = config
         self.num_experts = num_experts
         self.w_in = nn.Parameter(torch.empty(num_experts, inner, hidden))
         self.b_in = nn.Parameter(torch.empty(num_experts, inner))
@@ -267,7 +273,7 @@ class MiniMoEExperts(nn.Module):
         self.act = ACT2FN[config.hidden_act]
 
     def expert_forward(self, expert: int, hidden_states: torch.Tensor) -> torch.Tensor:
-        """One expert on `[tokens, H]` (the only place expert FFN compute happens)."""
+        """One expert on `[tokens, H]`."""
         inner = self.act(F.linear(hidden_states, self.w_in[expert], self.b_in[expert]))
         return F.linear(inner, self.w_out[expert], self.b_out[expert])
 
@@ -284,10 +290,37 @@ class MiniMoEExperts(nn.Module):
         """`hidden_states [N, H]`, `expert_index [N]` -> `[N, H]`, each row through its own expert only."""
         if self.num_experts == 1:
             return self.expert_forward(0, hidden_states)
+        implementation = getattr(self.config, "_experts_implementation", None) or "eager"
+        if implementation == "batched_mm":
+            return self._batched(hidden_states, expert_index)
+        if implementation == "grouped_mm" and all(d * self.w_in.element_size() % 16 == 0 for d in self.w_in.shape[1:]):
+            return self._grouped(hidden_states, expert_index)  # grouped_mm needs 16-byte aligned rows
         groups, order = self.dispatch(hidden_states, expert_index)
         # Empty groups still run (on 0 rows) so every expert is in the graph (DDP needs no unused-parameter search).
         output = torch.cat([self.expert_forward(e, group) for e, group in enumerate(groups)])
         return output.index_select(0, order.argsort())
+
+    def _batched(self, hidden_states: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
+        """All experts in one `baddbmm` pair on `[E, max rows, H]` (rows padded with zeros)."""
+        order = expert_index.argsort(stable=True)
+        counts = torch.bincount(expert_index, minlength=self.num_experts)
+        sorted_experts = expert_index.index_select(0, order)
+        slot = torch.arange(len(order), device=order.device) - (counts.cumsum(0) - counts).index_select(0, sorted_experts)
+        padded = hidden_states.new_zeros(self.num_experts, int(counts.max()), hidden_states.shape[-1])
+        padded = padded.index_put((sorted_experts, slot), hidden_states.index_select(0, order))
+        inner = self.act(torch.baddbmm(self.b_in.unsqueeze(1), padded, self.w_in.mT))
+        out = torch.baddbmm(self.b_out.unsqueeze(1), inner, self.w_out.mT)[sorted_experts, slot]
+        return torch.empty_like(out).index_copy(0, order, out)
+
+    def _grouped(self, hidden_states: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
+        """`grouped_mm` over the rows sorted by expert (offsets = cumulative group sizes)."""
+        order = expert_index.argsort(stable=True)
+        sorted_experts = expert_index.index_select(0, order)
+        offsets = torch.bincount(expert_index, minlength=self.num_experts).cumsum(0).to(torch.int32)
+        rows = hidden_states.index_select(0, order)
+        inner = F.grouped_mm(rows, self.w_in.mT, offs=offsets) + self.b_in.index_select(0, sorted_experts)
+        out = F.grouped_mm(self.act(inner), self.w_out.mT, offs=offsets) + self.b_out.index_select(0, sorted_experts)
+        return torch.empty_like(out).index_copy(0, order, out)
 
 
 class MiniMoESparseFFN(nn.Module):
@@ -393,6 +426,18 @@ class MiniMoEPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = ["MiniMoEEmbeddings", "MiniMoELayer"]
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return True  # MiniMoEExperts reads config._experts_implementation: eager, batched_mm, grouped_mm
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """`experts_implementation` of `from_pretrained`: "eager" (default, the fastest on CPU here: see
+        benchmarks/minimoe_latency.py), "batched_mm" or "grouped_mm"."""
+        if requested_experts not in (None, "eager", "batched_mm", "grouped_mm"):
+            raise ValueError(f'experts_implementation={requested_experts!r} is not supported by MiniMoE: use "eager", '
+                             '"batched_mm" or "grouped_mm"')
+        return requested_experts or "eager"
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
