@@ -12,7 +12,8 @@ alpha 1 (KD only: GKD has no label term).
    (trl: `generalized_jsd_loss` normalised by the Trainer's `num_items_in_batch`; ours: T^2 = 1) -> |diff| <= 1e-5.
 2. speed: tokens/s of ours (online teacher), ours with cached top-k teacher log-probs (k 64) and trl, run
    interleaved one optimizer step at a time (`common.lockstep`); ratios of medians.
-3. memory: peak RSS of each in its own fresh process (same models and data), ours / trl's.
+3. memory: peak RSS during training of each in its own fresh process (same models and data; sampled every 5 ms),
+   ours / trl's; also the increase over the RSS before training.
 4. gradient accumulation: the first optimizer step's gradients with batch 8 x 1 accumulation vs 1 x 8, each trainer.
 
     python benchmarks/vs_trl.py --data_dir ../shared/data
@@ -22,16 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import psutil  # noqa: E402
 import torch  # noqa: E402
 from common import DEFAULT_DATA, LockstepClock, lockstep, write_result  # noqa: E402
 from datasets import Dataset  # noqa: E402
@@ -141,18 +144,37 @@ def peak_rss(a: argparse.Namespace, which: str) -> dict:
         return json.loads(out.read_text())
 
 
+class RSSSampler(threading.Thread):
+    """The largest resident set size of this process seen while running (sampled every 5 ms), in MiB."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak, self.running, self.process = 0.0, True, psutil.Process()
+
+    def run(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss / 2**20)
+            time.sleep(0.005)
+
+
 def single(a: argparse.Namespace) -> None:
+    """One trainer in this (fresh) process: RSS before training and its peak during training (the teacher's cached
+    outputs are computed before, as a user computes them once)."""
     tok, teacher, student, data = setup(a)
     with tempfile.TemporaryDirectory() as tmp:
         if a.single == "ours_cached":
             data = precompute_teacher_logits(teacher, data, batch_size=8, top_k=64)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         args = common_args(a, tmp, a.batch_size)
         trainer = trl(tok, teacher, student, data, args) if a.single == "trl" else \
             ours(teacher, student, data, args, cached=a.single == "ours_cached")
+        before = psutil.Process().memory_info().rss / 2**20
+        sampler = RSSSampler()
+        sampler.start()
         trainer.train()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    Path(a.single_out).write_text(json.dumps({"peak_rss_mib": peak, "before_training_mib": before}))
+        sampler.running = False
+        sampler.join()
+    Path(a.single_out).write_text(json.dumps({"peak_rss_mib": sampler.peak, "before_training_mib": before,
+                                              "training_increase_mib": sampler.peak - before}))
 
 
 def main() -> None:
@@ -171,6 +193,10 @@ def main() -> None:
     p.add_argument("--single_out", help=argparse.SUPPRESS)
     a = p.parse_args()
     torch.set_num_threads(2)
+    try:
+        import trl as _trl  # noqa: F401
+    except ImportError:
+        sys.exit("vs_trl: trl is not installed; install the bench extra: pip install -c constraints.txt -e '.[bench]'")
     if a.single:
         single(a)
         return
@@ -197,6 +223,7 @@ def main() -> None:
         "memory_ratio": round(memory["ours"]["peak_rss_mib"] / memory["trl"]["peak_rss_mib"], 3),
         "speed_ratio_cached": round(speed["ours_cached_top64"] / speed["trl"], 3),
         "memory_ratio_cached": round(memory["ours_cached"]["peak_rss_mib"] / memory["trl"]["peak_rss_mib"], 3),
+        "training_increase_mib": {k: round(v["training_increase_mib"]) for k, v in memory.items()},
         "parity_abs_diff": check["abs_diff"],
         "grad_accumulation_rel_diff": {k: v["relative_difference"] for k, v in grads.items()},
         "targets": {"speed_ratio": ">= 1.0", "memory_ratio": "<= 1.0", "parity_abs_diff": "<= 1e-5"},
