@@ -46,7 +46,7 @@ def main() -> None:
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     train = load_glue("sst2", Path(a.data_dir) / "glue")["train"].shuffle(seed=0)
-    lengths = np.array([len(ids) for ids in tokenizer(train["sentence1"])["input_ids"]])
+    lengths = np.array([len(ids) for ids in tokenizer(list(train["sentence1"]))["input_ids"]])
     fitted = int(np.percentile(lengths, 99.9))
     steps = a.steps + a.warmup
     rows = train.select(range(a.batch_size * steps * 4))  # group_by_length sorts within mega-batches of 50 batches

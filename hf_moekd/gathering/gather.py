@@ -7,9 +7,9 @@ written as they fill, so peak memory is about one layer's experts plus one outpu
 directories appear atomically (temporary sibling directory, then rename).
 
 Measured on one Mixtral-8x7B-shaped layer (8 experts, hidden 4096, intermediate 14336, bf16, random
-weights, 2 CPU threads; ``benchmarks/gather_memory.py``): default ``svd`` (full rank) streamed in 6.6 s
-with 4.07 GiB peak RSS, 1.55x the layer's 2.625 GiB of expert weights; rank 256 (``svd_lowrank`` on each
-of the 24 expert matrices) took 162 s and 4.84 GiB.
+weights, 2 CPU threads; ``benchmarks/gather_memory.py``): default ``svd`` (full rank) streamed in 6.5 s
+with 4.08 GiB peak RSS, 1.56x the layer's 2.625 GiB of expert weights; rank 256 (``svd_lowrank`` on each
+of the 24 expert matrices) took 28.7 s and 4.76 GiB, 1.49x the bare ``svd_lowrank`` calls (19.3 s).
 """
 from __future__ import annotations
 
