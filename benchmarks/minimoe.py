@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """MiniMoE vs dense students of the same per-token FLOPs, at two sizes, with the same two-stage budget.
 
-Teacher per task: all-MiniLM-L6-v2 fine-tuned (benchmarks/common.py's recipe). Students, randomly initialised:
-dense BERT (3L-384H and 4L-192H by default) and its MiniMoE twin (`--moe_experts 4`: four top-1 FFN experts, each
+Teacher per task: all-MiniLM-L6-v2 fine-tuned (benchmarks/common.py's recipe). Students, randomly initialised as in
+the official code (`--student_init teacher_layers`: from all-MiniLM-L6-v2's blocks 0,2,4 instead, written to
+results/minimoe_teacher_layers.json, for budgets where random students do not learn): dense BERT (3L-384H and 4L-192H by default) and its MiniMoE twin (`--moe_experts 4`: four top-1 FFN experts, each
 the size of the dense FFN, so the same FLOPs per token plus a router). For every student:
 stage 1 (task-agnostic, examples/run_task_agnostic.py): MiniLMv2 Q-Q/K-K/V-V relations of the teacher's last layer
 on a fixed subset of the unlabelled corpus (GLUE + CoNLL train sentences), seed 0; stage 2 (task-specific,
@@ -32,7 +33,17 @@ SIZES = {  # student_config_overrides of MiniLM-L6's config (hidden 384, 12 head
     "3L-384H": "num_hidden_layers=3",
     "4L-192H": "num_hidden_layers=4,hidden_size=192,num_attention_heads=6,intermediate_size=768",
 }
+TEACHER_LAYERS = {"3L-384H": "0,2,4"}  # --student_init teacher_layers: the teacher's blocks a student starts from
 KINDS = {"dense": [], "minimoe": ["--moe_experts", "4"]}
+
+
+def student_start(size: str, init: str) -> list[str]:
+    """Arguments that build the student of `size`: random init from config overrides, or the teacher's blocks."""
+    if init == "random":
+        return ["--student_config_overrides", SIZES[size]]
+    if size not in TEACHER_LAYERS:
+        raise SystemExit(f"--student_init teacher_layers needs the teacher's width: use --sizes {' '.join(TEACHER_LAYERS)}")
+    return ["--student_layers", TEACHER_LAYERS[size]]
 
 
 def ffn_breakdown(minimoe_dir: Path, dense_dir: Path, tokens: int = 64, repeats: int = 50) -> dict[str, float]:
@@ -56,11 +67,16 @@ def ffn_breakdown(minimoe_dir: Path, dense_dir: Path, tokens: int = 64, repeats:
     return {name: round(1e6 * t, 1) for name, t in times.items()}
 
 
+def init_suffix(a: argparse.Namespace) -> str:
+    """Run-folder and result-name suffix of the student initialisation ("" for the official random init)."""
+    return "" if a.student_init == "random" else f"_{a.student_init}"
+
+
 def stage1(size: str, kind: str, a: argparse.Namespace) -> Path:
-    out = Path(a.work_dir, "stage1", f"{kind}-{size}")
+    out = Path(a.work_dir, "stage1", f"{kind}-{size}{init_suffix(a)}")
     cmd = [
         sys.executable, "examples/run_task_agnostic.py", "--data_dir", a.data_dir, "--output_dir", str(out),
-        "--student_config_overrides", SIZES[size], *KINDS[kind], "--max_train_samples", str(a.stage1_samples),
+        *student_start(size, a.student_init), *KINDS[kind], "--max_train_samples", str(a.stage1_samples),
         "--num_train_epochs", str(a.stage1_epochs), "--per_device_train_batch_size", "32", "--learning_rate",
         str(a.stage1_lr), "--seed", "0", "--logging_steps", "50", "--save_strategy", "steps", "--save_steps", "200",
         "--save_total_limit", "1", "--resume_from_checkpoint", "last", "--disable_tqdm", "true",
@@ -84,6 +100,9 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(METRICS), choices=list(METRICS))
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--student_init", default="random", choices=["random", "teacher_layers"],
+                        help="random (the official recipe) or the teacher's blocks 0,2,4 (3L-384H only; MiniMoE "
+                             "experts then moefied from them), for budgets where random students do not learn")
     parser.add_argument("--stage1_samples", type=int, default=10000, help="corpus sentences of stage 1")
     parser.add_argument("--stage1_epochs", type=float, default=1)
     parser.add_argument("--stage1_lr", type=float, default=5e-4)
@@ -111,7 +130,7 @@ def main() -> None:
         for (size, kind), start in starts.items():
             scores = []
             for seed in a.seeds:
-                out = Path(a.work_dir, task, f"{kind}-{size}-seed{seed}")
+                out = Path(a.work_dir, task, f"{kind}-{size}{init_suffix(a)}-seed{seed}")
                 cmd = task_command(task, out, seed, a.data_dir, a.train_samples, a.epochs, a.lr,
                                    ["--model_name_or_path", str(start), *kd])
                 result = run_script(cmd, out, "minimoe")
@@ -125,7 +144,7 @@ def main() -> None:
     latency, breakdown = {}, {}
     if probe_task is not None:  # saved stage-2 sequence classifiers of seed 0
         for size in a.sizes:
-            pair = [Path(a.work_dir, probe_task, f"{kind}-{size}-seed{a.seeds[0]}") for kind in ("minimoe", "dense")]
+            pair = [Path(a.work_dir, probe_task, f"{kind}-{size}{init_suffix(a)}-seed{a.seeds[0]}") for kind in ("minimoe", "dense")]
             latency[size] = {f"batch{b}": latency_ratio(*pair, batch=b) for b in (1, 32)}
             breakdown[size] = ffn_breakdown(*pair)
             print(f"[minimoe] {size} block-0 FFN, 64 tokens (us): {breakdown[size]}", file=sys.stderr, flush=True)
@@ -137,11 +156,11 @@ def main() -> None:
     headline = {k: round(v["mean"], 4) for k, v in table.items()}
     headline.update({f"{t}/{s}/minimoe_minus_dense": round(v["mean"], 4) for k, v in gaps.items() for t, s in [k.split("/")]})
     headline.update({f"latency_ratio/{s}/{b}": round(r, 3) for s, v in latency.items() for b, r in v.items()})
-    write_result("minimoe", {
+    write_result(f"minimoe{init_suffix(a)}", {
         "headline": headline, "table": table, "minimoe_minus_dense_paired": gaps, "teachers": teachers,
         "models": models, "latency_ratio_minimoe_over_dense": latency,
         "ffn_microseconds_batch1": breakdown, "seeds": a.seeds, "metric": {t: METRICS[t] for t in a.tasks},
-        "settings": {"sizes": {s: SIZES[s] for s in a.sizes}, "experts": 4, "stage1_samples": a.stage1_samples,
+        "settings": {"sizes": {s: SIZES[s] for s in a.sizes}, "student_init": a.student_init, "experts": 4, "stage1_samples": a.stage1_samples,
                      "stage1_epochs": a.stage1_epochs, "stage1_lr": a.stage1_lr, "train_samples": a.train_samples,
                      "epochs": a.epochs, "lr": a.lr, "batch_size": 32, "alpha": 0.5, "temperature": 2},
     })
