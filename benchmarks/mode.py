@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from common import DEFAULT_DATA, REPO, mean_std, same_experiment, write_json, write_result
+from common import DEFAULT_DATA, REPO, RESULTS, mean_std, same_experiment, write_json, write_result
 from ones import bench_args
 from ones_text import accuracy as text_accuracy
 from ones_text import moe_config, sst2_data
@@ -250,6 +250,19 @@ def headline(rows: dict[str, Any], timing: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+SECTIONS = ("headline", "summary", "tables", "timing", "per_run", "args_by_task")
+
+
+def kept_tasks(a: argparse.Namespace) -> dict[str, Any]:
+    """The previous result file's tasks that this run does not redo (each with the arguments it was measured
+    with), so that tasks can be measured in separate runs without losing the others."""
+    path = RESULTS / f"mode_{a.mode}.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    if "args" in previous:  # files written before args were kept per task
+        previous["args_by_task"] = {t: previous["args"] for t in previous.get("tables", {})}
+    return {section: {t: v for t, v in previous.get(section, {}).items() if t not in a.tasks} for section in SECTIONS}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["fashion_mnist", "sst2"], choices=["fashion_mnist", "sst2"])
@@ -278,7 +291,7 @@ def main() -> None:
     work = Path(a.work_dir)
     plot_dir = Path(a.plot_dir) if a.plot_dir else None
 
-    payload: dict[str, Any] = {"headline": {}, "summary": {}, "tables": {}, "timing": {}, "per_run": {}}
+    payload = kept_tasks(a)
     for name in a.tasks:
         task = {"fashion_mnist": fashion_task, "sst2": sst2_task}[name](a)
         runs: dict[float, list[dict[str, Any]]] = {}
@@ -306,7 +319,8 @@ def main() -> None:
                                     for alpha, rs in runs.items()}
         print(f"\nMoDE ({a.mode}) on {name}, seeds {a.seeds}\n{payload['tables'][name]}\nstep time vs plain: "
               f"routed {timing['routed_vs_plain']}, all {timing['all_vs_plain']}\n", flush=True)
-    write_result(f"mode_{a.mode}", {**payload, "args": vars(a)})
+    payload["args_by_task"].update({name: vars(a) for name in a.tasks})
+    write_result(f"mode_{a.mode}", payload)
 
 
 if __name__ == "__main__":

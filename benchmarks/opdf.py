@@ -90,8 +90,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=None, help="student epochs (default: per task)")
     parser.add_argument("--lrs", nargs="+", type=float, default=[1e-4, 5e-4],
                         help="learning-rate grid; each variant is reported at its best (mean dev score)")
-    parser.add_argument("--constraint_weights", nargs="+", type=float, default=[DEFAULT_CONSTRAINT_WEIGHT],
-                        help="constraint weights (several: a sweep, one row each)")
+    parser.add_argument("--constraint_weights", nargs="*", type=float, default=[DEFAULT_CONSTRAINT_WEIGHT],
+                        help="constraint weights (several: a sweep, one row each; none: no constraint row)")
     parser.add_argument("--teacher", action="append", default=[], metavar="TASK=DIR",
                         help="reuse a fine-tuned teacher, e.g. sst2=runs/kd_quality/sst2/teacher-seed0")
     a = parser.parse_args()
