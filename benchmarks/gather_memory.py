@@ -110,8 +110,8 @@ def write_checkpoint(path: Path, seed: int = 0) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", default=str(REPO / "runs" / "gather_memory"))
-    parser.add_argument("--strategies", nargs="+", default=["svd", "svd-r256", "average"],
-                        help="`svd` is full rank (= usage-weighted average, no decomposition); `svd-r256` runs "
+    parser.add_argument("--strategies", nargs="+", default=["weighted_average", "svd-r256", "average"],
+                        help="`weighted_average` (the default, = svd at full rank, no decomposition); `svd-r256` runs "
                              "torch.svd_lowrank on every expert matrix")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint and outputs")
@@ -135,7 +135,7 @@ def main() -> None:
     layer_gib = expert_bytes / 2**30
     headline = {"layer_expert_weights_gib": layer_gib, **{f"{s}_seconds": r["seconds"] for s, r in runs.items()},
                 **{f"{s}_peak_rss_gib": r["peak_rss_gib"] for s, r in runs.items()},
-                "svd_peak_under_3x_layer": runs.get("svd", {}).get("peak_over_layer", 99) < 3}
+                "weighted_average_peak_under_3x_layer": runs.get("weighted_average", {}).get("peak_over_layer", 99) < 3}
     if "svd-r256" in runs:
         per_layer = runs["svd-r256"]["seconds"]
         headline.update({

@@ -20,7 +20,7 @@ from common import REPO, mean_std, same_experiment, write_json, write_result
 from hf_moekd.ones import OneSReport
 from hf_moekd.recipes.ones import OneSArguments, print_report, run_ones
 
-GATHERINGS = ["average", "sum", "topk", "svd", "svd-r16"]
+GATHERINGS = ["average", "sum", "top_experts", "weighted_average", "svd", "svd-r16"]
 
 
 def bench_args(a: argparse.Namespace, seed: int) -> OneSArguments:

@@ -255,7 +255,7 @@ def main() -> None:
     p.add_argument("--kd_lr", type=float, default=5e-4)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--gatherings", nargs="+", default=["average", "sum", "topk", "svd", "svd-r32", "average+align"])
+    p.add_argument("--gatherings", nargs="+", default=["average", "sum", "top_experts", "weighted_average", "svd", "svd-r32", "average+align"])
     p.add_argument("--speed_repeats", type=int, default=10)
     p.add_argument("--qwen", action="store_true", help="also one Qwen2-MoE -> Qwen2 run (first seed)")
     a = p.parse_args()

@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--hidden_size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--max_length", type=int, default=64)
-    parser.add_argument("--gatherings", nargs="+", default=["svd", "svd+align", "topk"])
+    parser.add_argument("--gatherings", nargs="+", default=["weighted_average", "weighted_average+align", "svd", "top_experts"])
     a = parser.parse_args()
     tokenizer, data, collator = sst2_data(a.data_dir, a.train_samples, a.max_length)
     config = moe_config(tokenizer, a)

@@ -5,7 +5,7 @@ Without a teacher, trains the whole comparison (dense baseline, V-MoE teacher, e
 after KD, controls) over several seeds and prints the table:
 
     python examples/run_ones.py --dataset fashion_mnist --max_train_samples 20000 --patch_size 7 \\
-        --hidden_size 64 --num_attention_heads 4 --epochs 5 --kd_epochs 2 --gatherings svd topk+align
+        --hidden_size 64 --num_attention_heads 4 --epochs 5 --kd_epochs 2 --gatherings weighted_average svd top_experts+align
 
 With a trained V-MoE (a folder with config.json + model.safetensors), gathers it by the first `--gatherings`
 variant, distils for `--kd_epochs` and saves the dense model to `--output_dir`:

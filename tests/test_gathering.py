@@ -14,6 +14,7 @@ import transformers as tf
 from safetensors.torch import load_file, save_file
 
 from hf_moekd.gathering import ExpertWeights, gather_experts, merge_experts
+from hf_moekd.gathering.strategies import default_svd_rank
 from hf_moekd.gathering import gather as gather_mod
 from hf_moekd.gathering.cli import add_gather_parser
 
@@ -89,10 +90,10 @@ def calibration(family):
 
 # --------------------------------------------------------------------------- exactness
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("strategy", ["average", "topk", "svd"])
+@pytest.mark.parametrize("strategy", ["average", "weighted_average", "top_experts"])
 def test_identical_experts_are_exact(family, strategy):
     moe = make_identical(FAMILIES[family]())
-    with pytest.warns(UserWarning) if strategy == "topk" and family != "switch" else nullcontext():
+    with pytest.warns(UserWarning) if strategy == "top_experts" and family != "switch" else nullcontext():
         dense = gather_experts(moe, strategy, calibration_dataset=calibration(family), progress=False)
     assert "Moe" not in type(dense).__name__ and "Switch" not in type(dense).__name__
     torch.testing.assert_close(logits(dense), logits(moe), atol=1e-5, rtol=0)
@@ -104,7 +105,8 @@ def test_stock_transformers_loads_outputs(tmp_path):
     for family, build in FAMILIES.items():
         moe = make_identical(build())
         out = tmp_path / family
-        gather_experts(moe, "svd", calibration_dataset=calibration(family), output_dir=out, progress=False, return_model=False)
+        gather_experts(moe, "weighted_average", calibration_dataset=calibration(family), output_dir=out, progress=False,
+                       return_model=False)
         refs[str(out)] = (moe.config.is_encoder_decoder, logits(moe))
     torch.save({"ids": IDS, "refs": refs}, tmp_path / "refs.pt")
     script = textwrap.dedent(f"""
@@ -202,11 +204,30 @@ def test_alignment_recovers_permuted_average(gated, bias):
         torch.testing.assert_close(a, b)
 
 
-def test_topk_uses_router_frequency():
+def test_top_experts_uses_router_frequency_and_topk_is_its_deprecated_name():
     ex = _experts(noise=1.0)
     usage = torch.tensor([0.1, 0.5, 0.05, 0.35])
-    out = merge_experts(ex, "topk", usage=usage, k=2)
+    out = merge_experts(ex, "top_experts", usage=usage, k=2)
     torch.testing.assert_close(out.out_proj, (0.5 * ex.out_proj[1] + 0.35 * ex.out_proj[3]) / 0.85)
+    with pytest.warns(FutureWarning, match="renamed `top_experts`"):
+        old = merge_experts(ex, "topk", usage=usage, k=2)
+    torch.testing.assert_close(old.out_proj, out.out_proj)
+
+
+def test_svd_default_truncates_each_expert_and_full_rank_is_the_weighted_average():
+    """Issue 16 item 6: `svd` at its default is not averaging for distinct experts; r = min(I, H) // E."""
+    ex = _experts(noise=1.0)  # 4 distinct experts, 24x16 matrices: default rank 16 // 4 = 4
+    usage = torch.tensor([0.1, 0.5, 0.05, 0.35])
+    assert default_svd_rank(ex) == 4
+    default = merge_experts(ex, "svd", usage=usage)
+    weighted = merge_experts(ex, "weighted_average", usage=usage)
+    torch.testing.assert_close(weighted.out_proj, sum(w * m for w, m in zip(usage, ex.out_proj)))
+    assert (default.out_proj - weighted.out_proj).norm() > 0.05 * weighted.out_proj.norm()
+    torch.testing.assert_close(default.out_proj, merge_experts(ex, "svd", usage=usage, rank=4).out_proj)
+    full = merge_experts(ex, "svd", usage=usage, rank=16)
+    for a, b in zip(full.in_proj + [full.out_proj], weighted.in_proj + [weighted.out_proj]):
+        assert torch.equal(a, b)
+    assert torch.linalg.matrix_rank(default.out_proj) <= 4 * EXPERTS
 
 
 @pytest.mark.parametrize("method", ["expert", "joint", "merged"])

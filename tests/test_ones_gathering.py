@@ -20,7 +20,7 @@ def identical_expert_vmoe():
     return vmoe
 
 
-@pytest.mark.parametrize("strategy", ["average", "topk", "svd"])
+@pytest.mark.parametrize("strategy", ["average", "top_experts", "weighted_average"])
 def test_identical_experts_gather_to_the_same_logits(strategy):
     vmoe = identical_expert_vmoe()
     ones = gather_experts(vmoe, strategy=strategy, calibration_dataset=[pixels(4, seed=1)], progress=False)
@@ -32,7 +32,7 @@ def test_identical_experts_gather_to_the_same_logits(strategy):
 def test_streamed_output_loads_with_stock_auto_class(tmp_path):
     vmoe = identical_expert_vmoe()
     vmoe.save_pretrained(tmp_path / "vmoe", max_shard_size="20KB")
-    gather_experts(str(tmp_path / "vmoe"), strategy="svd", output_dir=tmp_path / "ones", progress=False, return_model=False)
+    gather_experts(str(tmp_path / "vmoe"), strategy="weighted_average", output_dir=tmp_path / "ones", progress=False, return_model=False)
     result = fresh_process_logits(tmp_path / "ones", "AutoModelForImageClassification", {"pixel_values": pixels()}, tmp_path)
     assert result["class"] == "OneSForImageClassification"
     with torch.no_grad():

@@ -41,8 +41,9 @@ def fake_fashion(tmp_path):
 def test_parse_gathering():
     assert parse_gathering("svd") == Gathering("svd")
     assert parse_gathering("svd-r16+align") == Gathering("svd", 16, True)
-    assert parse_gathering("topk+align") == Gathering("topk", None, True)
-    for bad, message in (("svd+nope", "only suffix"), ("median", "unknown strategy"), ("topk-r4", "svd only"),
+    assert parse_gathering("top_experts+align") == Gathering("top_experts", None, True)
+    assert parse_gathering("weighted_average") == Gathering("weighted_average")
+    for bad, message in (("svd+nope", "only suffix"), ("median", "unknown strategy"), ("average-r4", "svd only"),
                          ("svd-rx", "svd only")):
         with pytest.raises(ValueError, match=message):
             parse_gathering(bad)
@@ -111,9 +112,9 @@ def test_in_memory_dataset_matches_rows():
 
 def test_run_ones_tiny_on_digits(tmp_path):
     out = tmp_path / "ones"
-    report = run_ones(OneSArguments(**TINY, gatherings=["svd", "topk+align"], output_dir=str(out)), progress=False)
+    report = run_ones(OneSArguments(**TINY, gatherings=["svd", "top_experts+align"], output_dir=str(out)), progress=False)
     expected = {"dense", "moe", "dense, +1 epochs", "svd gathered only", "svd + fine-tune, no KD", "svd + KD (OneS)",
-                "topk+align gathered only", "topk+align + KD (OneS)"}
+                "top_experts+align gathered only", "top_experts+align + KD (OneS)"}
     assert set(report.accuracy) == expected and all(len(v) == 1 and 0 <= v[0] <= 1 for v in report.accuracy.values())
     assert report.params["moe"] > report.params["dense"]
     table = report.table()
@@ -162,7 +163,7 @@ def test_example_script_runs_the_comparison(tmp_path, monkeypatch, capsys):
                       "--measure_speed", "false", "--controls", "false", "--output_dir", str(tmp_path / "o"),
                       monkeypatch=monkeypatch)
     out = capsys.readouterr().out
-    assert code == 0 and "| svd + KD (OneS) |" in out and "fine-tune, no KD" not in out
+    assert code == 0 and "| weighted_average + KD (OneS) |" in out and "fine-tune, no KD" not in out
     assert (tmp_path / "o" / "model.safetensors").is_file()
 
 

@@ -1,7 +1,7 @@
 """OneS knowledge gathering: merge a sparse MoE's experts into a dense twin model (arXiv 2201.10890).
 
 >>> from hf_moekd.gathering import gather_experts
->>> dense = gather_experts("path/to/mixtral", strategy="svd", output_dir="mistral-gathered")
+>>> dense = gather_experts("path/to/mixtral", strategy="weighted_average", output_dir="mistral-gathered")
 """
 from ..cards import CardMethod, register_card_method
 from .families import FAMILIES, MoEFamily, RoutingStats, get_family, register_family

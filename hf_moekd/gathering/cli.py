@@ -14,8 +14,9 @@ def add_gather_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("gather", help="Merge a sparse MoE's experts into a dense twin model (OneS knowledge gathering).")
     p.add_argument("teacher", metavar="TEACHER", help="MoE checkpoint directory (safetensors)")
     p.add_argument("output", metavar="OUTPUT", help="directory for the dense model (written atomically)")
-    p.add_argument("--strategy", default="svd", choices=sorted(MERGE_STRATEGIES), help="merge strategy (default: svd)")
-    p.add_argument("--rank", type=int, default=None, help="SVD-KG rank per expert (default: full rank)")
+    p.add_argument("--strategy", default="weighted_average", choices=sorted(MERGE_STRATEGIES),
+                   help="merge strategy (default: weighted_average, the usage-weighted mean of the experts)")
+    p.add_argument("--rank", type=int, default=None, help="SVD-KG rank per expert (svd only; default: min(hidden, intermediate) // experts)")
     p.add_argument("--svd_method", default=None, choices=sorted(SVD_METHODS), help="SVD-KG merge formula (default: expert)")
     p.add_argument("--top_k", type=int, default=None, help="experts kept by --strategy topk (default: the router's top-k)")
     p.add_argument("--align", action="store_true", help="align hidden units across experts before merging")

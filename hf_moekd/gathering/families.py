@@ -8,7 +8,7 @@ belong to a sparse block (``block_pattern``; every other tensor is copied, renam
 routing statistics from the router's forward output. Families are looked up with
 :func:`get_family`; add one with :func:`register_family`.
 
-Families and what is exact (identical experts gathered with average/topk/svd give the
+Families and what is exact (identical experts gathered with average/weighted_average/top_experts give the
 MoE's logits to 1e-5 wherever "exact" is said):
 
 * ``mixtral`` -> ``mistral``: exact (top-2 weights renormalised). ``head_dim`` and ``sliding_window``

@@ -7,7 +7,7 @@ written as they fill, so peak memory is about one layer's experts plus one outpu
 directories appear atomically (temporary sibling directory, then rename).
 
 Measured on one Mixtral-8x7B-shaped layer (8 experts, hidden 4096, intermediate 14336, bf16, random
-weights, 2 CPU threads; ``benchmarks/gather_memory.py``): default ``svd`` (full rank) streamed in 6.5 s
+weights, 2 CPU threads; ``benchmarks/gather_memory.py``): ``weighted_average`` (the default) streamed in 6.5 s
 with 4.08 GiB peak RSS, 1.56x the layer's 2.625 GiB of expert weights; rank 256 (``svd_lowrank`` on each
 of the 24 expert matrices) took 28.7 s and 4.76 GiB, 1.49x the bare ``svd_lowrank`` calls (19.3 s).
 """
@@ -258,7 +258,7 @@ def _fit(name: str, t: Tensor, shape: torch.Size) -> Tensor:
 
 def gather_experts(
     model_or_path: Any,
-    strategy: str = "svd",
+    strategy: str = "weighted_average",
     rank: int | None = None,
     calibration_dataset: Any = None,
     align: bool = False,
@@ -278,16 +278,17 @@ def gather_experts(
         model_or_path: a live MoE ``PreTrainedModel`` or a safetensors checkpoint directory (streamed). A peft
             ``PeftModel`` or a saved adapter folder (adapter_config.json naming its base model) is gathered with
             its adapters merged into the weights first (the given model keeps its adapters).
-        strategy: a name in :data:`MERGE_STRATEGIES` (``average``, ``sum``, ``topk``, ``svd``).
-        rank: SVD-KG rank (``svd`` only; None = full rank).
+        strategy: a name in :data:`MERGE_STRATEGIES` (``weighted_average``, ``average``, ``sum``, ``top_experts``,
+            ``svd``).
+        rank: SVD-KG rank per expert (``svd`` only; None = ``min(I, H) // E``, full rank = ``weighted_average``).
         calibration_dataset: token batches (a tensor, a list of tensors or of dicts with ``input_ids`` and
             optional ``attention_mask``/``decoder_input_ids``, or a Dataset of such rows). When given, the
-            MoE runs once on it to measure router usage (for ``topk``/``svd`` weights), the routed
+            MoE runs once on it to measure router usage (for ``weighted_average``/``top_experts``/``svd`` weights), the routed
             probability mass (rescales families whose routing weights do not sum to 1) and Qwen2-MoE's
             mean shared-expert gate. From a directory this loads the full model once.
         align: match hidden units across experts before merging.
         output_dir: write the dense model here (atomically, sharded by ``max_shard_size``).
-        strategy_kwargs: extra strategy options (e.g. ``{"k": 4}`` for topk, ``{"method": "joint"}`` for svd).
+        strategy_kwargs: extra strategy options (e.g. ``{"k": 4}`` for top_experts, ``{"method": "joint"}`` for svd).
         return_model: with ``output_dir``, load and return the written model (else return the path).
         allow_pickle: accept a folder that holds only pickle weights (``pytorch_model.bin``): the whole model is
             loaded with transformers (not streamed). Off by default: unpickling can run arbitrary code.

@@ -10,19 +10,25 @@ which can first align the experts' hidden units (``align=True``).
 Strategies (``usage`` = each expert's share of routed tokens, from calibration data):
 
 * ``average``: :math:`W = \frac1E \sum_e W_e` for every tensor.
+* ``weighted_average``: :math:`W = \sum_e w_e W_e`, usage weights :math:`w_e` (normalised; uniform without
+  usage). What ``svd`` keeping every component gives, bit for bit; the default of ``gather_experts``.
 * ``sum``: :math:`W = \sum_e W_e` (the paper's "summation"; not scale-preserving: the output of an
   FFN of E identical experts grows ~E^2 for ReLU/E^3 for SwiGLU, meant to be fixed by distillation).
-* ``topk``: the ``k`` most used experts, averaged with weights ``usage_e / sum_k usage``; without
-  usage every expert counts the same (a warning says so) and the first ``k`` are taken.
-* ``svd`` (SVD-KG): keep each expert's principal components and merge them. Per projection, with
-  usage weights :math:`w_e` (normalised; uniform without usage) and :math:`W_e = U_e S_e V_e^\top`:
+* ``top_experts``: the ``k`` most used experts, averaged with weights ``usage_e / sum_k usage``; without
+  usage every expert counts the same (a warning says so) and the first ``k`` are taken. Called ``topk``
+  before (still accepted, with a FutureWarning): it keeps whole experts, which is not known to be the
+  paper's Top-KG, whose definition (arXiv 2201.10890 v4) we could not read; Top-KG is not implemented.
+* ``svd`` (SVD-KG as described in the paper's abstract-level summaries: keep each expert's principal
+  components and merge them into one matrix; the exact formula and rank are our choice, the paper's text
+  not being available). Per projection, with :math:`W_e = U_e S_e V_e^\top`:
 
   .. math:: W = \sum_e w_e\, U_e[:, :r]\, \mathrm{diag}(S_e[:r])\, V_e[:, :r]^\top
 
-  (``method="expert"``, the default). Biases are merged by the same weighted average. The default
-  rank ``r = min(I, H)`` keeps every component, so the result is exactly the usage-weighted average
-  (identical experts are reproduced exactly); a smaller ``r`` drops each expert's weakest
-  directions before merging (the paper's denoising idea, to be judged after distillation).
+  (``method="expert"``, the default). Biases are merged by the same weighted average. The default rank
+  ``r = min(I, H) // E`` (at least 1) shares one dense matrix's rank equally among the experts: the E
+  truncated experts fit in one matrix without competing for directions, and each loses only its weakest
+  components. ``r = min(I, H)`` keeps every component and is exactly ``weighted_average``; identical
+  experts are reproduced exactly only at full rank.
   Alternatives, for comparison: ``method="joint"`` (Sub-MoE-like: a basis ``B`` shared by all
   experts, the top-r singular vectors on the smaller side of the experts stacked along the larger
   side, :math:`W = (\sum_e w_e W_e) B B^\top` or :math:`B B^\top \sum_e w_e W_e`) and
@@ -34,7 +40,7 @@ Strategies (``usage`` = each expert's share of routed tokens, from calibration d
   expert 0.934 / 0.924 / 0.913, merged 0.935 / 0.925 / 0.915, joint 0.937 / 0.928 / 0.919
   (full rank: 0.906); ``expert`` was lowest or tied (within 4e-4) at every rank and noise level
   tried, and it also has the lowest weight-space error to the weighted average. No truncation beat
-  full rank before distillation, hence the full-rank default.
+  full rank before distillation: for the best start before distillation use ``weighted_average``.
 
   ``torch.svd_lowrank`` replaces the exact SVD when ``r <= min(I, H) / 8`` (``lowrank=None``; set
   ``lowrank`` to force either), with ``q = r + lowrank_oversample`` (16) sampled directions and
@@ -62,7 +68,7 @@ from torch import Tensor
 
 __all__ = [
     "ExpertWeights", "DenseFFN", "MERGE_STRATEGIES", "register_strategy", "get_strategy",
-    "merge_experts", "align_experts", "validate_options", "SVD_METHODS", "expert_spectra",
+    "merge_experts", "align_experts", "validate_options", "SVD_METHODS", "expert_spectra", "default_svd_rank",
 ]
 
 
@@ -211,13 +217,19 @@ def summation(experts: ExpertWeights, *, usage: Tensor | None = None) -> DenseFF
     return _combine(experts, torch.ones(experts.num_experts))
 
 
-@register_strategy("topk")
-def topk(experts: ExpertWeights, *, usage: Tensor | None = None, k: int = 2) -> DenseFFN:
+@register_strategy("weighted_average")
+def weighted_average(experts: ExpertWeights, *, usage: Tensor | None = None) -> DenseFFN:
+    """Usage-weighted mean of every expert tensor (uniform without ``usage``): ``svd`` at full rank."""
+    return _combine(experts, _weights(experts, usage))
+
+
+@register_strategy("top_experts")
+def top_experts(experts: ExpertWeights, *, usage: Tensor | None = None, k: int = 2) -> DenseFFN:
     """Usage-weighted average of the ``k`` most used experts."""
     if not 1 <= k <= experts.num_experts:
-        raise ValueError(f"topk needs 1 <= k <= {experts.num_experts} (number of experts), got k={k}")
+        raise ValueError(f"top_experts needs 1 <= k <= {experts.num_experts} (number of experts), got k={k}")
     if usage is None:
-        warnings.warn("topk gathering without calibration data: every expert counts as equally used, "
+        warnings.warn("top_experts gathering without calibration data: every expert counts as equally used, "
                       "the first k are merged uniformly; pass calibration_dataset for router frequencies", stacklevel=2)
     w = _weights(experts, usage)
     idx = torch.sort(w, descending=True, stable=True).indices[:k]
@@ -225,6 +237,14 @@ def topk(experts: ExpertWeights, *, usage: Tensor | None = None, k: int = 2) -> 
     if sel.sum() <= 0:
         sel = torch.ones_like(sel)
     return _combine(experts.select(idx), sel / sel.sum())
+
+
+@register_strategy("topk")
+def topk(experts: ExpertWeights, *, usage: Tensor | None = None, k: int = 2) -> DenseFFN:
+    """Former name of :func:`top_experts` (deprecated)."""
+    warnings.warn("gathering strategy `topk` is renamed `top_experts` (it keeps the k most used whole experts; the "
+                  "paper's Top-KG is not implemented)", FutureWarning, stacklevel=2)
+    return top_experts(experts, usage=usage, k=k)
 
 
 # --------------------------------------------------------------------------- SVD-KG
@@ -285,24 +305,31 @@ SVD_METHODS: dict[str, Callable[[Tensor, Tensor, int, LowRank | None], Tensor]] 
 }
 
 
+def default_svd_rank(experts: ExpertWeights) -> int:
+    """``svd``'s rank when none is given: ``min(I, H) // E`` (at least 1), one dense matrix's rank shared by the experts."""
+    return max(1, min(experts.hidden_size, experts.intermediate_size) // experts.num_experts)
+
+
 @register_strategy("svd")
 def svd(experts: ExpertWeights, *, usage: Tensor | None = None, rank: int | None = None,
         method: str = "expert", lowrank: bool | None = None, lowrank_oversample: int = 16,
         lowrank_niter: int = 2) -> DenseFFN:
-    """SVD-KG: merge each expert's top-``rank`` singular components, usage-weighted (see module docstring).
-    ``lowrank``: randomized SVD (None: when ``rank <= min(I, H) / 8``) with ``q = rank + lowrank_oversample``
-    and ``lowrank_niter`` power iterations."""
+    """SVD-KG: merge each expert's top-``rank`` singular components, usage-weighted (see module docstring);
+    ``rank=None``: :func:`default_svd_rank`. ``lowrank``: randomized SVD (None: when ``rank <= min(I, H) / 8``)
+    with ``q = rank + lowrank_oversample`` and ``lowrank_niter`` power iterations."""
     if method not in SVD_METHODS:
         raise ValueError(f"unknown svd method {method!r}; choose one of {sorted(SVD_METHODS)}")
     w = _weights(experts, usage)
     merged = _combine(experts, w)  # full rank; biases always merged this way
     max_rank = min(experts.hidden_size, experts.intermediate_size)
-    if rank is None or rank == max_rank:
+    rank = default_svd_rank(experts) if rank is None else rank
+    if rank == max_rank:
         return merged
     shape = (experts.intermediate_size, experts.hidden_size)
     if not isinstance(rank, int) or rank < 1 or rank > max_rank:
         raise ValueError(f"svd rank {rank} is invalid for expert matrices of shape {shape[0]}x{shape[1]}: "
-                         f"use 1 <= rank <= {max_rank} (max rank), or rank=None for full rank")
+                         f"use 1 <= rank <= {max_rank} (max rank = weighted_average), or rank=None for "
+                         f"{default_svd_rank(experts)} (max rank / experts)")
     use_low = rank * 8 <= max_rank if lowrank is None else lowrank
     low = LowRank(lowrank_oversample, lowrank_niter) if use_low else None
     fn = SVD_METHODS[method]
@@ -348,7 +375,7 @@ def validate_options(strategy: str, options: dict) -> None:
         raise ValueError(f"strategy {strategy!r} does not take option(s) {bad}; it takes {sorted(accepted) or 'none'}")
 
 
-def merge_experts(experts: ExpertWeights, strategy: str = "svd", *, usage: Tensor | None = None,
+def merge_experts(experts: ExpertWeights, strategy: str = "weighted_average", *, usage: Tensor | None = None,
                   align: bool = False, **options) -> DenseFFN:
     """Merge one layer's experts with a registered strategy; ``align`` first matches hidden units across experts."""
     validate_options(strategy, options)

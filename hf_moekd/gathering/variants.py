@@ -1,4 +1,4 @@
-"""Gathering variants written `<strategy>[-r<rank>][+align]`, e.g. `svd`, `svd-r16+align`, `topk`, `average+align`."""
+"""Gathering variants written `<strategy>[-r<rank>][+align]`, e.g. `svd`, `svd-r16+align`, `top_experts`, `weighted_average+align`."""
 from __future__ import annotations
 
 from dataclasses import dataclass

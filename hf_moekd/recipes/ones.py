@@ -4,7 +4,7 @@ into a dense OneS model, distil (logits + hidden states), and compare.
 >>> from hf_moekd.recipes.ones import OneSArguments, run_ones
 >>> report = run_ones(OneSArguments())          # scikit-learn digits, 3 seeds, a few minutes on 2 CPU cores
 
-Gathering variants are written `<strategy>[-r<rank>][+align]`, e.g. `svd`, `svd-r16+align`, `topk`, `average+align`.
+Gathering variants are written `<strategy>[-r<rank>][+align]`, e.g. `weighted_average`, `svd-r16+align`, `top_experts`, `average+align`.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ class OneSArguments(ImageArguments):
     epochs: float = field(default=20, metadata={"help": "Training epochs of the dense baseline and of the V-MoE teacher."})
     kd_epochs: float = field(default=10, metadata={"help": "Distillation epochs of each gathered student."})
     hidden_loss_weight: float = field(default=0.5, metadata={"help": "Weight of the hidden-state MSE term (every block)."})
-    gatherings: list[str] = field(default_factory=lambda: ["svd"], metadata={"help": "Variants `<strategy>[-r<rank>][+align]`."})
+    gatherings: list[str] = field(default_factory=lambda: ["weighted_average"], metadata={"help": "Variants `<strategy>[-r<rank>][+align]`."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
     output_dir: str | None = field(default="outputs/ones", metadata={"help": "Where the OneS model of the first variant (last seed) is saved; None: nowhere."})
     controls: bool = field(default=True, metadata={"help": "Also train the controls: the dense baseline for kd_epochs more, and the first gathered model fine-tuned kd_epochs without KD."})
@@ -130,12 +130,12 @@ def run_ones_from_teacher(args: OneSArguments, teacher_path: str, allow_pickle: 
 
 
 def calibration_batches(train_data, n: int = 2048, batch_size: int = 256) -> list[torch.Tensor]:
-    """The first `n` training images in batches: router usage for `topk`/`svd` weights."""
+    """The first `n` training images in batches: router usage for `weighted_average`/`top_experts`/`svd` weights."""
     return [train_data[i : i + batch_size]["pixel_values"] for i in range(0, min(len(train_data), n), batch_size)]
 
 
 def gather(moe: PreTrainedModel, spec: str, calibration: list[torch.Tensor] | None) -> PreTrainedModel:
-    """The dense OneS twin of a V-MoE by the gathering variant `spec` (e.g. `svd`, `topk+align`)."""
+    """The dense OneS twin of a V-MoE by the gathering variant `spec` (e.g. `svd`, `top_experts+align`)."""
     g = parse_gathering(spec)
     return gather_experts(moe, g.strategy, rank=g.rank, calibration_dataset=calibration, align=g.align, progress=False)
 
