@@ -72,6 +72,11 @@ def init_suffix(a: argparse.Namespace) -> str:
     return "" if a.student_init == "random" else f"_{a.student_init}"
 
 
+def run_dir(a: argparse.Namespace, task: str, kind: str, size: str, lr: float, seed: int) -> Path:
+    """Folder of one stage-2 run."""
+    return Path(a.work_dir, task, f"{kind}-{size}{init_suffix(a)}-lr{lr:g}-seed{seed}")
+
+
 def stage1(size: str, kind: str, a: argparse.Namespace) -> Path:
     out = Path(a.work_dir, "stage1", f"{kind}-{size}{init_suffix(a)}")
     cmd = [
@@ -108,7 +113,8 @@ def main() -> None:
     parser.add_argument("--stage1_lr", type=float, default=5e-4)
     parser.add_argument("--train_samples", type=int, default=2000, help="stage-2 training subset per task")
     parser.add_argument("--epochs", type=float, default=2, help="stage-2 epochs")
-    parser.add_argument("--lr", type=float, default=1e-4, help="stage-2 learning rate")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4],
+                        help="stage-2 learning rates; each student is reported at its best (mean over seeds)")
     parser.add_argument("--teacher", action="append", default=[], metavar="TASK=DIR",
                         help="reuse a fine-tuned teacher, e.g. sst2=runs/opdf/sst2/teacher")
     a = parser.parse_args()
@@ -128,23 +134,27 @@ def main() -> None:
         kd = ["--teacher_model_name_or_path", str(teacher_dir), "--alpha", "0.5", "--temperature", "2",
               "--teacher_logits_cache", str(Path(a.work_dir, task, "teacher-logits"))]
         for (size, kind), start in starts.items():
-            scores = []
-            for seed in a.seeds:
-                out = Path(a.work_dir, task, f"{kind}-{size}{init_suffix(a)}-seed{seed}")
-                cmd = task_command(task, out, seed, a.data_dir, a.train_samples, a.epochs, a.lr,
-                                   ["--model_name_or_path", str(start), *kd])
-                result = run_script(cmd, out, "minimoe")
-                if result["mode"] != "distil":
-                    raise RuntimeError(f"{out} did not distil; delete it and rerun")
-                scores.append(result[metric])
-            table[f"{task}/{kind}-{size}"] = mean_std(scores)
-            print(f"[minimoe] {task} {kind}-{size}: {statistics.fmean(scores):.4f} ± {table[f'{task}/{kind}-{size}']['std']:.4f}",
+            by_lr = {}
+            for lr in a.lrs:
+                by_lr[lr] = []
+                for seed in a.seeds:
+                    out = run_dir(a, task, kind, size, lr, seed)
+                    cmd = task_command(task, out, seed, a.data_dir, a.train_samples, a.epochs, lr,
+                                       ["--model_name_or_path", str(start), *kd])
+                    result = run_script(cmd, out, "minimoe")
+                    if result["mode"] != "distil":
+                        raise RuntimeError(f"{out} did not distil; delete it and rerun")
+                    by_lr[lr].append(result[metric])
+            best = max(a.lrs, key=lambda lr: statistics.fmean(by_lr[lr]))
+            row = table[f"{task}/{kind}-{size}"] = {**mean_std(by_lr[best]), "lr": best,
+                                                    "by_lr": {f"{lr:g}": mean_std(v) for lr, v in by_lr.items()}}
+            print(f"[minimoe] {task} {kind}-{size}: {row['mean']:.4f} ± {row['std']:.4f} (lr {best:g})",
                   file=sys.stderr, flush=True)
     probe_task = next((t for t in a.tasks if t != "conll"), None)
     latency, breakdown = {}, {}
     if probe_task is not None:  # saved stage-2 sequence classifiers of seed 0
         for size in a.sizes:
-            pair = [Path(a.work_dir, probe_task, f"{kind}-{size}{init_suffix(a)}-seed{a.seeds[0]}") for kind in ("minimoe", "dense")]
+            pair = [run_dir(a, probe_task, kind, size, a.lrs[0], a.seeds[0]) for kind in ("minimoe", "dense")]
             latency[size] = {f"batch{b}": latency_ratio(*pair, batch=b) for b in (1, 32)}
             breakdown[size] = ffn_breakdown(*pair)
             print(f"[minimoe] {size} block-0 FFN, 64 tokens (us): {breakdown[size]}", file=sys.stderr, flush=True)
@@ -162,7 +172,7 @@ def main() -> None:
         "ffn_microseconds_batch1": breakdown, "seeds": a.seeds, "metric": {t: METRICS[t] for t in a.tasks},
         "settings": {"sizes": {s: SIZES[s] for s in a.sizes}, "student_init": a.student_init, "experts": 4, "stage1_samples": a.stage1_samples,
                      "stage1_epochs": a.stage1_epochs, "stage1_lr": a.stage1_lr, "train_samples": a.train_samples,
-                     "epochs": a.epochs, "lr": a.lr, "batch_size": 32, "alpha": 0.5, "temperature": 2},
+                     "epochs": a.epochs, "lrs": a.lrs, "batch_size": 32, "alpha": 0.5, "temperature": 2},
     })
 
 
