@@ -14,11 +14,12 @@ def add_gather_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("gather", help="Merge a sparse MoE's experts into a dense twin model (OneS knowledge gathering).")
     p.add_argument("teacher", metavar="TEACHER", help="MoE checkpoint directory (safetensors)")
     p.add_argument("output", metavar="OUTPUT", help="directory for the dense model (written atomically)")
-    p.add_argument("--strategy", default="weighted_average", choices=sorted(MERGE_STRATEGIES),
-                   help="merge strategy (default: weighted_average, the usage-weighted mean of the experts)")
+    p.add_argument("--strategy", default=None, choices=sorted(MERGE_STRATEGIES),
+                   help="merge strategy (default: svd when --rank is given, else weighted_average, the usage-weighted "
+                        "mean of the experts)")
     p.add_argument("--rank", type=int, default=None, help="SVD-KG rank per expert (svd only; default: min(hidden, intermediate) // experts)")
     p.add_argument("--svd_method", default=None, choices=sorted(SVD_METHODS), help="SVD-KG merge formula (default: expert)")
-    p.add_argument("--top_k", type=int, default=None, help="experts kept by --strategy topk (default: the router's top-k)")
+    p.add_argument("--top_k", type=int, default=None, help="experts kept by --strategy top_experts (default: the router's top-k)")
     p.add_argument("--align", action="store_true", help="align hidden units across experts before merging")
     p.add_argument("--calibration_data", default=None,
                    help="token batches for router statistics: a .pt file (tensor or list of tensors), a .txt/.jsonl "
@@ -66,7 +67,8 @@ def run_gather(ns: argparse.Namespace) -> None:
     calib = None if ns.calibration_data is None else load_calibration(
         ns.calibration_data, ns.teacher, ns.num_calibration_samples, ns.max_length)
     spectra = None if ns.plot_spectra is None else {}
-    out = gather_experts(ns.teacher, strategy=ns.strategy, rank=ns.rank, calibration_dataset=calib, align=ns.align,
+    strategy = ns.strategy or ("svd" if ns.rank is not None else "weighted_average")
+    out = gather_experts(ns.teacher, strategy=strategy, rank=ns.rank, calibration_dataset=calib, align=ns.align,
                          output_dir=ns.output, strategy_kwargs=kwargs, max_shard_size=ns.max_shard_size,
                          overwrite=ns.overwrite, return_model=False, allow_pickle=ns.allow_pickle, spectra=spectra)
     print(f"dense model written to {out}")
