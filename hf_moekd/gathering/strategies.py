@@ -320,7 +320,7 @@ def svd(experts: ExpertWeights, *, usage: Tensor | None = None, rank: int | None
     if method not in SVD_METHODS:
         raise ValueError(f"unknown svd method {method!r}; choose one of {sorted(SVD_METHODS)}")
     w = _weights(experts, usage)
-    merged = _combine(experts, w)  # full rank; biases always merged this way
+    merged = weighted_average(experts, usage=usage)  # full rank; biases always merged this way
     max_rank = min(experts.hidden_size, experts.intermediate_size)
     rank = default_svd_rank(experts) if rank is None else rank
     if rank == max_rank:
