@@ -54,6 +54,12 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def previous_result(name: str) -> dict[str, Any]:
+    """The content of `benchmarks/results/<name>.json`, or {} when there is none yet."""
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def write_result(name: str, payload: dict[str, Any]) -> Path:
     """Write `benchmarks/results/<name>.json` and print the headline as the last output line."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from common import DEFAULT_DATA, REPO, RESULTS, mean_std, same_experiment, write_json, write_result
+from common import DEFAULT_DATA, REPO, mean_std, previous_result, same_experiment, write_json, write_result
 from ones import bench_args
 from ones_text import accuracy as text_accuracy
 from ones_text import moe_config, sst2_data
@@ -256,8 +256,7 @@ SECTIONS = ("headline", "summary", "tables", "timing", "per_run", "args_by_task"
 def kept_tasks(a: argparse.Namespace) -> dict[str, Any]:
     """The previous result file's tasks that this run does not redo (each with the arguments it was measured
     with), so that tasks can be measured in separate runs without losing the others."""
-    path = RESULTS / f"mode_{a.mode}.json"
-    previous = json.loads(path.read_text()) if path.exists() else {}
+    previous = previous_result(f"mode_{a.mode}")
     if "args" in previous:  # files written before args were kept per task
         previous["args_by_task"] = {t: previous["args"] for t in previous.get("tables", {})}
     return {section: {t: v for t, v in previous.get(section, {}).items() if t not in a.tasks} for section in SECTIONS}

@@ -28,8 +28,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from common import (DEFAULT_DATA, REPO, RESULTS, TEACHER_SAMPLES, interleaved_medians, latency_ratio, mean_std,
-                    run_script, task_command, teacher, write_result)
+from common import (DEFAULT_DATA, REPO, TEACHER_SAMPLES, interleaved_medians, latency_ratio, mean_std,
+                    previous_result, run_script, task_command, teacher, write_result)
 
 TASKS = {  # metric, student training subset and epochs (MRPC/RTE: the whole train split)
     "sst2": ("eval_accuracy", 2000, 1), "mrpc": ("eval_f1", 3668, 1), "rte": ("eval_accuracy", 2490, 1),
@@ -118,8 +118,7 @@ def task_settings(task: str, a: argparse.Namespace) -> dict:
 def kept_tasks(a: argparse.Namespace) -> dict:
     """Tasks of the previous result file that this run does not redo, so that tasks can be measured in separate
     runs (each keeps its own settings and command)."""
-    path = RESULTS / "opdf.json"
-    previous = json.loads(path.read_text()).get("tasks", {}) if path.exists() else {}
+    previous = previous_result("opdf").get("tasks", {})
     return {t: r for t, r in previous.items() if t not in a.tasks and t in TASKS}
 
 
