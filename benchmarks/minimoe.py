@@ -3,8 +3,9 @@
 
 Teacher per task: all-MiniLM-L6-v2 fine-tuned (benchmarks/common.py's recipe). Students, randomly initialised as in
 the official code (`--student_init teacher_layers`: from all-MiniLM-L6-v2's blocks 0,2,4 instead, written to
-results/minimoe_teacher_layers.json, for budgets where random students do not learn): dense BERT (3L-384H and 4L-192H by default) and its MiniMoE twin (`--moe_experts 4`: four top-1 FFN experts, each
-the size of the dense FFN, so the same FLOPs per token plus a router). For every student:
+results/minimoe_teacher_layers.json, for budgets where random students do not learn): dense BERT (3L-384H and
+4L-192H by default) and its MiniMoE twin (`--moe_experts 4`: four top-1 FFN experts, each the size of the dense
+FFN, so the same FLOPs per token plus a router). For every student:
 stage 1 (task-agnostic, examples/run_task_agnostic.py): MiniLMv2 Q-Q/K-K/V-V relations of the teacher's last layer
 on a fixed subset of the unlabelled corpus (GLUE + CoNLL train sentences), seed 0; stage 2 (task-specific,
 examples/run_glue.py / run_conll.py): (CE + T^2 soft CE)/2 with T = 2 from the task's teacher (logits cached once
