@@ -11,7 +11,7 @@ import threading
 import time
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from transformers import TrainerCallback as TrainerCallbackBase
 
@@ -58,6 +58,13 @@ def previous_result(name: str) -> dict[str, Any]:
     """The content of `benchmarks/results/<name>.json`, or {} when there is none yet."""
     path = RESULTS / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def kept_tasks(previous: dict[str, Any], sections: Iterable[str], redo: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The entries of `previous`'s task-keyed `sections` (keys "<task>" or "<task>/...") whose task is not in
+    `redo`: tasks measured in separate runs, each with its own settings, share one result file."""
+    redo = set(redo)
+    return {s: {k: v for k, v in previous.get(s, {}).items() if k.split("/")[0] not in redo} for s in sections}
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:

@@ -13,6 +13,7 @@ per task), three seeds. Reports dev scores (CoNLL: test entity F1), parameters, 
 ratio MiniMoE / dense at batch 1 and 32 (interleaved, median). Every run is cached in --work_dir (resumable).
 
     python benchmarks/minimoe.py --data_dir ../shared/data
+    python benchmarks/minimoe.py --tasks stsb --train_samples 5749   # one task; the others are kept from the result file
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ from pathlib import Path
 from transformers import AutoConfig
 
 import hf_moekd  # noqa: F401  (registers MiniMoE with the Auto classes)
-from common import (DEFAULT_DATA, REPO, interleaved_medians, latency_ratio, mean_std, run_script, task_command, teacher,
-                    write_result)
+from common import (DEFAULT_DATA, REPO, interleaved_medians, kept_tasks, latency_ratio, mean_std, previous_result,
+                    run_script, task_command, teacher, write_result)
 
 METRICS = {"sst2": "eval_accuracy", "mrpc": "eval_f1", "rte": "eval_accuracy", "cola": "eval_matthews_correlation",
            "stsb": "eval_pearson", "conll": "test_f1"}
@@ -164,18 +165,40 @@ def main() -> None:
         for size in a.sizes:
             moe, dense = table[f"{task}/minimoe-{size}"]["values"], table[f"{task}/dense-{size}"]["values"]
             gaps[f"{task}/{size}"] = mean_std([m - d for m, d in zip(moe, dense)])
-    headline = {k: round(v["mean"], 4) for k, v in table.items()}
-    headline.update({f"{t}/{s}/minimoe_minus_dense": round(v["mean"], 4) for k, v in gaps.items() for t, s in [k.split("/")]})
-    headline.update({f"latency_ratio/{s}/{b}": round(r, 3) for s, v in latency.items() for b, r in v.items()})
-    write_result(f"minimoe{init_suffix(a)}", {
-        "headline": headline, "table": table, "minimoe_minus_dense_paired": gaps, "teachers": teachers,
-        "models": models, "latency_ratio_minimoe_over_dense": latency,
-        "ffn_microseconds_batch1": breakdown, "seeds": a.seeds, "metric": {t: METRICS[t] for t in a.tasks},
-        "settings": {"sizes": {s: SIZES[s] for s in a.sizes}, "student_init": a.student_init, "experts": 4, "stage1_samples": a.stage1_samples,
-                     "stage1_epochs": a.stage1_epochs, "stage1_lr": a.stage1_lr, "train_samples": a.train_samples,
-                     "epochs": a.epochs, "lrs": a.lrs, "batch_size": 32, "alpha": 0.5, "temperature": 2},
-    })
+    settings = {"sizes": {s: SIZES[s] for s in a.sizes}, "student_init": a.student_init, "experts": 4,
+                "stage1_samples": a.stage1_samples, "stage1_epochs": a.stage1_epochs, "stage1_lr": a.stage1_lr,
+                "train_samples": a.train_samples, "epochs": a.epochs, "lrs": a.lrs, "seeds": a.seeds, "batch_size": 32,
+                "alpha": 0.5, "temperature": 2}
+    payload = previous_tasks(f"minimoe{init_suffix(a)}", a.tasks)
+    for section, values in (("table", table), ("minimoe_minus_dense_paired", gaps), ("teachers", teachers),
+                            ("metric", {t: METRICS[t] for t in a.tasks}),
+                            ("settings_by_task", {t: settings for t in a.tasks}),
+                            ("command_by_task", {t: " ".join([Path(sys.executable).name, *sys.argv]) for t in a.tasks})):
+        payload[section].update(values)
+    if latency:  # else the previous file's latency is kept
+        payload["latency_ratio_minimoe_over_dense"], payload["ffn_microseconds_batch1"] = latency, breakdown
+    headline = {k: round(v["mean"], 4) for k, v in payload["table"].items()}
+    headline.update({f"{k}/minimoe_minus_dense": round(v["mean"], 4)
+                     for k, v in payload["minimoe_minus_dense_paired"].items()})
+    headline.update({f"latency_ratio/{s}/{b}": round(r, 3)
+                     for s, v in payload.get("latency_ratio_minimoe_over_dense", {}).items() for b, r in v.items()})
+    write_result(f"minimoe{init_suffix(a)}", {"headline": headline, **payload, "models": models})
 
+
+TASK_SECTIONS = ("table", "minimoe_minus_dense_paired", "teachers", "metric", "settings_by_task", "command_by_task")
+
+
+def previous_tasks(name: str, redo: list[str]) -> dict:
+    """The previous result file's tasks that this run does not redo (each with its settings and command), and its
+    latency measurements."""
+    previous = previous_result(name)
+    if "settings" in previous:  # files written before settings were kept per task
+        previous["settings_by_task"] = {t: {**previous["settings"], "seeds": previous["seeds"]}
+                                        for t in previous.get("metric", {})}
+        previous["command_by_task"] = {t: previous["command"] for t in previous.get("metric", {})}
+    kept = kept_tasks(previous, TASK_SECTIONS, redo)
+    kept.update({k: previous[k] for k in ("latency_ratio_minimoe_over_dense", "ffn_microseconds_batch1") if k in previous})
+    return kept
 
 if __name__ == "__main__":
     main()

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from common import DEFAULT_DATA, REPO, mean_std, previous_result, same_experiment, write_json, write_result
+from common import (DEFAULT_DATA, REPO, kept_tasks, mean_std, previous_result, same_experiment, write_json,
+                    write_result)
 from ones import bench_args
 from ones_text import accuracy as text_accuracy
 from ones_text import moe_config, sst2_data
@@ -253,13 +254,12 @@ def headline(rows: dict[str, Any], timing: dict[str, Any]) -> dict[str, Any]:
 SECTIONS = ("headline", "summary", "tables", "timing", "per_run", "args_by_task")
 
 
-def kept_tasks(a: argparse.Namespace) -> dict[str, Any]:
-    """The previous result file's tasks that this run does not redo (each with the arguments it was measured
-    with), so that tasks can be measured in separate runs without losing the others."""
+def previous_tasks(a: argparse.Namespace) -> dict[str, Any]:
+    """The previous result file's tasks that this run does not redo, each with the arguments it was measured with."""
     previous = previous_result(f"mode_{a.mode}")
     if "args" in previous:  # files written before args were kept per task
         previous["args_by_task"] = {t: previous["args"] for t in previous.get("tables", {})}
-    return {section: {t: v for t, v in previous.get(section, {}).items() if t not in a.tasks} for section in SECTIONS}
+    return kept_tasks(previous, SECTIONS, a.tasks)
 
 
 def main() -> None:
@@ -290,7 +290,7 @@ def main() -> None:
     work = Path(a.work_dir)
     plot_dir = Path(a.plot_dir) if a.plot_dir else None
 
-    payload = kept_tasks(a)
+    payload = previous_tasks(a)
     for name in a.tasks:
         task = {"fashion_mnist": fashion_task, "sst2": sst2_task}[name](a)
         runs: dict[float, list[dict[str, Any]]] = {}

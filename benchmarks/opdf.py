@@ -28,7 +28,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from common import (DEFAULT_DATA, REPO, TEACHER_SAMPLES, interleaved_medians, latency_ratio, mean_std,
+from common import (DEFAULT_DATA, REPO, TEACHER_SAMPLES, interleaved_medians, kept_tasks, latency_ratio, mean_std,
                     previous_result, run_script, task_command, teacher, write_result)
 
 TASKS = {  # metric, student training subset and epochs (MRPC/RTE: the whole train split)
@@ -96,7 +96,7 @@ def main() -> None:
                         help="reuse a fine-tuned teacher, e.g. sst2=runs/kd_quality/sst2/teacher-seed0")
     a = parser.parse_args()
     given = dict(t.split("=", 1) for t in a.teacher)
-    tasks = kept_tasks(a)
+    tasks = previous_tasks(a)
     for task in a.tasks:
         tasks[task] = run_task(task, a, given)
     headline = {}
@@ -115,11 +115,10 @@ def task_settings(task: str, a: argparse.Namespace) -> dict:
             "constraint_weights": a.constraint_weights}
 
 
-def kept_tasks(a: argparse.Namespace) -> dict:
-    """Tasks of the previous result file that this run does not redo, so that tasks can be measured in separate
-    runs (each keeps its own settings and command)."""
-    previous = previous_result("opdf").get("tasks", {})
-    return {t: r for t, r in previous.items() if t not in a.tasks and t in TASKS}
+def previous_tasks(a: argparse.Namespace) -> dict:
+    """Tasks of the previous result file that this run does not redo (each keeps its own settings and command)."""
+    kept = kept_tasks(previous_result("opdf"), ["tasks"], a.tasks)["tasks"]
+    return {t: r for t, r in kept.items() if t in TASKS}
 
 
 def run_task(task: str, a: argparse.Namespace, given: dict[str, str]) -> dict:
