@@ -13,7 +13,7 @@ per task), three seeds. Reports dev scores (CoNLL: test entity F1), parameters, 
 ratio MiniMoE / dense at batch 1 and 32 (interleaved, median). Every run is cached in --work_dir (resumable).
 
     python benchmarks/minimoe.py --data_dir ../shared/data
-    python benchmarks/minimoe.py --tasks stsb --train_samples 5749   # one task; the others are kept from the result file
+    python benchmarks/minimoe.py --tasks stsb --train_samples 5749 --epochs 3   # one task; the others are kept
 """
 from __future__ import annotations
 
