@@ -200,5 +200,6 @@ def previous_tasks(name: str, redo: list[str]) -> dict:
     kept.update({k: previous[k] for k in ("latency_ratio_minimoe_over_dense", "ffn_microseconds_batch1") if k in previous})
     return kept
 
+
 if __name__ == "__main__":
     main()
