@@ -284,8 +284,8 @@ def gather_experts(
         calibration_dataset: token batches (a tensor, a list of tensors or of dicts with ``input_ids`` and
             optional ``attention_mask``/``decoder_input_ids``, or a Dataset of such rows). When given, the
             MoE runs once on it to measure router usage (for ``weighted_average``/``top_experts``/``svd``
-            weights), the routed probability mass (rescales families whose routing weights do not sum to 1) and Qwen2-MoE's
-            mean shared-expert gate. From a directory this loads the full model once.
+            weights), the routed probability mass (rescales families whose routing weights do not sum to 1)
+            and Qwen2-MoE's mean shared-expert gate. From a directory this loads the full model once.
         align: match hidden units across experts before merging.
         output_dir: write the dense model here (atomically, sharded by ``max_shard_size``).
         strategy_kwargs: extra strategy options (e.g. ``{"k": 4}`` for top_experts, ``{"method": "joint"}`` for svd).
