@@ -135,7 +135,7 @@ def latency_ratio(model_dir: Path, reference_dir: Path, batch: int = 32, seq_len
     `reference_dir`, measured interleaved after 3 warm-up rounds."""
     import torch
 
-    from hf_moekd.recipes.text import get_task
+    from hf_moekd.recipes.tasks import get_task
 
     model, reference = (get_task(task).auto_class.from_pretrained(d).eval() for d in (model_dir, reference_dir))
     inputs = {"input_ids": torch.randint(1000, 2000, (batch, seq_len)),

@@ -27,7 +27,7 @@ HIDDEN, INTERMEDIATE, EXPERTS = 4096, 14336, 8
 CHILD = r"""
 import json, resource, sys, time
 import torch
-from hf_moekd.gathering import gather_experts
+from hf_moekd.ones import gather_experts
 torch.set_num_threads(int(sys.argv[4]))
 strategy, _, rank = sys.argv[2].partition("-r")
 start = time.perf_counter()

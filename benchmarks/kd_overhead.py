@@ -38,10 +38,10 @@ from transformers import (  # noqa: E402
     default_data_collator,
 )
 
-from hf_moekd.data import load_glue  # noqa: E402
+from hf_moekd.data.text import load_glue  # noqa: E402
 from hf_moekd.distillation import DistillationArguments, DistillationTrainer, precompute_teacher_logits  # noqa: E402
-from hf_moekd.modeling.students import student_from_teacher_layers  # noqa: E402
-from hf_moekd.teachers import minilm_path  # noqa: E402
+from hf_moekd.model_utils.students import student_from_teacher_layers  # noqa: E402
+from hf_moekd.utils.teachers import minilm_path  # noqa: E402
 
 
 def teacher_loop(teacher, dataset, batch_size: int, steps: int) -> Callable[[LockstepClock], None]:

@@ -17,7 +17,7 @@ import time
 
 from common import REPO, write_result
 
-from hf_moekd.recipes.m2mkd import M2MArguments, run_m2mkd
+from hf_moekd.studies.m2mkd import M2MArguments, run_m2mkd
 from hf_moekd.m2mkd.report import M2MReport, print_report
 
 

@@ -28,7 +28,7 @@ from common import RESULTS, environment, interleaved_medians, write_json
 from transformers import AutoConfig, BertForSequenceClassification
 
 from hf_moekd.models.minimoe import minimoe_from_dense
-from hf_moekd.teachers import minilm_path
+from hf_moekd.utils.teachers import minilm_path
 
 VARIANTS = ("eager", "batched_mm", "grouped_mm", "compiled")
 

@@ -45,11 +45,11 @@ from hf_moekd.analysis import (
     plot_probe,
     probe_experts,
 )
-from hf_moekd.images import IMAGE_LABELS, InMemoryDataset
+from hf_moekd.data.images import IMAGE_LABELS, InMemoryDataset
 from hf_moekd.mode import mode_loss_per_example, patch_experts
 from hf_moekd.models.vmoe import VMoEForImageClassification
-from hf_moekd.recipes.ones import OneSArguments
-from hf_moekd.recipes.vision import accuracy, load_data, model_configs, train
+from hf_moekd.studies.ones import OneSArguments
+from hf_moekd.studies.vision import accuracy, load_data, model_configs, train
 
 ALPHAS = [0.0, 0.001, 0.003, 0.01, 0.1, 1.0]
 TERMS = {"routed": "mode", "all": "mode"}  # the registered DistillationTrainer loss term; variant as its option

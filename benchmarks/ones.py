@@ -18,7 +18,7 @@ from pathlib import Path
 from common import REPO, mean_std, same_experiment, write_json, write_result
 
 from hf_moekd.ones import OneSReport
-from hf_moekd.recipes.ones import OneSArguments, print_report, run_ones
+from hf_moekd.studies.ones import OneSArguments, print_report, run_ones
 
 GATHERINGS = ["average", "sum", "top_experts", "weighted_average", "svd", "svd-r16"]
 

@@ -2,7 +2,7 @@
 """OneS for language models: a Mixtral-style MoE LM trained here from scratch, gathered into a stock Mistral with every
 strategy, then distilled with the MoE as teacher (token-level forward KL, `DistillationTrainer`, `--task clm` path).
 
-Data: the 109,333-sentence corpus (`hf_moekd.data.load_text_corpus`: GLUE + CoNLL-2003 training sentences), split
+Data: the 109,333-sentence corpus (`hf_moekd.data.text.load_text_corpus`: GLUE + CoNLL-2003 training sentences), split
 into held-out sentences (`--heldout`, fixed shuffle) and training sentences; a byte-level BPE tokenizer (`--vocab`)
 trained on the training sentences; texts joined with </s> and cut into blocks of `--block_size` tokens (run_clm.py).
 
@@ -49,8 +49,8 @@ from transformers import (
 from transformers.trainer_callback import PrinterCallback
 
 from hf_moekd import DistillationArguments, DistillationTrainer, gather_experts
-from hf_moekd.data import load_text_corpus
-from hf_moekd.gathering import parse_gathering
+from hf_moekd.data.text import load_text_corpus
+from hf_moekd.ones import parse_gathering
 
 
 class Blocks(torch.utils.data.Dataset):

@@ -28,13 +28,13 @@ from transformers import (
     set_seed,
 )
 
-from hf_moekd.data import load_glue
-from hf_moekd.gathering import gather_experts, get_family
-from hf_moekd.gathering import parse_gathering
+from hf_moekd.data.text import load_glue
+from hf_moekd.ones import gather_experts, get_family
+from hf_moekd.ones import parse_gathering
 from hf_moekd.ones import OneSReport
-from hf_moekd.recipes.ones import OneSArguments, print_report
-from hf_moekd.recipes.vision import train
-from hf_moekd.teachers import minilm_path
+from hf_moekd.studies.ones import OneSArguments, print_report
+from hf_moekd.studies.vision import train
+from hf_moekd.utils.teachers import minilm_path
 
 
 def moe_config(tokenizer, a: argparse.Namespace) -> MixtralConfig:

@@ -58,8 +58,8 @@ def kd_step_time_ratio(teacher_dir: Path, task: str, repeats: int = 20) -> float
     import torch.nn.functional as F
 
     from hf_moekd.opdf import overparameterize
-    from hf_moekd.modeling.students import student_from_teacher_layers
-    from hf_moekd.recipes.text import get_task
+    from hf_moekd.model_utils.students import student_from_teacher_layers
+    from hf_moekd.recipes.tasks import get_task
 
     teacher = get_task(task).auto_class.from_pretrained(teacher_dir).eval()
     plain = student_from_teacher_layers(teacher, [0, 2, 4]).train()

@@ -28,10 +28,10 @@ import torch  # noqa: E402
 from common import DEFAULT_DATA, LockstepClock, lockstep, write_result  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding  # noqa: E402
 
-from hf_moekd.data import load_glue  # noqa: E402
+from hf_moekd.data.text import load_glue  # noqa: E402
 from hf_moekd.distillation import DistillationArguments, DistillationTrainer  # noqa: E402
-from hf_moekd.modeling.students import student_from_teacher_layers  # noqa: E402
-from hf_moekd.teachers import minilm_path  # noqa: E402
+from hf_moekd.model_utils.students import student_from_teacher_layers  # noqa: E402
+from hf_moekd.utils.teachers import minilm_path  # noqa: E402
 
 
 def main() -> None:

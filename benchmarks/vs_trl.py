@@ -2,7 +2,7 @@
 """Our `DistillationTrainer` against trl's GKD trainer on the same supervised KD work (trl in the `bench` extra only).
 
 Teacher: a Mixtral-style MoE LM (8 experts, top-2, pre-trained `--teacher_steps` steps here); student: its gathered dense Mistral (`average`);
-data: the 109k-sentence corpus (`hf_moekd.data.load_text_corpus`), byte-level BPE (8k), blocks of `--block_size`
+data: the 109k-sentence corpus (`hf_moekd.data.text.load_text_corpus`), byte-level BPE (8k), blocks of `--block_size`
 tokens, each row's tail padded (attention mask 0, label -100) to a random length so that token counts differ per row.
 Both trainers: forward KL, temperature 1, AdamW, same learning rate, batch, steps and row order; trl's GKDTrainer with
 lmbda 0 (no on-policy generation), beta 0 (forward KL), seq_kd off, no gradient checkpointing, fp32; ours with

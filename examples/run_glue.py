@@ -19,7 +19,8 @@ from transformers import HfArgumentParser
 
 from hf_moekd.distillation import DistillationArguments
 from hf_moekd.recipes import ModelArguments, run
-from hf_moekd.recipes.text import GlueDataArguments, ReportArguments, run_task
+from hf_moekd.recipes.arguments import GlueDataArguments, ReportArguments
+from hf_moekd.recipes.text import run_task
 
 
 def main() -> None:

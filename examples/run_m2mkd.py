@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from transformers import HfArgumentParser
 
-from hf_moekd.recipes.m2mkd import M2MArguments, run_m2mkd
+from hf_moekd.studies.m2mkd import M2MArguments, run_m2mkd
 from hf_moekd.m2mkd.report import print_report
 from hf_moekd.recipes import run
 

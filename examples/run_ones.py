@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from hf_moekd.recipes.ones import OneSArguments, print_report, run_ones, run_ones_from_teacher
+from hf_moekd.studies.ones import OneSArguments, print_report, run_ones, run_ones_from_teacher
 from hf_moekd.recipes import run
 
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 from transformers import AutoModel, DataCollatorWithPadding, HfArgumentParser, set_seed
 
-from hf_moekd.data import CORPUS_SOURCES, load_text_corpus, training_subset
+from hf_moekd.data.text import CORPUS_SOURCES, load_text_corpus, training_subset
 from hf_moekd.distillation import DistillationArguments, DistillationTrainer
-from hf_moekd.modeling import count_parameters
+from hf_moekd.model_utils import count_parameters
 from hf_moekd.recipes import (
     ModelArguments,
     build_model,
@@ -34,7 +34,7 @@ from hf_moekd.recipes import (
     run,
     save_run,
 )
-from hf_moekd.teachers import MINILM
+from hf_moekd.utils.teachers import MINILM
 
 
 @dataclass

@@ -27,14 +27,14 @@ __version__ = "0.1.0"
 _LAZY = {
     **dict.fromkeys(["DistillationArguments", "DistillationTrainer", "LossTerm", "precompute_teacher_logits",
                      "register_loss", "training_facts"], "hf_moekd.distillation"),
-    **dict.fromkeys(["gather_experts", "merge_experts", "register_family", "register_strategy"], "hf_moekd.gathering"),
+    **dict.fromkeys(["gather_experts", "merge_experts", "register_family", "register_strategy"], "hf_moekd.ones"),
     **dict.fromkeys(["MoDEConfig", "MoDETrainer", "MoDETrainerMixin"], "hf_moekd.mode"),
     **dict.fromkeys(["MPOConstraintLoss", "contract", "mpo_contract", "mpo_decompose", "overparameterize"],
                     "hf_moekd.opdf"),
     **dict.fromkeys(["probe_experts", "routing_counts"], "hf_moekd.analysis"),
     **dict.fromkeys(["CardMethod", "register_card_method", "write_model_card"], "hf_moekd.cards"),
-    **dict.fromkeys(["OneSArguments", "run_ones"], "hf_moekd.recipes.ones"),
-    **dict.fromkeys(["M2MArguments", "run_m2mkd"], "hf_moekd.recipes.m2mkd"),
+    **dict.fromkeys(["OneSArguments", "run_ones"], "hf_moekd.studies.ones"),
+    **dict.fromkeys(["M2MArguments", "run_m2mkd"], "hf_moekd.studies.m2mkd"),
     **dict.fromkeys(["ModelArguments"], "hf_moekd.recipes"),
 }
 __all__ = [

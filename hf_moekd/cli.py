@@ -11,7 +11,7 @@ from .recipes import run
 
 
 def _demo(ns: argparse.Namespace) -> None:
-    from .recipes.demo import run_demo
+    from .studies.demo import run_demo
 
     run_demo(output_dir=ns.output_dir, seeds=tuple(ns.seeds), epochs=ns.epochs, kd_epochs=ns.kd_epochs)
 
@@ -19,7 +19,7 @@ def _demo(ns: argparse.Namespace) -> None:
 def _distill_arguments() -> tuple[type, ...]:
     from .distillation import DistillationArguments
     from .recipes import ModelArguments
-    from .recipes.text import DataArguments, ReportArguments, TaskArguments
+    from .recipes.arguments import DataArguments, ReportArguments, TaskArguments
 
     return TaskArguments, ModelArguments, DataArguments, ReportArguments, DistillationArguments
 
@@ -52,7 +52,7 @@ def _distill(ns: argparse.Namespace) -> None:
 
 def add_evaluate_parser(sub: Any) -> argparse.ArgumentParser:
     """`hf-moekd evaluate MODEL_DIR --task TASK`: metrics of a saved model with the local metrics."""
-    from .recipes.text import TASK_NAMES
+    from .recipes.arguments import TASK_NAMES
 
     p = sub.add_parser(
         "evaluate", help="Evaluate a saved model folder on a GLUE dev set, CoNLL-2003 test or held-out text (clm: "
@@ -93,9 +93,11 @@ def add_evaluate_parser(sub: Any) -> argparse.ArgumentParser:
 
 def _evaluate(ns: argparse.Namespace) -> None:
     from .analysis import has_experts, plot_routing, routing_counts
-    from .modeling import count_parameters
-    from .recipes.text import DataArguments, evaluate_model, get_task, load_for_task, metric_items
-    from .utils import markdown_table
+    from .model_utils import count_parameters
+    from .recipes.arguments import DataArguments
+    from .recipes.tasks import get_task
+    from .recipes.text import evaluate_model, load_for_task, metric_items
+    from .utils.outputs import markdown_table
 
     start = time.perf_counter()
     task = get_task(ns.task)
@@ -138,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--kd_epochs", type=float, default=10, help="distillation epochs of the gathered model")
     demo.set_defaults(func=_demo)
     from .cards.cli import add_card_parser
-    from .gathering.cli import add_gather_parser
+    from .ones.cli import add_gather_parser
 
     add_distill_parser(sub)
     add_evaluate_parser(sub)

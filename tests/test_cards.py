@@ -14,7 +14,7 @@ from tiny import tiny_bert, tiny_dataset
 
 from hf_moekd.cards import CARD_KEY, card_methods, run_facts, templates_dir, write_model_card
 from hf_moekd.cli import main
-from hf_moekd.teachers import MINILM_HUB_ID
+from hf_moekd.utils.teachers import MINILM_HUB_ID
 from test_examples import FAST, run_script
 
 
@@ -195,7 +195,7 @@ def test_push_to_hub_uploads_our_card_and_the_student_only(tmp_path, monkeypatch
 def test_example_script_writes_card_that_the_cli_reproduces(data_dir, tmp_path, monkeypatch, capsys):
     from transformers import AutoModelForSequenceClassification
 
-    from hf_moekd.teachers import minilm_path
+    from hf_moekd.utils.teachers import minilm_path
 
     out, teacher = tmp_path / "student", tmp_path / "teacher"
     AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2).save_pretrained(teacher)
@@ -220,7 +220,7 @@ def test_gathered_model_has_a_card(tmp_path):
     tf.MixtralForCausalLM(tf.MixtralConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                            num_key_value_heads=2, intermediate_size=16, num_local_experts=4,
                                            max_position_embeddings=64)).save_pretrained(snapshot)
-    from hf_moekd.gathering import gather_experts
+    from hf_moekd.ones import gather_experts
 
     out = gather_experts(snapshot, "svd", rank=4, output_dir=tmp_path / "dense", return_model=False, progress=False)
     meta = front_matter(out)
@@ -232,8 +232,8 @@ def test_gathered_model_has_a_card(tmp_path):
 
 def test_ones_save_writes_card_with_the_comparison(tmp_path):
     from hf_moekd.models.ones import OneSConfig, OneSForImageClassification
-    from hf_moekd.recipes.ones import OneSArguments, card_facts
-    from hf_moekd.recipes.vision import save_and_check
+    from hf_moekd.studies.ones import OneSArguments, card_facts
+    from hf_moekd.studies.vision import save_and_check
 
     args = OneSArguments(hidden_size=16, intermediate_size=16, num_attention_heads=2, seeds=[0])
     model = OneSForImageClassification(OneSConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=16,

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
 
 from hf_moekd.cli import main
-from hf_moekd.teachers import minilm_path
+from hf_moekd.utils.teachers import minilm_path
 
 FAST = ["--max_train_samples", "16", "--max_eval_samples", "16", "--max_steps", "2", "--per_device_train_batch_size", "8",
         "--max_seq_length", "32", "--save_strategy", "no", "--logging_steps", "1"]
@@ -122,7 +122,7 @@ def test_evaluate_matches_the_final_evaluation(distilled, data_dir, tmp_path, ca
 def test_gather_plots_singular_values(tmp_path, capsys):
     import transformers as tf
 
-    from hf_moekd.gathering import gather_experts
+    from hf_moekd.ones import gather_experts
 
     torch.manual_seed(0)
     moe = tf.MixtralForCausalLM(tf.MixtralConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -1,4 +1,4 @@
-"""hf_moekd.data on the real GLUE / CoNLL-2003 files and on small malformed ones."""
+"""hf_moekd.data.text on the real GLUE / CoNLL-2003 files and on small malformed ones."""
 
 import re
 from collections import Counter
@@ -8,7 +8,7 @@ import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Value
 
 from hf_moekd import data
-from hf_moekd.data import CONLL_LABELS, get_glue_task, glue_label_names, load_conll, load_glue
+from hf_moekd.data.text import CONLL_LABELS, get_glue_task, glue_label_names, load_conll, load_glue
 
 # Label counts (by class name) per split, from the data README.
 GLUE_COUNTS = {

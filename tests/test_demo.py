@@ -8,8 +8,8 @@ import pytest
 from transformers import AutoModelForImageClassification
 
 from hf_moekd.cli import build_parser, main
-from hf_moekd.recipes.demo import run_demo
-from hf_moekd.images import load_digits_splits
+from hf_moekd.studies.demo import run_demo
+from hf_moekd.data.images import load_digits_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer, BertConfig
 
-from hf_moekd.teachers import minilm_path
+from hf_moekd.utils.teachers import minilm_path
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 FAST = ["--max_train_samples", "16", "--max_eval_samples", "16", "--max_steps", "2", "--per_device_train_batch_size", "8",
@@ -77,7 +77,7 @@ def test_conll_teacher_and_student(data_dir, tmp_path, monkeypatch):
 
 
 def test_align_labels():
-    from hf_moekd.recipes.text import align_labels
+    from hf_moekd.recipes.tasks import align_labels
 
     assert align_labels([None, 0, 0, 1, None], [3, 4]) == [-100, 3, -100, 4, -100]
 

@@ -229,8 +229,8 @@ def test_gather_cli_corrupt_checkpoints(tmp_path, capsys):
 
 
 def test_interrupted_gathering_leaves_nothing_and_a_rerun_finishes(tmp_path, monkeypatch):
-    from hf_moekd.gathering import gather as gather_module
-    from hf_moekd.gathering import gather_experts
+    from hf_moekd.ones import gather as gather_module
+    from hf_moekd.ones import gather_experts
 
     ckpt = tmp_path / "moe"
     _mixtral_checkpoint(ckpt)

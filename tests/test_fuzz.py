@@ -82,7 +82,7 @@ def pristine(tmp_path_factory):
 
 
 def test_fuzz_checkpoint_corruption(pristine, tmp_path):
-    from hf_moekd.gathering import gather_experts
+    from hf_moekd.ones import gather_experts
 
     outcomes: Counter = Counter()
     files = sorted(p.name for p in pristine.iterdir() if p.suffix == ".safetensors")

@@ -1,4 +1,4 @@
-"""OneS knowledge gathering (hf_moekd.gathering): exactness per family, streaming, alignment, errors."""
+"""OneS knowledge gathering (hf_moekd.ones): exactness per family, streaming, alignment, errors."""
 from __future__ import annotations
 
 import json
@@ -13,10 +13,10 @@ import torch
 import transformers as tf
 from safetensors.torch import load_file, save_file
 
-from hf_moekd.gathering import ExpertWeights, gather_experts, merge_experts
-from hf_moekd.gathering.strategies import default_svd_rank
-from hf_moekd.gathering import gather as gather_mod
-from hf_moekd.gathering.cli import add_gather_parser
+from hf_moekd.ones import ExpertWeights, gather_experts, merge_experts
+from hf_moekd.ones.strategies import default_svd_rank
+from hf_moekd.ones import gather as gather_mod
+from hf_moekd.ones.cli import add_gather_parser
 
 VOCAB, HIDDEN, LAYERS, EXPERTS = 99, 32, 2, 4
 COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,

@@ -33,7 +33,8 @@ def test_layers_hold():
 @pytest.mark.parametrize("module,upward", [
     ("cards/facts.py", "    from ..distillation import DistillationTrainer\n"),  # a function-level import
     ("distillation/losses.py", "from ..opdf import MPOLinear\n"),
-    ("gathering/gather.py", "from ..mode import MoDELoss\n"),  # between two method packages
+    ("ones/gather.py", "from ..mode import MoDELoss\n"),  # between two method packages
+    ("recipes/text.py", "from ..studies import demo\n"),  # a recipe importing a study pipeline
     ("models/ones/modeling_ones.py", "from ...utils import markdown_table\n"),
 ])
 def test_an_upward_import_breaks_the_contracts(tmp_path, module, upward):
@@ -77,7 +78,7 @@ def test_every_method_registers_through_its_entry_point():
     from hf_moekd.distillation import get_loss_class
 
     packages = {p.name: p.value for p in entry_points(group="hf_moekd.methods")}
-    assert set(packages) == {"distillation", "gathering", "ones", "minimoe", "opdf", "mode", "m2mkd"}
+    assert set(packages) == {"distillation", "ones", "minimoe", "opdf", "mode", "m2mkd"}
     assert {"kd", "fine-tune", "task-agnostic", "gathering", "ones", "minimoe", "opdf", "mode", "m2mkd"} <= set(card_methods())
     for term in ("mpo_constraint", "mode", "mode_all"):  # found without importing their packages first
         assert get_loss_class(term).name == term

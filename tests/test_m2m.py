@@ -15,10 +15,10 @@ from tiny import tiny_bert, tiny_dataset
 from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
 from hf_moekd.distillation import DistillationArguments, DistillationTrainer
-from hf_moekd.images import rotate_images
+from hf_moekd.data.images import rotate_images
 from hf_moekd.m2mkd.modules import Segment, Stitch, assemble, build_meta, module_state, run_segments, split_model
 from hf_moekd.m2mkd.path import M2MPath, student_path, teacher_path
-from hf_moekd.recipes.m2mkd import MODULE_FILE, STITCH_PREFIX, M2MArguments, M2MRun, image_configs, run_m2mkd
+from hf_moekd.studies.m2mkd import MODULE_FILE, STITCH_PREFIX, M2MArguments, M2MRun, image_configs, run_m2mkd
 from hf_moekd.models.minimoe import MiniMoEConfig, MiniMoEForSequenceClassification
 from hf_moekd.models.vmoe import VMoEForImageClassification
 

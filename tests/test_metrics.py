@@ -13,7 +13,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import matthews_corrcoef
 from transformers import EvalPrediction
 
-from hf_moekd.data import CONLL_LABELS
+from hf_moekd.data.text import CONLL_LABELS
 from hf_moekd.metrics import METRIC_DIR, conll_compute_metrics, glue_compute_metrics, load_metric
 
 REFS = [1, 1, 1, 0, 0, 1, 0, 1]

@@ -87,7 +87,7 @@ def test_tuple_output_and_single_expert_is_dense():
 
 
 def test_minilmv2_hooks_find_blocks_and_qkv():
-    from hf_moekd.modeling.capture import capture_qkv, find_blocks
+    from hf_moekd.model_utils.capture import capture_qkv, find_blocks
 
     model = tiny_model(num_attention_experts=2).eval()
     assert find_blocks(model) is model.minimoe.encoder.layer

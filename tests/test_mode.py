@@ -189,11 +189,11 @@ def test_padding_tokens_do_not_count():
 @pytest.mark.parametrize("family", ["minimoe", "mixtral"])
 def test_routed_refuses_top1(family):
     model = build(family, top_k=1)
-    assert MoDEConfig().mode == "all" and MoDELoss(None, model, None).mode == "all"  # the default works on top-1
+    assert MoDEConfig().variant == "all" and MoDELoss(None, model, None).variant == "all"  # the default works on top-1
     for make in (lambda: check_mode(model, "routed"), lambda: MoDELoss(None, model, None, variant="routed"),
                  lambda: MoDETrainer(model=model, args=TrainingArguments("unused", use_cpu=True, report_to=[]),
-                                     mode_config=MoDEConfig(mode="routed"))):
-        with pytest.raises(ValueError, match=r"mode='all'.*mode_all=<alpha>.*num_experts_per_tok >= 2"):
+                                     mode_config=MoDEConfig(variant="routed"))):
+        with pytest.raises(ValueError, match=r"variant='all'.*mode_all=<alpha>.*num_experts_per_tok >= 2"):
             make()
     check_mode(model, "all")  # all experts: fine
     with pytest.raises(ValueError, match="must be one of"):
@@ -223,7 +223,7 @@ def test_distillation_trainer_trains_with_the_term(tmp_path, term, variant):
                                  per_device_train_batch_size=8, learning_rate=1e-2, logging_steps=1, save_strategy="no",
                                  report_to=[], use_cpu=True, disable_tqdm=True)
     trainer = DistillationTrainer(model=model, args=args, train_dataset=image_dataset())
-    assert trainer.loss_terms[term].mode == variant and term in LOSS_REGISTRY
+    assert trainer.loss_terms[term].variant == variant and term in LOSS_REGISTRY
     trainer.train()
     values = mode_logs(trainer.state.log_history, f"loss_{term}")
     assert len(values) == 3 and all(v > 0 for v in values)
@@ -257,7 +257,7 @@ def test_plain_trainer_mixin(tmp_path):
     data = tiny_dataset(24, seq=8, ragged=True)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, learning_rate=1e-2,
                              logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
-    trainer = MoDETrainer(model=model, args=args, train_dataset=data, mode_config=MoDEConfig(mode_alpha=2.0, mode="routed"))
+    trainer = MoDETrainer(model=model, args=args, train_dataset=data, mode_config=MoDEConfig(mode_alpha=2.0, variant="routed"))
     batch = {k: torch.tensor(data[:4][k]) for k in ("input_ids", "attention_mask", "labels")}
     with torch.no_grad():
         loss = trainer.compute_loss(model, batch)

@@ -21,7 +21,7 @@ from hf_moekd.opdf import (
     mpo_modules,
     overparameterize,
 )
-from hf_moekd.modeling.students import student_from_teacher_layers
+from hf_moekd.model_utils.students import student_from_teacher_layers
 from tiny import tiny_bert, tiny_dataset
 
 

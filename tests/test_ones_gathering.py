@@ -6,7 +6,7 @@ import torch
 from fresh_process import fresh_process_logits
 from test_vmoe_ones import pixels, tiny_model
 
-from hf_moekd.gathering import gather_experts
+from hf_moekd.ones import gather_experts
 
 
 def identical_expert_vmoe():

@@ -11,12 +11,12 @@ import pytest
 import torch
 from transformers import AutoModelForImageClassification
 
-from hf_moekd.images import InMemoryDataset, load_fashion_mnist, load_image_dataset
+from hf_moekd.data.images import InMemoryDataset, load_fashion_mnist, load_image_dataset
 from hf_moekd.models.vmoe import VMoEForImageClassification
-from hf_moekd.gathering import Gathering, parse_gathering
+from hf_moekd.ones import Gathering, parse_gathering
 from hf_moekd.ones import OneSReport, benefit_preserved
-from hf_moekd.recipes.ones import OneSArguments, run_ones, run_ones_from_teacher
-from hf_moekd.recipes.vision import model_configs
+from hf_moekd.studies.ones import OneSArguments, run_ones, run_ones_from_teacher
+from hf_moekd.studies.vision import model_configs
 from test_examples import run_script
 
 TINY = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_experts=4,

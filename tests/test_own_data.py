@@ -123,7 +123,7 @@ def test_bad_input_is_one_line(tmp_path, capsys):
 
 def test_teacher_without_its_task_head_is_refused(tmp_path, capsys):
     """A base checkpoint (no classifier) as teacher: its head would be random; refused before training."""
-    from hf_moekd.teachers import MINILM
+    from hf_moekd.utils.teachers import MINILM
 
     train = write(sentiment_rows(), tmp_path / "train.csv")
     assert cli("distill", "--task", "text-classification", "--train_file", train, "--validation_file", train,
@@ -216,8 +216,8 @@ def image_folder(root: Path, classes: dict[str, int], per_class: int) -> Path:
 
 
 def test_image_folders_for_ones_and_m2mkd(tmp_path):
-    from hf_moekd.recipes.m2mkd import M2MArguments, run_m2mkd
-    from hf_moekd.recipes.ones import OneSArguments, run_ones
+    from hf_moekd.studies.m2mkd import M2MArguments, run_m2mkd
+    from hf_moekd.studies.ones import OneSArguments, run_ones
 
     classes = {"cat": 0, "dog": 3, "owl": 6}
     train, valid = image_folder(tmp_path / "train", classes, 8), image_folder(tmp_path / "valid", classes, 3)

@@ -185,7 +185,7 @@ def test_gradient_accumulation_unchanged(tmp_path):
 
 
 def test_gather_merges_adapters(tmp_path):
-    from hf_moekd.gathering import gather_experts
+    from hf_moekd.ones import gather_experts
 
     base_dir = tmp_path / "base"
     tiny_mixtral(0).save_pretrained(base_dir)
@@ -256,7 +256,7 @@ def test_peft_config_that_does_not_fit_the_student(tmp_path):
 
 
 def test_run_glue_with_lora(data_dir, tmp_path, monkeypatch):
-    from hf_moekd.teachers import minilm_path
+    from hf_moekd.utils.teachers import minilm_path
 
     config = tmp_path / "lora.json"
     config.write_text(json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["query", "value"],

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForSequenceClassification
 
-from hf_moekd.data import load_text_corpus
+from hf_moekd.data.text import load_text_corpus
 from hf_moekd.distillation import DistillationArguments
 from test_examples import FAST, run_script
 

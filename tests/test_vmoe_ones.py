@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fresh_process import fresh_process_logits
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
-from hf_moekd.modeling.capture import capture_qkv, find_blocks, qkv_modules
+from hf_moekd.model_utils.capture import capture_qkv, find_blocks, qkv_modules
 from hf_moekd.models.ones import OneSConfig, OneSForImageClassification, OneSModel
 from hf_moekd.models.ones import register as register_ones
 from hf_moekd.models.vmoe import (

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling.experts import ExpertCall, find_experts, patch_experts
-from ..mode.loss import mode_loss_per_example, real_tokens
+from ..model_utils.experts import ExpertCall, find_experts, patch_experts
+from ..mode.losses import mode_loss_per_example, real_tokens
 from .batches import iterate_batches, to_device
 
 
@@ -73,7 +73,7 @@ def expert_output_similarity(model: nn.Module, data: Any, batch_size: int = 64, 
 def mode_loss_on_data(model: nn.Module, data: Any, mode: str = "all", batch_size: int = 64,
                       collate_fn: Callable | None = None, max_batches: int | None = None,
                       label_key: str = "labels") -> float:
-    """The MoDE loss (`hf_moekd.mode.loss`, per example, averaged over the examples of `data`) in eval mode: the
+    """The MoDE loss (`hf_moekd.mode.losses`, per example, averaged over the examples of `data`) in eval mode: the
     experts' relative squared deviation from their peers' mean, i.e. the quantity MoDE minimises."""
     total, count = 0.0, 0
     for calls, inputs, n_examples in _expert_calls(model, data, mode, batch_size, collate_fn, max_batches, label_key):

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling.experts import find_experts, only_expert, patch_experts
-from ..mode.loss import real_tokens
+from ..model_utils.experts import find_experts, only_expert, patch_experts
+from ..mode.losses import real_tokens
 from .batches import iterate_batches, select_examples, to_device
 
 

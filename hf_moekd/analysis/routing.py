@@ -6,8 +6,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..modeling.experts import adapter_for, find_experts
-from ..mode.loss import real_tokens
+from ..model_utils.experts import adapter_for, find_experts
+from ..mode.losses import real_tokens
 from .diversity import _expert_calls
 
 

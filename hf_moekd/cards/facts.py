@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..teachers import MINILM, MINILM_HUB_ID, minilm_path
+from ..utils.teachers import MINILM, MINILM_HUB_ID, minilm_path
 from .registry import check_methods
 
 KNOWN_LICENSES = {MINILM_HUB_ID: "apache-2.0"}
@@ -91,7 +91,7 @@ def license_of(name_or_path: str) -> str | None:
 
 def describe_data(names: Sequence[str]) -> tuple[str | None, list[str]]:
     """Words and Hub dataset ids for data names: GLUE tasks, `conll2003`/`conll`, `digits`, `fashion_mnist`."""
-    from ..data import CONLL_HUB_ID, GLUE_HUB_ID, GLUE_TASKS
+    from ..data.text import CONLL_HUB_ID, GLUE_HUB_ID, GLUE_TASKS
 
     words, ids = [], []
     for name in names:

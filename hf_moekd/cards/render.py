@@ -11,7 +11,7 @@ from typing import Any
 import jinja2
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..utils import NOT_METRIC_SUFFIXES
+from ..utils.outputs import NOT_METRIC_SUFFIXES
 from .facts import RunFacts, describe_data, hub_id, is_moe
 from .registry import card_method, card_methods, check_methods
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling.capture import capture_block_output, capture_qkv, find_blocks
+from ..model_utils.capture import capture_block_output, capture_qkv, find_blocks
 
 LOSS_REGISTRY: dict[str, type["LossTerm"]] = {}
 LOSS_TERMS_GROUP = "hf_moekd.loss_terms"  # entry points: name -> "module:LossTermClass"

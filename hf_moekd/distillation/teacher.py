@@ -6,8 +6,8 @@ import os
 import torch
 from torch import nn
 
-from ..modeling.auto import auto_class_like
-from ..utils import refuse_pickle
+from ..model_utils.auto import auto_class_like
+from ..utils.outputs import refuse_pickle
 
 def load_teacher(name_or_path: str, like: nn.Module | type | None = None, allow_pickle: bool = False,
                  **kwargs) -> nn.Module:

@@ -14,7 +14,7 @@ from transformers import Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from ..cards import RunFacts, write_model_card
-from ..modeling.auto import label_alignment, shift_labels
+from ..model_utils.auto import label_alignment, shift_labels
 from ..integrations.peft import is_peft_model, merge_peft, remove_stale_files, warn_if_baseless, wrap_student
 from .arguments import DistillationArguments
 from .card import training_facts

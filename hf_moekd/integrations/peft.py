@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from ..modeling.auto import auto_class_like
+from ..model_utils.auto import auto_class_like
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -145,7 +145,7 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> PeftMod
     from peft import PeftConfig, PeftModel
     from transformers import AutoConfig
 
-    from ..utils import refuse_pickle
+    from ..utils.outputs import refuse_pickle
 
     config = PeftConfig.from_pretrained(str(path))
     base = config.base_model_name_or_path

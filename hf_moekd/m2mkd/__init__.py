@@ -4,16 +4,14 @@
   (`build_meta`), stitch layers (`Stitch`), and assembly of trained modules into the full student (`assemble`).
 * `path`: the hybrid networks that train one module (`student_path`) against the teacher's (`teacher_path`).
 * `layouts`: where each kind of model keeps its stem, blocks and head.
-* `report`: the study's table. The image pipeline end to end is `hf_moekd.recipes.m2mkd`
+* `report`: the study's table. The image pipeline end to end is `hf_moekd.studies.m2mkd`
   (`run_m2mkd(M2MArguments(...))`), resumable per stage and module.
 """
-from ..cards import CardMethod, register_card_method
+from . import card as _card  # noqa: F401  (registers the card section)
 from .layouts import LAYOUTS, layout_of
 from .modules import Segment, Stitch, assemble, build_meta, module_state, run_segments, split_model
 from .path import M2MPath, M2MPathOutput, student_path, teacher_path
 
-register_card_method(CardMethod("m2mkd", "m2mKD: module-to-module distillation",
-                                ("knowledge-distillation", "m2mkd", "mixture-of-experts")))
 
 __all__ = [
     "LAYOUTS", "M2MPath", "M2MPathOutput", "Segment", "Stitch", "assemble", "build_meta", "layout_of",

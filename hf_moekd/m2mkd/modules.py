@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..modeling.students import student_from_teacher_layers
+from ..model_utils.students import student_from_teacher_layers
 from .layouts import Layout, Inputs, Routers, layout_of
 
 META_INITS = ("teacher", "scratch")

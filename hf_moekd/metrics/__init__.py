@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import evaluate
 import numpy as np
 
-from ..data import get_glue_task
+from ..data.text import get_glue_task
 
 if TYPE_CHECKING:
     from transformers import EvalPrediction

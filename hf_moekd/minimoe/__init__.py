@@ -5,15 +5,8 @@ The model is `hf_moekd.models.minimoe` (transformers-style, Auto-registered); `m
 dense BERT-like student. This package registers the method's card section; the two stages run with
 `DistillationTrainer` (examples/run_task_agnostic.py, then `hf-moekd distill --moe_experts`).
 """
-from ..cards import CardMethod, register_card_method
-from ..models.minimoe import MiniMoEConfig, minimoe_from_dense
+from . import card as _card  # noqa: F401  (registers the card section)
+from ..models.minimoe import minimoe_from_dense
 
-
-def _recognises(config: dict, results: dict) -> bool:
-    return config.get("model_type") == MiniMoEConfig.model_type
-
-
-register_card_method(CardMethod("minimoe", "MiniMoE student", ("knowledge-distillation", "minimoe", "mixture-of-experts"),
-                                recognises=_recognises))
 
 __all__ = ["minimoe_from_dense"]

@@ -1,32 +1,22 @@
 """MoDE: Mixture-of-Experts with mutual distillation among the experts (arXiv 2402.00893).
 
-    from hf_moekd.mode import MoDEConfig, MoDETrainer
+    from . import MoDEConfig, MoDETrainer
     trainer = MoDETrainer(model=moe, args=TrainingArguments(...), train_dataset=...,
-                          mode_config=MoDEConfig(mode_alpha=0.1, mode="routed"))
+                          mode_config=MoDEConfig(mode_alpha=0.1, variant="routed"))
 
-or, with `DistillationTrainer`, ``DistillationArguments(extra_loss_terms=["mode=0.1"])`` (routed) /
-``["mode=0.1,variant=all"]`` (all experts). Expert probing and diversity measures are in `hf_moekd.analysis`.
-Importing this package registers the ``mode`` and ``mode_all`` loss terms.
+or, with `DistillationTrainer`, ``DistillationArguments(extra_loss_terms=["mode=0.1"])`` (all experts) /
+``["mode=0.1,variant=routed"]`` (the routed experts). `config` holds the settings, `losses` the registered
+``mode`` / ``mode_all`` loss terms, `trainer` the mixin for any `transformers.Trainer`, `card` the card section.
+Expert probing and diversity measures are in `hf_moekd.analysis`.
 """
-from ..cards import CardMethod, register_card_method
-from ..modeling.experts import ExpertCall, find_experts, only_expert, patch_experts
-from .loss import (
-    MODES,
-    MoDEAllLoss,
-    MoDEConfig,
-    MoDELoss,
-    MoDETrainer,
-    MoDETrainerMixin,
-    check_mode,
-    mode_loss_per_example,
-    mutual_distillation,
-)
-
-register_card_method(CardMethod("mode", "MoDE: mutual distillation among the experts",
-                                ("mode", "mutual-distillation", "mixture-of-experts")))
+from . import card as _card  # noqa: F401  (registers the card section)
+from .config import VARIANTS, MoDEConfig, check_mode
+from .losses import MoDEAllLoss, MoDELoss, mode_loss_per_example, mutual_distillation, real_tokens
+from .trainer import MoDETrainer, MoDETrainerMixin
+from ..model_utils.experts import ExpertCall, find_experts, only_expert, patch_experts
 
 __all__ = [
-    "MODES",
+    "VARIANTS",
     "ExpertCall",
     "MoDEAllLoss",
     "MoDEConfig",
@@ -39,4 +29,5 @@ __all__ = [
     "mutual_distillation",
     "only_expert",
     "patch_experts",
+    "real_tokens",
 ]

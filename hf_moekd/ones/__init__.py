@@ -1,27 +1,32 @@
-"""OneS ("One Student Knows All Experts Know", arXiv 2201.10890): knowledge gathering (`hf_moekd.gathering`), then
-distillation with the MoE as teacher. This package holds the study's report and the method's card section; the
-image pipeline is `hf_moekd.recipes.ones`."""
-from ..cards import CardMethod, register_card_method
+"""OneS ("One Student Knows All Experts Know", arXiv 2201.10890): knowledge gathering merges a sparse MoE's experts
+into a dense twin model, then distillation with the MoE as teacher removes the gathering's noise.
+
+>>> from hf_moekd.ones import gather_experts
+>>> dense = gather_experts("path/to/mixtral", strategy="weighted_average", output_dir="mistral-gathered")
+
+* `gather`: the checkpoint-to-checkpoint gathering (`gather_experts`), streamed layer by layer;
+* `strategies`: the merge formulas (registered, `register_strategy`); `families`: where each MoE family keeps its
+  experts and which dense class it becomes (`register_family`);
+* `variants`: gathering variants written `<strategy>[-r<rank>][+align]`; `cli`: `hf-moekd gather`;
+* `report`: the study's table and the "% of MoE benefit"; `card`: the method's card sections.
+The image study end to end is `hf_moekd.studies.ones`.
+"""
+from . import card as _card  # noqa: F401  (registers the card sections)
+from .families import FAMILIES, MoEFamily, RoutingStats, get_family, register_family
+from .gather import collect_routing_stats, gather_experts
 from .report import OneSReport, benefit_preserved
+from .strategies import (
+    MERGE_STRATEGIES,
+    DenseFFN,
+    ExpertWeights,
+    align_experts,
+    merge_experts,
+    register_strategy,
+)
+from .variants import Gathering, parse_gathering
 
-
-def _results_table(results: dict) -> str | None:
-    """The pipeline's comparison table (every model it trained, over seeds), rebuilt from all_results.json."""
-    summary = results.get("summary") or {}
-    if not {"dense", "moe"} <= set(results.get("per_seed") or {}) & set(summary.get("params") or {}):
-        return None
-    return OneSReport(args={}, accuracy=results["per_seed"], latency_ms=summary.get("latency_ms", {}),
-                      params=summary.get("params", {})).table()
-
-
-def _recognises(config: dict, results: dict) -> bool:
-    return config.get("model_type") == "ones" and ("per_seed" in results or "ones_accuracy" in results)
-
-
-register_card_method(CardMethod(
-    "ones", "OneS: knowledge gathering, then distillation",
-    ("knowledge-distillation", "ones", "knowledge-gathering", "mixture-of-experts"),
-    recognises=_recognises, results_table=_results_table,
-))
-
-__all__ = ["OneSReport", "benefit_preserved"]
+__all__ = [
+    "gather_experts", "collect_routing_stats", "merge_experts", "align_experts", "register_strategy",
+    "MERGE_STRATEGIES", "ExpertWeights", "DenseFFN", "FAMILIES", "MoEFamily", "RoutingStats",
+    "get_family", "register_family", "Gathering", "parse_gathering", "OneSReport", "benefit_preserved",
+]

@@ -2,7 +2,7 @@
 
 Typical use::
 
-    from hf_moekd.opdf import MPOConstraintLoss, contract, overparameterize
+    from . import MPOConstraintLoss, contract, overparameterize
 
     print(overparameterize(student))        # BERT Q/K/V/attention-output/FFN linears -> MPOLinear (~3x params)
     term = MPOConstraintLoss(args, student, teacher)
@@ -14,8 +14,8 @@ Typical use::
 The ``mpo_constraint`` loss term (``extra_loss_terms=["mpo_constraint=0.01"]``) is found through the
 ``hf_moekd.loss_terms`` entry points; importing this package registers it and the method's card section.
 """
-from ..cards import CardMethod, register_card_method
-from .constraint import MPOConstraintLoss, default_layer_map
+from . import card as _card  # noqa: F401  (registers the card section)
+from .losses import MPOConstraintLoss, default_layer_map
 from .decomposition import (
     MPODecomposition,
     auto_factors,
@@ -24,16 +24,14 @@ from .decomposition import (
     mpo_decompose,
 )
 from .layers import MPOLinear
+from .config import DEFAULT_TARGET_MODULES, MPOConfig
 from .model import (
-    DEFAULT_TARGET_MODULES,
-    MPOConfig,
     OverparameterizedReport,
     contract,
     mpo_modules,
     overparameterize,
 )
 
-register_card_method(CardMethod("opdf", "OPDF: MPO over-parameterised distillation", ("knowledge-distillation", "opdf")))
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",

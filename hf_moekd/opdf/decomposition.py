@@ -8,7 +8,7 @@ The cores are in *mixed-canonical* form around the central tensor ``T_c`` (``c =
 left of it are left-isometries, the cores right of it right-isometries, and all singular values end up in the
 central tensor (the MPOP / OPDF convention "central tensor = information, auxiliary tensors = bases"). Singular
 vectors are sign-fixed, so equal weights always give equal cores; that is what makes cores of two models
-comparable at all (see `hf_moekd.opdf.constraint`).
+comparable at all (see `hf_moekd.opdf.losses`).
 """
 from __future__ import annotations
 

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..cards import CARD_KEY
 from ..distillation import DistillationArguments, DistillationTrainer, training_facts
-from ..teachers import resolve_model_path
+from ..utils.teachers import resolve_model_path
 
 if TYPE_CHECKING:
-    from .students import ModelArguments
+    from .arguments import ModelArguments
 
 # OSError covers missing/corrupt files (FileNotFoundError, FileExistsError, ...) and full disks.
 USER_ERRORS = (ValueError, OSError, FloatingPointError)

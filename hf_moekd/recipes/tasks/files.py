@@ -17,58 +17,18 @@ from transformers import (
     DataCollatorWithPadding,
 )
 
-from ..data import read_column_file, training_subset
-from ..metrics import conll_compute_metrics
-from .readers import Source, data_sources, label_names_of, select_texts
+from ...data.text import read_column_file, training_subset
+from ...metrics import conll_compute_metrics
+from .base import ClassifierTask, cap_splits
+from ..readers import Source, data_sources, label_names_of, select_texts
 
 if TYPE_CHECKING:
-    from .text import DataArguments
+    from ..arguments import DataArguments
 
 TEXT_COLUMN_GUESSES = (("sentence1", "sentence2"), ("question", "sentence"), ("premise", "hypothesis"), ("sentence",),
                        ("text",))
 COLUMN_FILE_SUFFIXES = (".txt", ".conll", ".tsv", ".iob", ".bio")
 _TAG = re.compile(r"^(?:O|[BI]-.+)$")
-
-
-def _cap(raw: DatasetDict, data_args: DataArguments, splits: tuple[str, ...]) -> DatasetDict:
-    if "train" in raw:
-        raw["train"] = training_subset(raw["train"], data_args.max_train_samples)
-    if data_args.max_eval_samples:
-        for split in splits:
-            raw[split] = raw[split].select(range(min(data_args.max_eval_samples, len(raw[split]))))
-    return raw
-
-
-class ClassifierTask:
-    """What the classification tasks (GLUE, CoNLL, your files) share: a head with `label_names` (None: regression)."""
-
-    name: str
-    label_names: tuple[str, ...] | None
-    auto_class: type
-
-    @property
-    def num_labels(self) -> int:
-        return 1 if self.label_names is None else len(self.label_names)
-
-    def head_kwargs(self) -> dict[str, Any]:
-        if self.label_names is None:
-            return {"num_labels": 1, "problem_type": "regression"}
-        return {"num_labels": self.num_labels, "id2label": dict(enumerate(self.label_names)),
-                "label2id": {n: i for i, n in enumerate(self.label_names)}}
-
-    def sequence_length(self, data_args: DataArguments) -> int:
-        return data_args.max_seq_length
-
-    @staticmethod
-    def add_metrics(metrics: dict[str, float]) -> dict[str, float]:
-        return metrics
-
-    def check_head(self, config: Any, folder: Path) -> None:
-        """Refuse a saved model whose head is not this task's kind."""
-        arch = (config.architectures or [""])[0]
-        wanted = self.auto_class.__name__.replace("AutoModel", "")
-        if arch and not arch.endswith(wanted):
-            raise ValueError(f"{folder} holds a {arch}, but {self.name} needs a *{wanted} model")
 
 
 @dataclass
@@ -127,7 +87,7 @@ class TextClassificationTask(FileTask):
             mapped[split] = data.remove_columns(label).add_column("label", ids)
         self.eval_splits = tuple(s for s in ("validation", "test") if s in mapped)
         self.text_columns = tuple(columns)
-        return _cap(DatasetDict(mapped), data_args, self.eval_splits)
+        return cap_splits(DatasetDict(mapped), data_args, self.eval_splits)
 
     @staticmethod
     def _text_columns(data_args: DataArguments, tables: dict[str, Dataset], sources: dict[str, Source]) -> list[str]:
@@ -214,7 +174,7 @@ class TokenClassificationTask(FileTask):
             self.source = f"the training data ({sources[first].where})"
         data = {split: Dataset.from_dict({"tokens": d["tokens"], "ner_tags": [
             self._ids(tags, split, sources[split].where) for tags in d["tags"]]}) for split, d in raw.items()}
-        return _cap(DatasetDict(data), data_args, self.eval_splits)
+        return cap_splits(DatasetDict(data), data_args, self.eval_splits)
 
     @staticmethod
     def _read(source: Source, data_args: DataArguments) -> dict[str, Any]:

@@ -121,7 +121,7 @@ def plot_spectra(spectra: Mapping[str, Mapping[str, torch.Tensor]], path: str | 
                  title: str | None = None) -> Path:
     """Singular values of the experts' matrices, one panel per projection and one line per layer (mean over the
     experts, shaded from the smallest to the largest), log scale; `rank` is marked. `spectra` maps layer ->
-    projection -> `[E, r]` descending singular values (`hf_moekd.gathering.expert_spectra`)."""
+    projection -> `[E, r]` descending singular values (`hf_moekd.ones.expert_spectra`)."""
     if not spectra:
         raise ValueError("plot_spectra needs the spectra of at least one layer")
     from matplotlib import colormaps, colors

@@ -15,10 +15,10 @@ from transformers import AutoModelForImageClassification, PreTrainedModel, Print
 
 from ..cards import CARD_KEY, RunFacts, write_model_card
 from ..distillation import DistillationArguments, DistillationTrainer
-from ..images import InMemoryDataset, load_image_dataset, load_image_folders
+from ..data.images import InMemoryDataset, load_image_dataset, load_image_folders
 from ..models.ones import OneSConfig
 from ..models.vmoe import VMoEConfig
-from ..utils import atomic_output_dir
+from ..utils.outputs import atomic_output_dir
 
 
 @dataclass

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any, Callable
 from datasets import DatasetDict
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq, default_data_collator
 
-from ..data import training_subset
-from .readers import data_sources, select_texts
+from .base import cap_splits
+from ..readers import data_sources, select_texts
 
 if TYPE_CHECKING:
-    from .text import DataArguments
+    from ..arguments import DataArguments
 
 def group_texts(examples: dict[str, list], block_size: int) -> dict[str, list]:
     """Concatenate tokenized texts and cut them into blocks of `block_size` tokens (the remainder is dropped);
@@ -51,11 +51,7 @@ class LanguageModelTask:
         sources = data_sources(data_args, self.name, ("train", "validation"))
         raw = DatasetDict({split: select_texts(source.read(), self.columns(data_args), source.where)
                            for split, source in sources.items()})
-        if "train" in raw:
-            raw["train"] = training_subset(raw["train"], data_args.max_train_samples)
-        if data_args.max_eval_samples:
-            raw["validation"] = raw["validation"].select(range(min(data_args.max_eval_samples, len(raw["validation"]))))
-        return raw
+        return cap_splits(raw, data_args, ("validation",))
 
     def compute_metrics(self) -> None:
         return None

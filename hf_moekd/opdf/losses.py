@@ -12,7 +12,7 @@ Gauge note: an MPO is only defined up to invertible matrices on its bonds, so co
 only when both come from the same canonical decomposition of related weights. `mpo_decompose` fixes the gauge
 (mixed-canonical around the central tensor, sign-fixed singular vectors), and the constraint is meaningful when the
 student is initialised from the mapped teacher layers, as in OPDF (e.g.
-``hf_moekd.modeling.students.student_from_teacher_layers(teacher, [1, 3, 5, ...])`` before `overparameterize`): then the
+``hf_moekd.model_utils.students.student_from_teacher_layers(teacher, [1, 3, 5, ...])`` before `overparameterize`): then the
 term starts at 0 and measures how far training moves the student's auxiliary tensors from the teacher's.
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling.capture import find_blocks, unwrap
-from ..modeling.students import teacher_layers_of
+from ..model_utils.capture import find_blocks, unwrap
+from ..model_utils.students import teacher_layers_of
 from ..distillation.losses import DistillationBatch, LossTerm, batch_size, register_loss
 from .decomposition import mpo_decompose
 from .layers import MPOLinear

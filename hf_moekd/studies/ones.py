@@ -1,7 +1,7 @@
 """The OneS pipeline on images: train a dense ViT baseline and a V-MoE teacher, gather the teacher's experts
 into a dense OneS model, distil (logits + hidden states), and compare.
 
->>> from hf_moekd.recipes.ones import OneSArguments, run_ones
+>>> from hf_moekd.studies.ones import OneSArguments, run_ones
 >>> report = run_ones(OneSArguments())          # scikit-learn digits, 3 seeds, a few minutes on 2 CPU cores
 
 Gathering variants are written `<strategy>[-r<rank>][+align]`, e.g. `weighted_average`, `svd-r16+align`, `top_experts`, `average+align`.
@@ -17,12 +17,12 @@ from transformers import PreTrainedModel, set_seed
 
 from ..cards import RunFacts, run_facts
 from ..distillation import load_teacher
-from ..gathering import gather_experts, parse_gathering
-from ..images import image_labels
+from ..ones import gather_experts, parse_gathering
+from ..data.images import image_labels
 from ..models.ones import OneSForImageClassification
 from ..models.vmoe import VMoEForImageClassification
 from ..ones import OneSReport
-from ..utils import check_output_free
+from ..utils.outputs import check_output_free
 from .vision import ImageArguments, accuracy, latency_ms, load_data, model_configs, save_and_check, train
 
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..cards import CARD_KEY, run_facts, write_model_card
 from ..integrations.peft import is_adapter_folder, is_peft_model, load_adapter, merge_peft
-from ..utils import atomic_output_dir, checkpoint_format, refuse_pickle
+from ..utils.outputs import atomic_output_dir, checkpoint_format, refuse_pickle
 from .families import BlockReader, MoEFamily, RoutingStats, get_family
 from .strategies import expert_spectra, get_strategy, merge_experts, validate_options
 
