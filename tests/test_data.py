@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Value
 
-from hf_moekd import data
+from hf_moekd.data import text as data
 from hf_moekd.data.text import CONLL_LABELS, get_glue_task, glue_label_names, load_conll, load_glue
 
 # Label counts (by class name) per split, from the data README.

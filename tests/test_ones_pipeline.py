@@ -178,3 +178,12 @@ def test_benefit_is_na_when_the_moe_margin_is_within_its_paired_spread():
     clear = OneSReport(args={}, accuracy={"dense": [0.80, 0.81, 0.79], "moe": [0.90, 0.90, 0.90],
                                           "svd + KD (OneS)": [0.85, 0.86, 0.84]}, params={"dense": 10, "moe": 20})
     assert clear.summary()["models"]["svd + KD (OneS)"]["benefit_preserved_pct"] == pytest.approx(50.0)
+
+
+def test_benefit_is_na_with_one_seed():
+    """Issue 31.4: one seed has no paired spread, so the "% of MoE benefit" rule cannot be applied."""
+    one = OneSReport(args={}, accuracy={"dense": [0.80], "moe": [0.90], "svd + KD (OneS)": [0.86]},
+                     params={"dense": 10, "moe": 20})
+    assert one.moe_margin() == pytest.approx((10.0, 0.0)) and not one.margin_is_clear()
+    assert one.summary()["models"]["svd + KD (OneS)"]["benefit_preserved_pct"] is None
+    assert "n/a (1 seed: the % needs the paired spread of >= 2 seeds)" in one.table()

@@ -89,10 +89,49 @@ def test_ner_with_its_own_tag_set(tmp_path):
     assert "eval_f1" in json.loads((out / "all_results.json").read_text())
 
 
+
+def test_ner_evaluate_loss_is_a_token_mean_whatever_the_batch_size(tmp_path):
+    """Issue 31.5: `hf-moekd evaluate` averaged the NER loss over batches (0.3706 at 32, 0.3694 at 64)."""
+    import torch
+
+    column = tmp_path / "train.conll"
+    column.write_text("\n\n".join("\n".join(f"{w}\t{t}" for w, t in TWEETS) for _ in range(8)) + "\n")
+    valid = tmp_path / "valid.jsonl"  # sentences of different lengths: a per-batch mean depends on the batching
+    valid.write_text("".join(json.dumps({"tokens": [w for w, _ in TWEETS[:n]], "tags": [t for _, t in TWEETS[:n]]})
+                             + "\n" for n in (2, 9, 4, 7, 3)))
+    out = tmp_path / "ner"
+    assert cli("distill", "--task", "ner", "--train_file", column, "--validation_file", valid, "--output_dir", out,
+               "--student_config_overrides", TINY, *COMMON) == 0
+    losses = []
+    for batch in ("1", "5"):
+        report = tmp_path / f"eval{batch}.json"
+        assert cli("evaluate", out, "--task", "ner", "--validation_file", valid, "--batch_size", batch,
+                   "--max_seq_length", "32", "--output_file", report) == 0
+        losses.append(json.loads(report.read_text())["metrics"]["eval_loss"])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    from transformers import AutoTokenizer
+
+    from hf_moekd.recipes.tasks import align_labels
+
+    model, tokenizer = AutoModelForTokenClassification.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
+    label2id, total, count = model.config.label2id, 0.0, 0
+    for line in valid.read_text().splitlines():
+        row = json.loads(line)
+        enc = tokenizer(row["tokens"], is_split_into_words=True, truncation=True, max_length=32, return_tensors="pt")
+        labels = torch.tensor(align_labels(enc.word_ids(0), [label2id[t] for t in row["tags"]]))
+        with torch.no_grad():
+            logits = model(**enc).logits[0]
+        keep = labels != -100
+        total += torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
+        count += int(keep.sum())
+    assert losses[0] == pytest.approx(total / count, rel=1e-5)
+
 def test_bad_input_is_one_line(tmp_path, capsys):
     train = write(sentiment_rows(), tmp_path / "train.csv")
     unseen = write([{"text": "x y", "label": "fear"}], tmp_path / "unseen.csv")
     nolabel = write([{"text": "x y", "target": "joy"}], tmp_path / "nolabel.csv")
+    nolabel_jsonl = tmp_path / "nolabel.jsonl"
+    nolabel_jsonl.write_text("".join(json.dumps({"text": f"x y {i}"}) + "\n" for i in range(4)))
     (tmp_path / "empty.csv").write_text("")
     (tmp_path / "data.xlsx").write_text("x")
     mixed = tmp_path / "mixed.conll"
@@ -101,7 +140,13 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     afile.write_text("x")
     cases = [
         (["--validation_file", unseen], "unseen.csv (validation) has labels ['fear']"),
-        (["--validation_file", nolabel], "has no column 'label' (columns: text, target)"),
+        (["--validation_file", nolabel], "has no column 'label' (columns: text, target); pass --label_column_name"),
+        # issue 31.2: a training file without labels, a wrong --label_column_name, JSON lines without `label`
+        (["--validation_file", train, "--train_file", nolabel], "nolabel.csv has no column 'label' (columns: text, "
+         "target); pass --label_column_name"),
+        (["--validation_file", train, "--label_column_name", "mood"], "has no column 'mood' (columns: text, label)"),
+        (["--validation_file", train, "--train_file", nolabel_jsonl], "nolabel.jsonl has no column 'label' (columns: "
+         "text)"),
         (["--validation_file", tmp_path / "empty.csv"], "empty.csv is empty"),
         (["--validation_file", tmp_path / "data.xlsx"], "unknown file type '.xlsx'"),
         (["--validation_file", train, "--max_seq_length", "0"], "--max_seq_length must be >= 1"),

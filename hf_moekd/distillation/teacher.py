@@ -1,22 +1,18 @@
 """Loading, freezing and checking the teacher."""
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
 from ..model_utils.auto import auto_class_like
-from ..utils.outputs import refuse_pickle
+from ..utils.outputs import check_weights
+from ..utils.teachers import check_local_folder
 
 def load_teacher(name_or_path: str, like: nn.Module | type | None = None, allow_pickle: bool = False,
                  **kwargs) -> nn.Module:
     """Load a teacher checkpoint with the head kind of the student `like`: safetensors only unless `allow_pickle`."""
-    looks_local = name_or_path.startswith((".", "/", "~")) or os.path.isabs(name_or_path) or name_or_path.count("/") > 1
-    if looks_local and not os.path.isdir(os.path.expanduser(name_or_path)):
-        raise FileNotFoundError(f"Teacher folder {name_or_path!r} does not exist: pass a trained teacher's output directory.")
-    if not allow_pickle:
-        refuse_pickle(name_or_path, "--allow_pickle_checkpoints true")
+    check_local_folder(name_or_path, "Teacher")
+    check_weights(name_or_path, allow_pickle, "--allow_pickle_checkpoints true")
     kwargs.setdefault("use_safetensors", None if allow_pickle else True)
     try:
         teacher, info = auto_class_like(like).from_pretrained(name_or_path, output_loading_info=True, **kwargs)

@@ -39,7 +39,10 @@ def glue_compute_metrics(task_name: str) -> Callable[[EvalPrediction], dict[str,
 
 
 def conll_compute_metrics(label_names: Sequence[str]) -> Callable[[EvalPrediction], dict[str, float]]:
-    """Trainer `compute_metrics` for token classification: entity-level precision/recall/f1 and token accuracy.
+    """Trainer `compute_metrics` for token classification: entity-level precision/recall/f1, token accuracy and,
+    from logits, `loss`: the cross-entropy averaged over every labelled token of the split. It replaces the
+    Trainer's `eval_loss` (a mean of per-batch means, which changes with the batch size), so the same data gives
+    the same loss at any batch size.
 
     Positions labelled -100 (special tokens, non-first sub-words, padding) are ignored; predictions may be
     logits (argmax is taken) or class ids.
@@ -50,17 +53,27 @@ def conll_compute_metrics(label_names: Sequence[str]) -> Callable[[EvalPredictio
     def compute_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
         labels = np.asarray(eval_pred.label_ids)
         predictions = _first(eval_pred.predictions)
-        if predictions.ndim == labels.ndim + 1:
-            predictions = predictions.argmax(-1)
         keep = labels != -100
+        token_loss = {}
+        if predictions.ndim == labels.ndim + 1:
+            token_loss = {"loss": token_cross_entropy(predictions[keep], labels[keep])}
+            predictions = predictions.argmax(-1)
         scores = metric.compute(
             predictions=[[names[i] for i in row[mask]] for row, mask in zip(predictions, keep)],
             references=[[names[i] for i in row[mask]] for row, mask in zip(labels, keep)],
             zero_division=0,  # an entity type never predicted scores 0 without a warning at every evaluation
         )
-        return {key: float(scores[f"overall_{key}"]) for key in ("precision", "recall", "f1", "accuracy")}
+        return {**{key: float(scores[f"overall_{key}"]) for key in ("precision", "recall", "f1", "accuracy")}, **token_loss}
 
     return compute_metrics
+
+
+def token_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean cross-entropy of `[N, C]` logits against `[N]` class ids, in float64 (log-sum-exp, stable)."""
+    logits = logits.astype(np.float64)
+    top = logits.max(-1, keepdims=True)
+    log_z = top[:, 0] + np.log(np.exp(logits - top).sum(-1))
+    return float((log_z - logits[np.arange(len(labels)), labels]).mean()) if len(labels) else 0.0
 
 
 def _first(predictions: np.ndarray | tuple) -> np.ndarray:

@@ -1,8 +1,14 @@
-"""Which Auto class loads a model with the same kind of head as another."""
+"""Which Auto class loads a model with the same kind of head as another, and loading a checkpoint under a new head."""
 from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import transformers
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 # Student class-name suffix -> Auto class used to load a teacher with the same kind of head.
 _AUTO_BY_SUFFIX = {
@@ -48,3 +54,38 @@ def shift_labels(labels):
     import torch.nn.functional as F
 
     return F.pad(labels, (0, 1), value=-100)[..., 1:]
+
+
+def _not_a_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in str(record.msg)
+
+
+@contextmanager
+def _quiet_load_report() -> Iterator[None]:
+    """transformers' LOAD REPORT (a warning of `transformers.modeling_utils`) held back while loading; a filter, not a
+    level (that logger's level switches other checks on)."""
+    report = transformers.utils.logging.get_logger("transformers.modeling_utils")
+    report.addFilter(_not_a_load_report)
+    try:
+        yield
+    finally:
+        report.removeFilter(_not_a_load_report)
+
+
+def from_pretrained_with_new_head(auto_class: type, path: str, **kwargs: Any) -> nn.Module:
+    """`auto_class.from_pretrained(path, **kwargs)` for a student that may start from a base checkpoint: a task head
+    missing from the checkpoint is expected and said in one line, instead of transformers' table of MISSING keys;
+    missing weights in the model's body (a real problem) are still reported, by name."""
+    with _quiet_load_report():
+        model, info = auto_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    prefix = f"{model.base_model_prefix}."
+    missing = sorted(info.get("missing_keys", []))
+    head = [k for k in missing if not k.startswith(prefix)]
+    body = [k for k in missing if k.startswith(prefix)]
+    if head:
+        logger.warning("%s: new task head %s initialised (not in %s; expected when starting from a base checkpoint)",
+                       type(model).__name__, ", ".join(head), path)
+    if body:
+        logger.warning("%s: %d weights of the model body are not in %s and were initialised at random: %s%s",
+                       type(model).__name__, len(body), path, ", ".join(body[:6]), " ..." if len(body) > 6 else "")
+    return model

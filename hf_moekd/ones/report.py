@@ -37,10 +37,15 @@ class OneSReport:
         """The MoE's margin over the dense baseline in points: mean and std of the per-seed (paired) differences."""
         return _mean_std([100 * (m - d) for m, d in zip(self.accuracy["moe"], self.accuracy["dense"])])
 
+    def seeds(self) -> int:
+        """Seeds with both a dense baseline and an MoE result (the pairs the margin's spread comes from)."""
+        return min(len(self.accuracy.get("moe", [])), len(self.accuracy.get("dense", [])))
+
     def margin_is_clear(self) -> bool:
-        """True when the MoE beats the dense baseline by more than the paired spread (one seed: by any margin)."""
+        """True when the MoE beats the dense baseline by more than the paired spread; False with fewer than 2 seeds
+        (no spread to compare with)."""
         mean, std = self.moe_margin()
-        return mean > 0 and mean > std
+        return self.seeds() >= 2 and mean > 0 and mean > std
 
     def summary(self) -> dict[str, Any]:
         """Mean/std accuracy (%) per model and % of MoE benefit preserved (on the means) per student; None where the
@@ -78,4 +83,6 @@ class OneSReport:
         mean, std = self.moe_margin()
         if mean <= 0:
             return "n/a (MoE <= dense)"
+        if self.seeds() < 2:
+            return "n/a (1 seed: the % needs the paired spread of >= 2 seeds)"
         return f"n/a (MoE margin {mean:+.2f} ± {std:.2f} is within the paired spread)"

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..cards import CARD_KEY
 from ..distillation import DistillationArguments, DistillationTrainer, training_facts
+from ..utils.quiet import silence_expected_noise
 from ..utils.teachers import resolve_model_path
 
 if TYPE_CHECKING:
@@ -92,8 +93,10 @@ def save_run(trainer: DistillationTrainer, results: dict[str, Any], model_args: 
 def run(main: Callable[[], Any]) -> None:
     """Run a script's `main`, turning user errors into one line on stderr and exit code 2.
 
-    Set HF_MOEKD_DEBUG=1 to get the traceback instead.
+    Set HF_MOEKD_DEBUG=1 to get the traceback instead. Expected noise (DeepSpeed's CPU notice, the pin_memory
+    warning) is silenced first.
     """
+    silence_expected_noise()
     try:
         main()
     except USER_ERRORS as err:

@@ -96,10 +96,11 @@ def data_sources(data_args: DataArguments, task: str, splits: tuple[str, ...] = 
     return {s: Source(f"--{s}_file {path}", path=str(path), role=f"{s}_file") for s, path in files.items() if path}
 
 
-def require_columns(data: Dataset, columns: list[str], where: str) -> None:
+def require_columns(data: Dataset, columns: list[str], where: str, flag: str | None = None) -> None:
+    """One clear line naming the first missing column, the columns found and the option (`flag`) that picks it."""
     if missing := [c for c in columns if c not in data.column_names]:
-        raise ValueError(f"{where} has no column {missing[0]!r} (columns: {', '.join(data.column_names)}); "
-                         "pass the column name")
+        fix = f"pass {flag} with one of them" if flag else "pass the column name"
+        raise ValueError(f"{where} has no column {missing[0]!r} (columns: {', '.join(data.column_names)}); {fix}")
 
 
 def select_texts(data: Dataset, columns: str | list[str], where: str) -> Dataset:

@@ -9,26 +9,28 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from ..distillation.engines import full_weights_load
 from ..models.minimoe import minimoe_from_dense
+from ..model_utils.auto import from_pretrained_with_new_head
 from ..model_utils.students import parse_overrides, smaller_config, student_from_teacher_layers
 from ..opdf import contract, overparameterize
 from .arguments import ModelArguments
-from ..utils.teachers import resolve_model_path
-from ..utils.outputs import refuse_pickle
+from ..utils.teachers import check_local_folder, resolve_model_path
+from ..utils.outputs import check_weights
 
 
 def build_model(model_args: ModelArguments, auto_class: type, allow_pickle: bool = False,
                 **head_kwargs: Any) -> tuple[PreTrainedModel, Any]:
     """Load the tokenizer and the (student) model described by `model_args` (safetensors only unless `allow_pickle`)."""
     path = resolve_model_path(model_args.model_name_or_path)
-    if not allow_pickle:
-        refuse_pickle(path, "--allow_pickle_checkpoints true")
+    check_local_folder(path, "Student (--model_name_or_path)")
+    check_weights(path, allow_pickle, "--allow_pickle_checkpoints true")
     if model_args.student_layers and model_args.student_config_overrides:
         raise ValueError("Use either --student_layers or --student_config_overrides, not both.")
     tokenizer = AutoTokenizer.from_pretrained(path)
     surgery = (model_args.student_layers or model_args.student_config_overrides or model_args.moe_experts
                or model_args.mpo_overparameterize)
     with full_weights_load() if surgery else contextlib.nullcontext():  # ZeRO-3: partitioned when DeepSpeed starts
-        model = auto_class.from_pretrained(path, use_safetensors=None if allow_pickle else True, **head_kwargs)
+        model = from_pretrained_with_new_head(auto_class, path, use_safetensors=None if allow_pickle else True,
+                                              **head_kwargs)
         if model_args.student_layers:
             layers = [int(i) for i in model_args.student_layers.split(",")]
             model = student_from_teacher_layers(model, layers)

@@ -22,7 +22,7 @@ from .common import check_output_dir, configure_losses, removed_on_failure, resu
 from .students import build_model, model_for_saving
 from .tasks import Task, get_task
 from ..utils.callbacks import CSVLoggerCallback
-from ..utils.outputs import NOT_METRIC_SUFFIXES, markdown_table, refuse_pickle
+from ..utils.outputs import NOT_METRIC_SUFFIXES, check_weights, markdown_table
 from ..utils.plots import plot_loss_terms, plot_routing
 
 
@@ -145,8 +145,7 @@ def load_for_task(model_dir: str | Path, task: Task, allow_pickle: bool = False)
                          "--merge_adapters true")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json: pass a saved model folder (the output_dir of a run)")
-    if not allow_pickle:
-        refuse_pickle(folder, "--allow_pickle")
+    check_weights(folder, allow_pickle, "--allow_pickle")
     config = AutoConfig.from_pretrained(folder)
     task.check_config(config, folder)
     model = task.auto_class.from_pretrained(folder, use_safetensors=None if allow_pickle else True)

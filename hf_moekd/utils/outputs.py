@@ -64,6 +64,32 @@ def refuse_pickle(path: str | os.PathLike, flag: str) -> None:
         )
 
 
+def check_safetensors(path: str | os.PathLike) -> None:
+    """Raise one line naming the file when a local folder holds a truncated or damaged `.safetensors` file (only the
+    headers are read: `safe_open` checks that the header parses and that the data it declares is all there)."""
+    folder = Path(os.path.expanduser(str(path)))
+    if not folder.is_dir():
+        return
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as err:  # noqa: BLE001  (safetensors raises its own SafetensorError)
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise OSError(f"{file} is truncated or corrupt ({reason}); re-download the checkpoint or save it "
+                          "again") from None
+
+
+def check_weights(path: str | os.PathLike, allow_pickle: bool, flag: str) -> None:
+    """The guard every command runs before loading weights from `path`: pickle-only folders are refused unless
+    `allow_pickle` (`flag` names the option that allows them), damaged safetensors files give one line."""
+    if not allow_pickle:
+        refuse_pickle(path, flag)
+    check_safetensors(path)
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     """A Markdown table, columns padded to line up in a terminal; every column after the first right-aligned."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]

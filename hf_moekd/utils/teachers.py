@@ -1,6 +1,7 @@
 """Where pretrained teachers come from when the Hub is out of reach."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 MINILM = "minilm-l6"  # alias accepted by the example scripts wherever a model path is expected
@@ -22,3 +23,20 @@ def minilm_path() -> Path:
 def resolve_model_path(name_or_path: str) -> str:
     """Expand the `minilm-l6` alias; other names and paths pass through."""
     return str(minilm_path()) if name_or_path == MINILM else name_or_path
+
+
+def looks_like_path(name_or_path: str) -> bool:
+    """True when a model argument is meant as a local folder rather than a Hub id: it starts with `.`, `/` or `~`,
+    has more than one `/` (Hub ids are `name` or `org/name`), or its first part is an existing local folder
+    (`outputs/teacher` where `outputs/` exists)."""
+    if name_or_path.startswith((".", "/", "~")) or os.path.isabs(name_or_path) or name_or_path.count("/") > 1:
+        return True
+    head, sep, _ = name_or_path.partition("/")
+    return bool(sep) and os.path.isdir(head)
+
+
+def check_local_folder(name_or_path: str, role: str) -> None:
+    """One clear line when a path-like model argument names no existing folder (instead of a failed Hub lookup)."""
+    if looks_like_path(name_or_path) and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise FileNotFoundError(f"{role} folder {name_or_path!r} does not exist: pass the output_dir of a run (a folder "
+                                "with config.json and model.safetensors) or a Hub id")

@@ -20,7 +20,7 @@ from transformers import (
 from ...data.text import read_column_file, training_subset
 from ...metrics import conll_compute_metrics
 from .base import ClassifierTask, cap_splits
-from ..readers import Source, data_sources, label_names_of, select_texts
+from ..readers import Source, data_sources, label_names_of, require_columns, select_texts
 
 if TYPE_CHECKING:
     from ..arguments import DataArguments
@@ -71,6 +71,8 @@ class TextClassificationTask(FileTask):
         sources = data_sources(data_args, self.name)
         label = data_args.label_column_name
         tables = {split: source.read() for split, source in sources.items()}
+        for split, table in tables.items():
+            require_columns(table, [label], sources[split].where, "--label_column_name")
         columns = self._text_columns(data_args, tables, sources)
         first = "train" if "train" in tables else "validation"
         if not self.source:  # training: the label set comes from the training data
@@ -106,7 +108,7 @@ class TextClassificationTask(FileTask):
             self.label_names = tuple(names)
             self.source = f"the training data ({where})"
             return
-        values = [v for v in data[label] if v is not None] if label in data.column_names else []
+        values = [v for v in data[label] if v is not None]
         if values and all(isinstance(v, float) for v in values) and any(v != int(v) for v in values):
             self.label_names = None  # regression
         else:
