@@ -313,14 +313,14 @@ def gather_experts(
         aux_dir, model_or_path = Path(model_or_path), _load_pickled(model_or_path)
     is_live = isinstance(model_or_path, torch.nn.Module)
     source = _LiveSource(model_or_path) if is_live else _CheckpointSource(model_or_path)
-    config = source.config
-    family = get_family(config.model_type)
+    moe_config = source.config
+    family = get_family(moe_config.model_type)
     options = {**gathering.strategy_options(), **extra}
     if "k" in inspect.signature(get_strategy(strategy)).parameters:
-        options.setdefault("k", family.top_k(config))
+        options.setdefault("k", family.top_k(moe_config))
     validate_options(strategy, options)
 
-    dense_config, make_dense, expected, tied = _dense_template(family, config, source.arch())
+    dense_config, make_dense, expected, tied = _dense_template(family, moe_config, source.arch())
     names = source.keys(family)
     name_set = set(names)
     blocks = sorted({b for n in names if (b := family.block_of(n))})
@@ -330,7 +330,7 @@ def gather_experts(
         stats = collect_routing_stats(model, family, blocks, calibration_dataset)
         if not is_live:
             del model
-    _warn_unscaled(family, config, bool(stats))
+    _warn_unscaled(family, moe_config, bool(stats))
 
     units: dict[tuple[str, int], list[str]] = defaultdict(list)
     for n in names:
@@ -363,7 +363,7 @@ def gather_experts(
                         emit(family.dense_name(n), get(n))
                 for block, rel in by_block.items():
                     reader = BlockReader(block, rel, lambda r, b=block: get(f"{b}.{r}"), source.where())
-                    for n, t in _gather_block(family, config, reader, stats.get(block), strategy, align, options,
+                    for n, t in _gather_block(family, moe_config, reader, stats.get(block), strategy, align, options,
                                                  spectra).items():
                         emit(family.dense_name(n), t)
 
