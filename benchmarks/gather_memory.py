@@ -3,10 +3,11 @@
 
 Writes a 1-layer Mixtral checkpoint with 8 experts (hidden 4096, intermediate 14336, bf16, random weights, legacy
 per-expert keys, one shard per expert as `save_pretrained` would shard it) to --work_dir, then runs
-`gather_experts(path, strategy, rank, output_dir=...)` in a fresh process per strategy and records its wall time and
-peak resident memory (`ru_maxrss`). Targets: peak RSS under 3x the layer's expert weights (8 x 3 x 4096 x 14336 x
-2 bytes = 2.63 GiB) at full rank and under 2x at rank 256; rank 256 within 1.5x of its floor, the bare
-`torch.svd_lowrank(W, q=256, niter=2)` of the same 24 matrices measured in the same run (FLOOR below).
+`gather_experts(path, variant, output_dir=...)` in a fresh process per gathering variant (a GatheringConfig string,
+e.g. `svd-r256`) and records its wall time and peak resident memory (`ru_maxrss`). Targets: peak RSS under 3x the
+layer's expert weights (8 x 3 x 4096 x 14336 x 2 bytes = 2.63 GiB) at full rank and under 2x at rank 256; rank 256
+within 1.5x of its floor, the bare `torch.svd_lowrank(W, q=256, niter=2)` of the same 24 matrices measured in the
+same run (FLOOR below).
 
     python benchmarks/gather_memory.py               # ~5 GB of disk in --work_dir, a few minutes
 """
@@ -29,10 +30,8 @@ import json, resource, sys, time
 import torch
 from hf_moekd.ones import gather_experts
 torch.set_num_threads(int(sys.argv[4]))
-strategy, _, rank = sys.argv[2].partition("-r")
 start = time.perf_counter()
-gather_experts(sys.argv[1], strategy=strategy, rank=int(rank) if rank else None, output_dir=sys.argv[3],
-               overwrite=True, progress=False, return_model=False)
+gather_experts(sys.argv[1], sys.argv[2], output_dir=sys.argv[3], overwrite=True, progress=False, return_model=False)
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 """

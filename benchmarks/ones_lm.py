@@ -50,7 +50,6 @@ from transformers.trainer_callback import PrinterCallback
 
 from hf_moekd import DistillationArguments, DistillationTrainer, gather_experts
 from hf_moekd.data.text import load_text_corpus
-from hf_moekd.ones import parse_gathering
 
 
 class Blocks(torch.utils.data.Dataset):
@@ -162,9 +161,7 @@ def run_seed(seed: int, tok, train: Blocks, held: torch.Tensor, a: argparse.Name
     log("dense (MoE's active params)")
     calibration = [train.ids[i:i + 32] for i in range(0, 512, 32)]
     for spec in a.gatherings:
-        g = parse_gathering(spec)
-        make = lambda: gather_experts(moe, g.strategy, rank=g.rank, calibration_dataset=calibration,  # noqa: E731
-                                      align=g.align, progress=False)
+        make = lambda: gather_experts(moe, spec, calibration_dataset=calibration, progress=False)  # noqa: E731
         loss[f"{spec} gathered"] = heldout_loss(make(), held)
         log(f"{spec} gathered")
         set_seed(seed)

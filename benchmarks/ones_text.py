@@ -30,7 +30,6 @@ from transformers import (
 
 from hf_moekd.data.text import load_glue
 from hf_moekd.ones import gather_experts, get_family
-from hf_moekd.ones import parse_gathering
 from hf_moekd.ones import OneSReport
 from hf_moekd.studies.ones import OneSArguments, print_report
 from hf_moekd.studies.vision import train
@@ -87,9 +86,7 @@ def run_seed(seed: int, data, collator, config: MixtralConfig, args: OneSArgumen
     n = min(1024, len(data["train"]))
     calibration = [collator([data["train"][i] for i in range(s, min(s + 64, n))]) for s in range(0, n, 64)]
     for i, spec in enumerate(args.gatherings):
-        g = parse_gathering(spec)
-        make = lambda: gather_experts(moe, g.strategy, rank=g.rank, calibration_dataset=calibration,  # noqa: E731
-                                      align=g.align, progress=False)
+        make = lambda: gather_experts(moe, spec, calibration_dataset=calibration, progress=False)  # noqa: E731
         student = make()
         report.add(f"{spec} gathered only", evaluate(student))
         if i == 0:

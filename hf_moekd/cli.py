@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,83 +51,73 @@ def _distill(ns: argparse.Namespace) -> None:
     run_task(task.task, model_args, data_args, args, report)
 
 
+@dataclass
+class EvaluateArguments:
+    """`hf-moekd evaluate`'s own flags (the data ones are `DataArguments`, as in distill)."""
+
+    split: str | None = field(default=None, metadata={"help": "The split scored (default: validation for GLUE, the "
+                                                               "dev set; test for CoNLL-2003).",
+                                                       "choices": ["validation", "test"]})
+    batch_size: int = field(default=32, metadata={"help": "Evaluation batch size."})
+    output_file: str | None = field(default=None, metadata={"help": "Also write the metrics as JSON to this file."})
+    plot_routing: str | None = field(default=None, metadata={"metavar": "PNG", "help": "MoE models: save a histogram "
+                                                             "of tokens per expert per layer on the split."})
+    allow_pickle_checkpoints: bool = field(default=False, metadata={"help": "Accept a folder with only pickle weights "
+                                                                    "(pytorch_model.bin); only for files you trust."})
+
+
 def add_evaluate_parser(sub: Any) -> argparse.ArgumentParser:
     """`hf-moekd evaluate MODEL_DIR --task TASK`: metrics of a saved model with the local metrics."""
-    from .recipes.arguments import TASK_NAMES
+    from transformers import HfArgumentParser
 
+    from .recipes.arguments import DataArguments, TaskArguments
+    from .utils.flags import add_renamed_flags
+
+    flags = HfArgumentParser((TaskArguments, DataArguments, EvaluateArguments), add_help=False)
     p = sub.add_parser(
-        "evaluate", help="Evaluate a saved model folder on a GLUE dev set, CoNLL-2003 test or held-out text (clm: "
-                         "loss and perplexity); prints a summary table.",
+        "evaluate", parents=[flags],
+        help="Evaluate a saved model folder on a GLUE dev set, CoNLL-2003 test or held-out text (clm: loss and "
+             "perplexity); prints a summary table.",
         description="Score a saved sequence / token classifier with the local metrics (hf_moekd.metrics), or a causal "
-                    "LM by loss and perplexity, computed as a distill run's final evaluation is.")
+                    "LM by loss and perplexity, computed as a distill run's final evaluation is. The data flags are "
+                    "distill's (DataArguments).")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="a saved model folder (config.json, weights, tokenizer)")
-    p.add_argument("--task", required=True, help=f"the task the model was trained for: {', '.join(TASK_NAMES)}")
-    p.add_argument("--data_dir", default=None,
-                   help="GLUE: folder holding SST-2/, ...; CoNLL: folder holding test.txt; a folder holding glue/ and "
-                        "conll2003/ works for both (default: the Hub)")
-    p.add_argument("--split", default=None, choices=["validation", "test"],
-                   help="default: validation (GLUE dev set), test (CoNLL-2003)")
-    p.add_argument("--max_eval_samples", type=int, default=None, help="the first N examples of the split")
-    p.add_argument("--max_seq_length", type=int, default=128, help="as in training (default: 128)")
-    p.add_argument("--validation_file", default=None,
-                   help="clm / seq2seq: held-out texts (.txt, .json, .jsonl, .csv, .tsv, .parquet, datasets folder)")
-    p.add_argument("--dataset_name", default=None,
-                   help="instead of --validation_file: a Hub dataset or a local folder (its validation split)")
-    p.add_argument("--dataset_config_name", default=None, help="the configuration of --dataset_name")
-    p.add_argument("--text_column", default="text", help="clm: the column holding the texts (default: text)")
-    p.add_argument("--source_column", default="source", help="seq2seq: the input column (default: source)")
-    p.add_argument("--text_column_names", default=None, help="text-classification: the text column(s), 'a' or 'a,b'")
-    p.add_argument("--label_column_name", default="label", help="text-classification: the label column")
-    p.add_argument("--tokens_column_name", default="tokens", help="ner, json files: the tokens column")
-    p.add_argument("--tags_column_name", default="tags", help="ner, json files: the tags column")
-    p.add_argument("--target_column", default="target", help="seq2seq: the output column (default: target)")
-    p.add_argument("--block_size", type=int, default=None, help="clm: tokens per block (default: --max_seq_length)")
-    p.add_argument("--batch_size", type=int, default=32, help="evaluation batch size (default: 32)")
-    p.add_argument("--output_file", default=None, help="also write the metrics as JSON to this file")
-    p.add_argument("--plot_routing", metavar="PNG", default=None,
-                   help="MoE models: save a histogram of tokens per expert per layer on the split")
-    p.add_argument("--allow_pickle", action="store_true",
-                   help="accept a folder with only pickle weights (pytorch_model.bin); only for files you trust")
-    p.set_defaults(func=_evaluate)
+    add_renamed_flags(p, {"--allow_pickle": "--allow_pickle_checkpoints"})
+    p.set_defaults(func=_evaluate, parser=flags)
     return p
 
 
 def _evaluate(ns: argparse.Namespace) -> None:
     from .analysis import has_experts, plot_routing, routing_counts
     from .model_utils import count_parameters
-    from .recipes.arguments import DataArguments
     from .recipes.tasks import get_task
     from .recipes.text import evaluate_model, load_for_task, metric_items
     from .utils.outputs import markdown_table
 
     start = time.perf_counter()
-    task = get_task(ns.task)
-    model, tokenizer = load_for_task(ns.model_dir, task, ns.allow_pickle)
-    if ns.plot_routing and not has_experts(model):
+    values = {k: v for k, v in vars(ns).items() if k not in ("command", "func", "parser", "model_dir")}
+    task_args, data_args, args = ns.parser.parse_dict(values)
+    task = get_task(task_args.task)
+    model, tokenizer = load_for_task(ns.model_dir, task, args.allow_pickle_checkpoints)
+    if args.plot_routing and not has_experts(model):
         raise ValueError(f"{ns.model_dir} has no MoE experts: --plot_routing needs an MoE model")
-    data_args = DataArguments(data_dir=ns.data_dir, max_seq_length=ns.max_seq_length, max_eval_samples=ns.max_eval_samples,
-                              validation_file=ns.validation_file, dataset_name=ns.dataset_name,
-                              dataset_config_name=ns.dataset_config_name, text_column=ns.text_column, block_size=ns.block_size,
-                              source_column=ns.source_column, target_column=ns.target_column,
-                              text_column_names=ns.text_column_names, label_column_name=ns.label_column_name,
-                              tokens_column_name=ns.tokens_column_name, tags_column_name=ns.tags_column_name)
-    metrics, data = evaluate_model(model, tokenizer, task, data_args, ns.split, ns.batch_size)
-    split = ns.split or task.eval_splits[-1]
+    metrics, data = evaluate_model(model, tokenizer, task, data_args, args.split, args.batch_size)
+    split = args.split or task.eval_splits[-1]
     info = {"model_dir": str(ns.model_dir), "task": task.name, "split": split, "examples": len(data),
             "parameters": count_parameters(model)}
-    if ns.plot_routing:
-        counts = routing_counts(model, data, batch_size=ns.batch_size, collate_fn=task.collator(tokenizer))
-        info["routing_plot"] = str(plot_routing(counts, ns.plot_routing, title=f"tokens per expert ({task.name} {split})"))
+    if args.plot_routing:
+        counts = routing_counts(model, data, batch_size=args.batch_size, collate_fn=task.collator(tokenizer))
+        info["routing_plot"] = str(plot_routing(counts, args.plot_routing, title=f"tokens per expert ({task.name} {split})"))
     rows = [[k, f"{v:.4f}"] for k, v in metric_items(metrics).items()]
     rows += [["examples", f"{info['examples']:,}"], ["parameters", f"{info['parameters']:,}"],
              ["time (s)", f"{time.perf_counter() - start:.1f}"]]
     print(f"\n{task.name} {split}: {ns.model_dir}\n{markdown_table(['', 'value'], rows)}")
     if "routing_plot" in info:
         print(f"routing histogram written to {info['routing_plot']}")
-    if ns.output_file:
-        Path(ns.output_file).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.output_file).write_text(json.dumps({**info, "metrics": metrics}, indent=2) + "\n")
-        print(f"metrics written to {ns.output_file}")
+    if args.output_file:
+        Path(args.output_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_file).write_text(json.dumps({**info, "metrics": metrics}, indent=2) + "\n")
+        print(f"metrics written to {args.output_file}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -202,7 +202,7 @@ def test_gather_cli_one_line_errors(tmp_path, capsys):
     model = _mixtral_checkpoint(pickled)
     (pickled / "model.safetensors").unlink()
     torch.save(model.state_dict(), pickled / "pytorch_model.bin")
-    assert "--allow_pickle" in _cli_error([str(pickled), out], capsys)
+    assert "--allow_pickle_checkpoints" in _cli_error([str(pickled), out], capsys)
     assert not Path(out).exists()
 
 

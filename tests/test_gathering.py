@@ -345,7 +345,7 @@ def test_cli_gather(tmp_path):
     parser = argparse.ArgumentParser()
     add_gather_parser(parser.add_subparsers(dest="command"))
     ns = parser.parse_args(["gather", str(ckpt), str(tmp_path / "dense"), "--strategy", "top_experts", "--top_k", "1",
-                            "--calibration_data", str(tmp_path / "calib.pt")])
+                            "--calibration_dataset", str(tmp_path / "calib.pt")])
     ns.func(ns)
     dense = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
     assert type(dense).__name__ == "MistralForCausalLM"

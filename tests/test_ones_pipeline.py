@@ -13,7 +13,7 @@ from transformers import AutoModelForImageClassification
 
 from hf_moekd.data.images import InMemoryDataset, load_fashion_mnist, load_image_dataset
 from hf_moekd.models.vmoe import VMoEForImageClassification
-from hf_moekd.ones import Gathering, parse_gathering
+from hf_moekd.ones import GatheringConfig
 from hf_moekd.ones import OneSReport, benefit_preserved
 from hf_moekd.studies.ones import OneSArguments, run_ones, run_ones_from_teacher
 from hf_moekd.studies.vision import model_configs
@@ -39,18 +39,16 @@ def fake_fashion(tmp_path):
 
 
 def test_parse_gathering():
-    assert parse_gathering("svd") == Gathering("svd")
-    assert parse_gathering("svd-r16+align") == Gathering("svd", 16, True)
-    assert parse_gathering("top_experts+align") == Gathering("top_experts", None, True)
-    assert parse_gathering("weighted_average") == Gathering("weighted_average")
-    for bad, message in (("svd+nope", "only suffix"), ("median", "unknown strategy"), ("average-r4", "svd only"),
-                         ("svd-rx", "svd only")):
+    assert GatheringConfig.from_string("svd") == GatheringConfig("svd")
+    assert GatheringConfig.from_string("svd-r16+align") == GatheringConfig("svd", 16, align=True)
+    assert GatheringConfig.from_string("top_experts+align") == GatheringConfig("top_experts", align=True)
+    assert GatheringConfig.from_string("weighted_average") == GatheringConfig("weighted_average")
+    for bad, message in (("svd+nope", "only suffix"), ("median", "unknown gathering strategy"),
+                         ("average-r4", "does not take option"), ("svd-rx", "cannot read 'rx'"),
+                         ("svd-r0", "rank must be an integer >= 1"), ("svd-r", "cannot read 'r'")):
         with pytest.raises(ValueError, match=message):
-            parse_gathering(bad)
-    for bad in ("svd-r0", "svd-r"):
-        with pytest.raises(ValueError, match="svd-r<int>"):
-            parse_gathering(bad)
-    with pytest.raises(ValueError, match="unknown strategy"):
+            GatheringConfig.from_string(bad)
+    with pytest.raises(ValueError, match="unknown gathering strategy"):
         OneSArguments(gatherings=["svd", "bogus"])
     with pytest.raises(ValueError, match="repeat a variant"):
         OneSArguments(gatherings=["svd", "svd"])

@@ -1,21 +1,24 @@
 """OneS ("One Student Knows All Experts Know", arXiv 2201.10890): knowledge gathering merges a sparse MoE's experts
 into a dense twin model, then distillation with the MoE as teacher removes the gathering's noise.
 
->>> from hf_moekd.ones import gather_experts
+>>> from hf_moekd.ones import GatheringConfig, gather_experts
 >>> dense = gather_experts("path/to/mixtral", strategy="weighted_average", output_dir="mistral-gathered")
+>>> dense = gather_experts(moe, GatheringConfig(strategy="svd", rank=16, align=True))  # or "svd-r16+align"
 
 * `gather`: the checkpoint-to-checkpoint gathering (`gather_experts`), streamed layer by layer;
 * `strategies`: the merge formulas (registered, `register_strategy`); `families`: where each MoE family keeps its
   experts and which dense class it becomes (`register_family`);
-* `variants`: gathering variants written `<strategy>[-r<rank>][+align]`; `cli`: `hf-moekd gather`;
+* `config`: `GatheringConfig`, the settings of a gathering (also written `svd-r16+align`); `cli`: `hf-moekd gather`;
 * `report`: the study's table and the "% of MoE benefit"; `card`: the method's card sections.
 The image study end to end is `hf_moekd.studies.ones`.
 """
 from . import card as _card  # noqa: F401  (registers the card sections)
+from .config import GatheringConfig
 from .families import FAMILIES, MoEFamily, RoutingStats, get_family, register_family
 from .gather import collect_routing_stats, gather_experts
 from .report import OneSReport, benefit_preserved
 from .strategies import (
+    DEFAULT_STRATEGY,
     MERGE_STRATEGIES,
     DenseFFN,
     ExpertWeights,
@@ -23,10 +26,9 @@ from .strategies import (
     merge_experts,
     register_strategy,
 )
-from .variants import Gathering, parse_gathering
 
 __all__ = [
     "gather_experts", "collect_routing_stats", "merge_experts", "align_experts", "register_strategy",
-    "MERGE_STRATEGIES", "ExpertWeights", "DenseFFN", "FAMILIES", "MoEFamily", "RoutingStats",
-    "get_family", "register_family", "Gathering", "parse_gathering", "OneSReport", "benefit_preserved",
+    "MERGE_STRATEGIES", "DEFAULT_STRATEGY", "ExpertWeights", "DenseFFN", "FAMILIES", "MoEFamily", "RoutingStats",
+    "get_family", "register_family", "GatheringConfig", "OneSReport", "benefit_preserved",
 ]

@@ -1,39 +1,61 @@
-"""`hf-moekd gather TEACHER OUTPUT ...`: the knowledge-gathering subcommand (wired in by hf_moekd.cli)."""
+"""`hf-moekd gather TEACHER OUTPUT ...`: the knowledge-gathering subcommand (wired in by hf_moekd.cli).
+
+Its flags are the fields of `GatherArguments` (input, output, calibration) and of `GatheringConfig` (the merge: the
+keyword arguments of `gather_experts`), parsed by `transformers.HfArgumentParser`.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .strategies import MERGE_STRATEGIES, SVD_METHODS
+from ..utils.flags import add_renamed_flags
+from .config import GatheringConfig
+
+# former spellings (accepted with a FutureWarning until the next release) -> the flags named as distill / the API
+RENAMED_FLAGS = {"--overwrite": "--overwrite_output_dir", "--allow_pickle": "--allow_pickle_checkpoints",
+                 "--calibration_data": "--calibration_dataset", "--max_length": "--max_seq_length"}
+
+
+@dataclass
+class GatherArguments:
+    """What `hf-moekd gather` reads and writes (the merge itself is a `GatheringConfig`)."""
+
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "The MoE checkpoint directory (safetensors) or a peft adapter folder; or the positional TEACHER."})
+    output_dir: str | None = field(default=None, metadata={
+        "help": "Directory for the dense model (written atomically); or the positional OUTPUT."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace the output directory if it exists."})
+    allow_pickle_checkpoints: bool = field(default=False, metadata={
+        "help": "Accept a teacher with only pickle weights (pytorch_model.bin); only for files you trust."})
+    calibration_dataset: str | None = field(default=None, metadata={
+        "help": "Token batches for router statistics: a .pt file (tensor or list of tensors), a .txt/.jsonl file of "
+                "texts (tokenized with the teacher's tokenizer) or a datasets directory with input_ids."})
+    num_calibration_samples: int = field(default=128, metadata={"help": "Texts/rows used from --calibration_dataset."})
+    max_seq_length: int = field(default=512, metadata={"help": "Tokens per calibration text (longer ones are cut)."})
+    max_shard_size: str = field(default="2GB", metadata={"help": "Output shard size."})
+    plot_spectra: str | None = field(default=None, metadata={
+        "metavar": "DIR", "help": "Save DIR/singular_values.png: the singular values of every expert matrix per layer "
+                                  "(computed once from the experts read for merging; helps choose --rank)."})
 
 
 def add_gather_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``gather`` subcommand to an ``argparse`` subparsers object; sets ``func``."""
-    p = subparsers.add_parser("gather", help="Merge a sparse MoE's experts into a dense twin model (OneS knowledge gathering).")
-    p.add_argument("teacher", metavar="TEACHER", help="MoE checkpoint directory (safetensors)")
-    p.add_argument("output", metavar="OUTPUT", help="directory for the dense model (written atomically)")
-    p.add_argument("--strategy", default=None, choices=sorted(MERGE_STRATEGIES),
-                   help="merge strategy (default: svd when --rank is given, else weighted_average, the usage-weighted "
-                        "mean of the experts)")
-    p.add_argument("--rank", type=int, default=None, help="SVD-KG rank per expert (svd only; default: min(hidden, intermediate) // experts)")
-    p.add_argument("--svd_method", default=None, choices=sorted(SVD_METHODS), help="SVD-KG merge formula (default: expert)")
-    p.add_argument("--top_k", type=int, default=None, help="experts kept by --strategy top_experts (default: the router's top-k)")
-    p.add_argument("--align", action="store_true", help="align hidden units across experts before merging")
-    p.add_argument("--calibration_data", default=None,
-                   help="token batches for router statistics: a .pt file (tensor or list of tensors), a .txt/.jsonl "
-                        "file of texts (tokenized with TEACHER's tokenizer) or a datasets directory with input_ids")
-    p.add_argument("--num_calibration_samples", type=int, default=128, help="texts/rows used from --calibration_data")
-    p.add_argument("--max_length", type=int, default=512, help="tokens per calibration text")
-    p.add_argument("--max_shard_size", default="2GB", help="output shard size (default: 2GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    p.add_argument("--allow_pickle", action="store_true",
-                   help="accept a TEACHER with only pickle weights (pytorch_model.bin); only for files you trust")
-    p.add_argument("--plot_spectra", metavar="DIR", default=None,
-                   help="save DIR/singular_values.png: the singular values of every expert matrix per layer (computed "
-                        "once from the experts read for merging; helps choose --rank)")
-    p.set_defaults(func=run_gather)
+    from transformers import HfArgumentParser
+
+    flags = HfArgumentParser((GatherArguments, GatheringConfig), add_help=False)
+    p = subparsers.add_parser(
+        "gather", parents=[flags],
+        help="Merge a sparse MoE's experts into a dense twin model (OneS knowledge gathering).",
+        description="Merge each sparse block's experts into one dense FFN and write the dense twin model. The merge "
+                    "flags (--strategy, --rank, --top_k, --svd_method, --align) are gather_experts' keyword arguments.",
+        epilog="example: hf-moekd gather path/to/mixtral out/dense --strategy svd --rank 256 --overwrite_output_dir")
+    p.add_argument("teacher", metavar="TEACHER", nargs="?", help="MoE checkpoint directory (or --model_name_or_path)")
+    p.add_argument("output", metavar="OUTPUT", nargs="?", help="directory for the dense model (or --output_dir)")
+    add_renamed_flags(p, RENAMED_FLAGS)
+    p.set_defaults(func=run_gather, parser=flags)
     return p
 
 
@@ -57,24 +79,36 @@ def load_calibration(path: str, teacher: str, n: int, max_length: int) -> list:
         texts = [json.loads(ln)["text"] for ln in lines] if src.suffix == ".jsonl" else lines
         tok = AutoTokenizer.from_pretrained(teacher)
         return [tok(t, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"] for t in texts]
-    raise ValueError(f"unsupported --calibration_data {path}: use a .pt, .txt or .jsonl file or a datasets directory")
+    raise ValueError(f"unsupported --calibration_dataset {path}: use a .pt, .txt or .jsonl file or a datasets directory")
+
+
+def parse_gather_arguments(ns: argparse.Namespace) -> tuple[GatherArguments, GatheringConfig]:
+    """The dataclasses of a parsed `hf-moekd gather` command line (positional TEACHER / OUTPUT folded in)."""
+    values = {k: v for k, v in vars(ns).items() if k not in ("command", "func", "parser", "teacher", "output")}
+    pairs = (("TEACHER", ns.teacher, "model_name_or_path"), ("OUTPUT", ns.output, "output_dir"))
+    for metavar, positional, name in pairs:
+        if positional is not None and values[name] is not None and positional != values[name]:
+            raise ValueError(f"gather got {metavar} {positional!r} and --{name} {values[name]!r}: give one of them")
+        values[name] = values[name] or positional
+        if values[name] is None:
+            raise ValueError(f"gather needs {metavar} (or --{name})")
+    return ns.parser.parse_dict(values)
 
 
 def run_gather(ns: argparse.Namespace) -> None:
     from .gather import gather_experts
 
-    kwargs = {k: v for k, v in {"method": ns.svd_method, "k": ns.top_k}.items() if v is not None}
-    calib = None if ns.calibration_data is None else load_calibration(
-        ns.calibration_data, ns.teacher, ns.num_calibration_samples, ns.max_length)
-    spectra = None if ns.plot_spectra is None else {}
-    strategy = ns.strategy or ("svd" if ns.rank is not None else "weighted_average")
-    out = gather_experts(ns.teacher, strategy=strategy, rank=ns.rank, calibration_dataset=calib, align=ns.align,
-                         output_dir=ns.output, strategy_kwargs=kwargs, max_shard_size=ns.max_shard_size,
-                         overwrite=ns.overwrite, return_model=False, allow_pickle=ns.allow_pickle, spectra=spectra)
+    args, gathering = parse_gather_arguments(ns)
+    calib = None if args.calibration_dataset is None else load_calibration(
+        args.calibration_dataset, args.model_name_or_path, args.num_calibration_samples, args.max_seq_length)
+    spectra = None if args.plot_spectra is None else {}
+    out = gather_experts(args.model_name_or_path, gathering, calibration_dataset=calib, output_dir=args.output_dir,
+                         max_shard_size=args.max_shard_size, overwrite=args.overwrite_output_dir, return_model=False,
+                         allow_pickle=args.allow_pickle_checkpoints, spectra=spectra)
     print(f"dense model written to {out}")
     if spectra is not None:
         from ..utils.plots import plot_spectra
 
-        path = plot_spectra(spectra, Path(ns.plot_spectra) / "singular_values.png", rank=ns.rank,
-                            title=f"expert singular values: {Path(ns.teacher).name}")
+        path = plot_spectra(spectra, Path(args.plot_spectra) / "singular_values.png", rank=gathering.rank,
+                            title=f"expert singular values: {Path(args.model_name_or_path).name}")
         print(f"singular-value spectra written to {path}")

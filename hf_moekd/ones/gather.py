@@ -22,6 +22,7 @@ import shutil
 import warnings
 from collections import defaultdict
 from contextlib import ExitStack, contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 from ..cards import CARD_KEY, run_facts, write_model_card
 from ..integrations.peft import is_adapter_folder, is_peft_model, load_adapter, merge_peft
 from ..utils.outputs import atomic_output_dir, checkpoint_format, refuse_pickle
+from .config import STRATEGY_ARGUMENTS, GatheringConfig, as_gathering_config
 from .families import BlockReader, MoEFamily, RoutingStats, get_family
 from .strategies import expert_spectra, get_strategy, merge_experts, validate_options
 
@@ -90,7 +92,7 @@ class _CheckpointSource:
         elif single.is_file():
             self.files = {k: single for k in _open(single).keys()}
         elif any(self.path.glob("pytorch_model*.bin*")):
-            refuse_pickle(self.path, "allow_pickle=True (CLI: --allow_pickle)")
+            refuse_pickle(self.path, "allow_pickle=True (CLI: --allow_pickle_checkpoints)")
         else:
             raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {self.path}")
         self._raw: dict[str, str] = {}
@@ -258,12 +260,10 @@ def _fit(name: str, t: Tensor, shape: torch.Size) -> Tensor:
 
 def gather_experts(
     model_or_path: Any,
-    strategy: str = "weighted_average",
-    rank: int | None = None,
-    calibration_dataset: Any = None,
-    align: bool = False,
-    output_dir: str | os.PathLike | None = None,
+    config: GatheringConfig | str | None = None,
     *,
+    calibration_dataset: Any = None,
+    output_dir: str | os.PathLike | None = None,
     strategy_kwargs: dict[str, Any] | None = None,
     max_shard_size: int | str = "2GB",
     overwrite: bool = False,
@@ -271,24 +271,31 @@ def gather_experts(
     return_model: bool = True,
     allow_pickle: bool = False,
     spectra: dict[str, dict[str, Tensor]] | None = None,
+    **settings: Any,
 ):
     """Build the dense twin of a sparse MoE by merging each layer's experts (OneS knowledge gathering).
+
+    >>> gather_experts(moe, "svd-r16+align")                  # a variant string (GatheringConfig.from_string)
+    >>> gather_experts(moe, strategy="svd", rank=16, align=True)  # the same, as GatheringConfig's fields
+    >>> gather_experts(moe, GatheringConfig(strategy="top_experts", top_k=1))
 
     Args:
         model_or_path: a live MoE ``PreTrainedModel`` or a safetensors checkpoint directory (streamed). A peft
             ``PeftModel`` or a saved adapter folder (adapter_config.json naming its base model) is gathered with
             its adapters merged into the weights first (the given model keeps its adapters).
-        strategy: a name in :data:`MERGE_STRATEGIES` (``weighted_average``, ``average``, ``sum``, ``top_experts``,
-            ``svd``).
-        rank: SVD-KG rank per expert (``svd`` only; None = ``min(I, H) // E``, full rank = ``weighted_average``).
+        config: a :class:`GatheringConfig`, a variant string (``svd-r16+align``, a bare strategy name) or None
+            (the defaults: ``weighted_average``, or ``svd`` when ``rank`` is given).
+        **settings: :class:`GatheringConfig` fields replacing the config's: ``strategy`` (a name in
+            :data:`MERGE_STRATEGIES`), ``rank`` (SVD-KG rank per expert), ``top_k`` (experts kept by
+            ``top_experts``), ``svd_method``, ``align`` (match hidden units across experts before merging).
         calibration_dataset: token batches (a tensor, a list of tensors or of dicts with ``input_ids`` and
             optional ``attention_mask``/``decoder_input_ids``, or a Dataset of such rows). When given, the
             MoE runs once on it to measure router usage (for ``weighted_average``/``top_experts``/``svd``
             weights), the routed probability mass (rescales families whose routing weights do not sum to 1)
             and Qwen2-MoE's mean shared-expert gate. From a directory this loads the full model once.
-        align: match hidden units across experts before merging.
         output_dir: write the dense model here (atomically, sharded by ``max_shard_size``).
-        strategy_kwargs: extra strategy options (e.g. ``{"k": 4}`` for top_experts, ``{"method": "joint"}`` for svd).
+        strategy_kwargs: further options of the strategy function that GatheringConfig does not hold (e.g.
+            ``{"lowrank": False}`` for svd, or a registered strategy's own options).
         return_model: with ``output_dir``, load and return the written model (else return the path).
         allow_pickle: accept a folder that holds only pickle weights (``pytorch_model.bin``): the whole model is
             loaded with transformers (not streamed). Off by default: unpickling can run arbitrary code.
@@ -298,22 +305,22 @@ def gather_experts(
     """
     from transformers.utils.hub import convert_file_size_to_int
 
+    gathering = as_gathering_config(config, **settings)  # every setting checked before anything is read
+    strategy, align, extra = gathering.strategy, gathering.align, _extra_options(strategy_kwargs)
+
     model_or_path, aux_dir = _merged_adapters(model_or_path, allow_pickle)  # aux_dir: tokenizer files come from it
     if allow_pickle and not isinstance(model_or_path, torch.nn.Module) and checkpoint_format(model_or_path) == "pickle":
         aux_dir, model_or_path = Path(model_or_path), _load_pickled(model_or_path)
     is_live = isinstance(model_or_path, torch.nn.Module)
     source = _LiveSource(model_or_path) if is_live else _CheckpointSource(model_or_path)
-    config = source.config
-    family = get_family(config.model_type)
-    options = dict(strategy_kwargs or {})
-    if rank is not None:
-        options["rank"] = rank
-    fn = get_strategy(strategy)
-    if "k" in inspect.signature(fn).parameters:
-        options.setdefault("k", family.top_k(config))
+    moe_config = source.config
+    family = get_family(moe_config.model_type)
+    options = {**gathering.strategy_options(), **extra}
+    if "k" in inspect.signature(get_strategy(strategy)).parameters:
+        options.setdefault("k", family.top_k(moe_config))
     validate_options(strategy, options)
 
-    dense_config, make_dense, expected, tied = _dense_template(family, config, source.arch())
+    dense_config, make_dense, expected, tied = _dense_template(family, moe_config, source.arch())
     names = source.keys(family)
     name_set = set(names)
     blocks = sorted({b for n in names if (b := family.block_of(n))})
@@ -323,7 +330,7 @@ def gather_experts(
         stats = collect_routing_stats(model, family, blocks, calibration_dataset)
         if not is_live:
             del model
-    _warn_unscaled(family, config, bool(stats))
+    _warn_unscaled(family, moe_config, bool(stats))
 
     units: dict[tuple[str, int], list[str]] = defaultdict(list)
     for n in names:
@@ -356,7 +363,7 @@ def gather_experts(
                         emit(family.dense_name(n), get(n))
                 for block, rel in by_block.items():
                     reader = BlockReader(block, rel, lambda r, b=block: get(f"{b}.{r}"), source.where())
-                    for n, t in _gather_block(family, config, reader, stats.get(block), strategy, align, options,
+                    for n, t in _gather_block(family, moe_config, reader, stats.get(block), strategy, align, options,
                                                  spectra).items():
                         emit(family.dense_name(n), t)
 
@@ -367,11 +374,20 @@ def gather_experts(
         sink.finish()
         origin = getattr(model_or_path, "name_or_path", None) if is_live else source.path
         _write_card(tmp, Path(output_dir).name, origin, {
-            "strategy": strategy, "align": align, **options, "rank": options.get("rank"),
+            **asdict(gathering), "top_k": options.get("k"), **extra,
             "calibration_tokens": max((st.tokens for st in stats.values()), default=None)})
     if not return_model:
         return Path(output_dir)
     return make_dense.from_pretrained(output_dir)
+
+
+def _extra_options(strategy_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """``strategy_kwargs``, refusing the options that GatheringConfig holds (one name for each setting)."""
+    own = {arg: name for name, arg in STRATEGY_ARGUMENTS.items()}
+    if clash := sorted(set(strategy_kwargs or {}) & (set(own) | set(STRATEGY_ARGUMENTS))):
+        raise ValueError(f"strategy_kwargs {clash}: pass {sorted({own.get(c, c) for c in clash})} to gather_experts "
+                         "(GatheringConfig fields) instead")
+    return dict(strategy_kwargs or {})
 
 
 def _merged_adapters(model_or_path: Any, allow_pickle: bool) -> tuple[Any, Path | None]:

@@ -68,7 +68,8 @@ from torch import Tensor
 
 __all__ = [
     "ExpertWeights", "DenseFFN", "MERGE_STRATEGIES", "register_strategy", "get_strategy",
-    "merge_experts", "align_experts", "validate_options", "SVD_METHODS", "expert_spectra", "default_svd_rank",
+    "merge_experts", "align_experts", "validate_options", "SVD_METHODS", "DEFAULT_STRATEGY", "expert_spectra",
+    "default_svd_rank",
 ]
 
 
@@ -160,6 +161,7 @@ class DenseFFN:
 
 MergeFn = Callable[..., DenseFFN]
 MERGE_STRATEGIES: dict[str, MergeFn] = {}
+DEFAULT_STRATEGY = "weighted_average"  # of merge_experts, gather_experts (GatheringConfig), hf-moekd gather, OneS
 
 
 def register_strategy(name: str) -> Callable[[MergeFn], MergeFn]:
@@ -375,7 +377,7 @@ def validate_options(strategy: str, options: dict) -> None:
         raise ValueError(f"strategy {strategy!r} does not take option(s) {bad}; it takes {sorted(accepted) or 'none'}")
 
 
-def merge_experts(experts: ExpertWeights, strategy: str = "weighted_average", *, usage: Tensor | None = None,
+def merge_experts(experts: ExpertWeights, strategy: str = DEFAULT_STRATEGY, *, usage: Tensor | None = None,
                   align: bool = False, **options) -> DenseFFN:
     """Merge one layer's experts with a registered strategy; ``align`` first matches hidden units across experts."""
     validate_options(strategy, options)

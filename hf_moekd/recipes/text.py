@@ -145,7 +145,7 @@ def load_for_task(model_dir: str | Path, task: Task, allow_pickle: bool = False)
                          "--merge_adapters true")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json: pass a saved model folder (the output_dir of a run)")
-    check_weights(folder, allow_pickle, "--allow_pickle")
+    check_weights(folder, allow_pickle, "--allow_pickle_checkpoints")
     config = AutoConfig.from_pretrained(folder)
     task.check_config(config, folder)
     model = task.auto_class.from_pretrained(folder, use_safetensors=None if allow_pickle else True)

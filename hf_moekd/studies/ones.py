@@ -4,7 +4,8 @@ into a dense OneS model, distil (logits + hidden states), and compare.
 >>> from hf_moekd.studies.ones import OneSArguments, run_ones
 >>> report = run_ones(OneSArguments())          # scikit-learn digits, 3 seeds, a few minutes on 2 CPU cores
 
-Gathering variants are written `<strategy>[-r<rank>][+align]`, e.g. `weighted_average`, `svd-r16+align`, `top_experts`, `average+align`.
+Gathering variants are `GatheringConfig`s written as strings (`GatheringConfig.from_string`), e.g. `weighted_average`,
+`svd-r16+align`, `top_experts-k1`, `average+align`.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from transformers import PreTrainedModel, set_seed
 
 from ..cards import RunFacts, run_facts
 from ..distillation import load_teacher
-from ..ones import gather_experts, parse_gathering
+from ..ones import DEFAULT_STRATEGY, GatheringConfig, gather_experts
+from ..ones.config import GRAMMAR as GATHERING_GRAMMAR
 from ..data.images import image_labels
 from ..models.ones import OneSForImageClassification
 from ..models.vmoe import VMoEForImageClassification
@@ -35,7 +37,7 @@ class OneSArguments(ImageArguments):
     epochs: float = field(default=20, metadata={"help": "Training epochs of the dense baseline and of the V-MoE teacher."})
     kd_epochs: float = field(default=10, metadata={"help": "Distillation epochs of each gathered student."})
     hidden_loss_weight: float = field(default=0.5, metadata={"help": "Weight of the hidden-state MSE term (every block)."})
-    gatherings: list[str] = field(default_factory=lambda: ["weighted_average"], metadata={"help": "Variants `<strategy>[-r<rank>][+align]`."})
+    gatherings: list[str] = field(default_factory=lambda: [DEFAULT_STRATEGY], metadata={"help": f"Gathering variants to compare, each a GatheringConfig written `{GATHERING_GRAMMAR}`."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
     output_dir: str | None = field(default="outputs/ones", metadata={"help": "Where the OneS model of the first variant (last seed) is saved; None: nowhere."})
     controls: bool = field(default=True, metadata={"help": "Also train the controls: the dense baseline for kd_epochs more, and the first gathered model fine-tuned kd_epochs without KD."})
@@ -43,7 +45,7 @@ class OneSArguments(ImageArguments):
 
     def __post_init__(self) -> None:
         for spec in self.gatherings:
-            rank = parse_gathering(spec).rank
+            rank = GatheringConfig.from_string(spec).rank
             if rank is not None and rank > min(self.hidden_size, self.intermediate_size):
                 raise ValueError(f"gathering {spec!r}: rank {rank} exceeds min(hidden_size, intermediate_size) = "
                                  f"{min(self.hidden_size, self.intermediate_size)}.")
@@ -136,8 +138,7 @@ def calibration_batches(train_data, n: int = 2048, batch_size: int = 256) -> lis
 
 def gather(moe: PreTrainedModel, spec: str, calibration: list[torch.Tensor] | None) -> PreTrainedModel:
     """The dense OneS twin of a V-MoE by the gathering variant `spec` (e.g. `svd`, `top_experts+align`)."""
-    g = parse_gathering(spec)
-    return gather_experts(moe, g.strategy, rank=g.rank, calibration_dataset=calibration, align=g.align, progress=False)
+    return gather_experts(moe, GatheringConfig.from_string(spec), calibration_dataset=calibration, progress=False)
 
 
 _NOT_HYPERPARAMETERS = {"data_dir", "output_dir", "overwrite_output_dir", "controls", "measure_speed"}
