@@ -37,7 +37,7 @@ def glue_teacher(tmp_path_factory, data_dir):
 
 def test_glue_teacher_then_student(glue_teacher, data_dir, tmp_path, monkeypatch):
     results = json.loads((glue_teacher / "all_results.json").read_text())
-    assert results["mode"] == "fine-tune" and 0.0 <= results["eval_accuracy"] <= 1.0
+    assert results["run_kind"] == "fine-tune" and 0.0 <= results["eval_accuracy"] <= 1.0
     out = tmp_path / "student"
     code = run_script(
         "run_glue.py", "--task_name", "sst2", "--data_dir", str(data_dir / "glue"), "--output_dir", str(out),
@@ -49,7 +49,7 @@ def test_glue_teacher_then_student(glue_teacher, data_dir, tmp_path, monkeypatch
     student = AutoModelForSequenceClassification.from_pretrained(out)
     assert student.config.num_hidden_layers == 3 and student.config.id2label == {0: "negative", 1: "positive"}
     AutoTokenizer.from_pretrained(out)
-    assert json.loads((out / "all_results.json").read_text())["mode"] == "distil"
+    assert json.loads((out / "all_results.json").read_text())["run_kind"] == "distil"
 
 
 def test_small_random_student_on_stsb(data_dir, tmp_path, monkeypatch):

@@ -50,7 +50,7 @@ def test_three_string_labels_teacher_student_evaluate(tmp_path, suffix, capsys):
     assert cli("distill", *files, "--output_dir", student, "--model_name_or_path", teacher,
                "--teacher_model_name_or_path", teacher, *COMMON) == 0
     results = json.loads((student / "all_results.json").read_text())
-    assert results["mode"] == "distil" and {"eval_accuracy", "eval_f1_macro"} <= set(results)
+    assert results["run_kind"] == "distil" and {"eval_accuracy", "eval_f1_macro"} <= set(results)
     capsys.readouterr()
     assert cli("evaluate", student, "--task", "text-classification", "--validation_file", valid,
                "--max_seq_length", "32", "--output_file", tmp_path / "eval.json") == 0

@@ -273,6 +273,6 @@ def test_run_glue_with_lora(data_dir, tmp_path, monkeypatch):
     ])
     runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "run_glue.py"), run_name="__main__")
     results = json.loads((out / "all_results.json").read_text())
-    assert results["mode"] == "distil" and "eval_accuracy" in results
+    assert results["run_kind"] == "distil" and "eval_accuracy" in results
     assert results["model_card"]["hyperparameters"]["adapter"].startswith("LORA; r=4")
     assert AutoModelForSequenceClassification.from_pretrained(out).config.hidden_size == 64

@@ -70,7 +70,7 @@ def test_stage1_minimoe_then_stage2(data_dir, tmp_path, monkeypatch):
                       "--max_steps", "2", "--save_strategy", "no", *STAGE1, monkeypatch=monkeypatch)
     assert code == 0
     results = json.loads((stage1 / "all_results.json").read_text())
-    assert results["mode"] == "task-agnostic distil" and results["corpus_sentences"] == 32
+    assert results["run_kind"] == "task-agnostic distil" and results["corpus_sentences"] == 32
     base = AutoModel.from_pretrained(stage1)
     assert base.config.model_type == "minimoe" and base.config.num_ffn_experts == 2
     code = run_script("run_glue.py", "--task_name", "rte", "--data_dir", str(data_dir / "glue"), "--output_dir", str(stage2),
