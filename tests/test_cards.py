@@ -10,12 +10,11 @@ import torch
 import yaml
 from huggingface_hub.utils import validate_repo_id
 from safetensors import safe_open
-from tiny import tiny_bert, tiny_dataset
+from testing_utils import SCRIPT_FAST, run_script, tiny_bert, tiny_dataset
 
 from hf_moekd.cards import CARD_KEY, card_methods, run_facts, templates_dir, write_model_card
 from hf_moekd.cli import main
 from hf_moekd.utils.teachers import MINILM_HUB_ID
-from test_examples import FAST, run_script
 
 
 def front_matter(folder: Path) -> dict:
@@ -201,7 +200,7 @@ def test_example_script_writes_card_that_the_cli_reproduces(data_dir, tmp_path, 
     AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2).save_pretrained(teacher)
     code = run_script("run_glue.py", "--task_name", "sst2", "--data_dir", str(data_dir / "glue"), "--output_dir", str(out),
                       "--teacher_model_name_or_path", str(teacher), "--model_name_or_path", "minilm-l6",
-                      "--student_layers", "0,1", *FAST, monkeypatch=monkeypatch)
+                      "--student_layers", "0,1", *SCRIPT_FAST, monkeypatch=monkeypatch)
     assert code == 0
     meta = front_matter(out)
     assert meta["base_model"] == MINILM_HUB_ID and meta["datasets"] == ["nyu-mll/glue"]  # the initial weights, via the alias

@@ -9,9 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from test_examples import run_script
-from test_vmoe_ones import pixels, tiny_config, tiny_model
-from tiny import tiny_bert, tiny_dataset
+from testing_utils import pixels, run_script, tiny_bert, tiny_config, tiny_dataset, tiny_model
 from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
 from hf_moekd.distillation import DistillationArguments, DistillationTrainer

@@ -22,7 +22,7 @@ from hf_moekd.opdf import (
     overparameterize,
 )
 from hf_moekd.model_utils.students import student_from_teacher_layers
-from tiny import tiny_bert, tiny_dataset
+from testing_utils import tiny_bert, tiny_dataset
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

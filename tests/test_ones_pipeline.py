@@ -17,7 +17,7 @@ from hf_moekd.ones import Gathering, parse_gathering
 from hf_moekd.ones import OneSReport, benefit_preserved
 from hf_moekd.studies.ones import OneSArguments, run_ones, run_ones_from_teacher
 from hf_moekd.studies.vision import model_configs
-from test_examples import run_script
+from testing_utils import run_script
 
 TINY = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_experts=4,
             epochs=1, kd_epochs=1, batch_size=64, seeds=[0], measure_speed=False)

@@ -19,7 +19,7 @@ from transformers import (
 
 from hf_moekd.distillation import DistillationArguments, DistillationTrainer
 from hf_moekd.integrations.peft import load_peft_config, merge_peft, wrap_student
-from tiny import tiny_bert, tiny_dataset
+from testing_utils import tiny_bert, tiny_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:The peft student.s base model was not loaded")
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]

@@ -11,7 +11,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification
 
 from hf_moekd.data.text import load_text_corpus
 from hf_moekd.distillation import DistillationArguments
-from test_examples import FAST, run_script
+from testing_utils import SCRIPT_FAST, run_script
 
 SMALL = "hidden_size=96,num_hidden_layers=2,num_attention_heads=4,intermediate_size=192"
 STAGE1 = ["--max_train_samples", "32", "--per_device_train_batch_size", "8", "--max_seq_length", "32",
@@ -74,7 +74,7 @@ def test_stage1_minimoe_then_stage2(data_dir, tmp_path, monkeypatch):
     base = AutoModel.from_pretrained(stage1)
     assert base.config.model_type == "minimoe" and base.config.num_ffn_experts == 2
     code = run_script("run_glue.py", "--task_name", "rte", "--data_dir", str(data_dir / "glue"), "--output_dir", str(stage2),
-                      "--model_name_or_path", str(stage1), *FAST, monkeypatch=monkeypatch)
+                      "--model_name_or_path", str(stage1), *SCRIPT_FAST, monkeypatch=monkeypatch)
     assert code == 0
     model = AutoModelForSequenceClassification.from_pretrained(stage2)
     assert model.config.model_type == "minimoe" and model.config.num_labels == 2
