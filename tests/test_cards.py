@@ -191,6 +191,7 @@ def test_push_to_hub_uploads_our_card_and_the_student_only(tmp_path, monkeypatch
     assert front_matter(tmp_path / "out")["datasets"] == ["nyu-mll/glue"]
 
 
+@pytest.mark.slow
 def test_example_script_writes_card_that_the_cli_reproduces(data_dir, tmp_path, monkeypatch, capsys):
     from transformers import AutoModelForSequenceClassification
 

@@ -67,6 +67,7 @@ def test_help(command, expected, capsys):
     assert expected in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_distill_prints_summary_and_writes_csv_tensorboard_and_plots(distilled):
     out, stdout = distilled
     table = stdout[stdout.index("sst2 (distil)"):]
@@ -94,6 +95,7 @@ def test_distill_prints_summary_and_writes_csv_tensorboard_and_plots(distilled):
     assert {f"train/{t}" for t in terms} <= set(events.Tags()["scalars"])
 
 
+@pytest.mark.slow
 def test_evaluate_matches_the_final_evaluation(distilled, data_dir, tmp_path, capsys):
     out, _ = distilled
     results = json.loads((out / "all_results.json").read_text())

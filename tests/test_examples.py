@@ -22,6 +22,7 @@ def glue_teacher(tmp_path_factory, data_dir):
     return out
 
 
+@pytest.mark.slow
 def test_glue_teacher_then_student(glue_teacher, data_dir, tmp_path, monkeypatch):
     results = json.loads((glue_teacher / "all_results.json").read_text())
     assert results["run_kind"] == "fine-tune"
@@ -46,6 +47,7 @@ def test_glue_teacher_then_student(glue_teacher, data_dir, tmp_path, monkeypatch
     assert json.loads((out / "all_results.json").read_text())["run_kind"] == "distil"
 
 
+@pytest.mark.slow
 def test_small_random_student_on_stsb(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "stsb"
     code = run_script(
@@ -59,6 +61,7 @@ def test_small_random_student_on_stsb(data_dir, tmp_path, monkeypatch):
     assert AutoModelForSequenceClassification.from_pretrained(out).config.hidden_size == 96
 
 
+@pytest.mark.slow
 def test_conll_teacher_and_student(data_dir, tmp_path, monkeypatch):
     teacher, student = tmp_path / "teacher", tmp_path / "student"
     common = ["--data_dir", str(data_dir / "conll2003"), *SCRIPT_FAST]
@@ -121,6 +124,7 @@ def test_bad_input_gives_one_line_and_no_output(case, expected, data_dir, tmp_pa
         assert not out.exists(), "a failed run must not leave an output directory"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("student_flags, expected_type", [(["--moe_experts", "2"], "minimoe"), (["--mpo_overparameterize", "true"], "bert")])
 def test_moe_and_mpo_students_save_loadable_checkpoints(student_flags, expected_type, glue_teacher, data_dir, tmp_path, monkeypatch):
     out = tmp_path / "student"

@@ -32,6 +32,7 @@ def _resume_run(out: Path, *extra: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", [[], ["--moe_cached"]], ids=["dense", "minimoe_cached_logits"])
 def test_killed_run_resumes_to_the_same_weights(tmp_path, variant):
     straight = _resume_run(tmp_path / "straight", *variant)

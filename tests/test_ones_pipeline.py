@@ -110,6 +110,7 @@ def test_in_memory_dataset_matches_rows():
         assert torch.equal(fast[i]["pixel_values"], data[i]["pixel_values"]) and fast[i]["labels"] == data[i]["labels"]
 
 
+@pytest.mark.slow
 def test_run_ones_tiny_on_digits(tmp_path):
     out = tmp_path / "ones"
     report = run_ones(OneSArguments(**TINY, gatherings=["svd", "top_experts+align"], output_dir=str(out)), progress=False)
@@ -149,6 +150,7 @@ def test_refuses_non_empty_output_before_training(tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+@pytest.mark.slow
 def test_run_ones_from_a_saved_teacher(tmp_path, monkeypatch):
     args = OneSArguments(**TINY, output_dir=None)
     _, moe_config = model_configs(args, 8, tuple(str(i) for i in range(10)))
@@ -162,6 +164,7 @@ def test_run_ones_from_a_saved_teacher(tmp_path, monkeypatch):
     assert code == 2 and not (tmp_path / "never").exists()
 
 
+@pytest.mark.slow
 def test_example_script_runs_the_comparison(tmp_path, monkeypatch, capsys):
     code = run_script("run_ones.py", "--hidden_size", "16", "--intermediate_size", "16", "--num_hidden_layers", "2",
                       "--num_experts", "4", "--epochs", "0.5", "--kd_epochs", "0.5", "--seeds", "1",

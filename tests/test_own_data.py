@@ -216,6 +216,7 @@ def image_folder(root: Path, classes: dict[str, int], per_class: int) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_image_folders_for_ones_and_m2mkd(tmp_path):
     from hf_moekd.studies.m2mkd import M2MArguments, run_m2mkd
     from hf_moekd.studies.ones import OneSArguments, run_ones

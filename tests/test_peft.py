@@ -255,6 +255,7 @@ def test_peft_config_that_does_not_fit_the_student(tmp_path):
                             args=make_args(tmp_path, peft_config=lora(target_modules=["no_such_layer"])))
 
 
+@pytest.mark.slow
 def test_run_glue_with_lora(data_dir, tmp_path, monkeypatch):
     from hf_moekd.utils.teachers import minilm_path
 

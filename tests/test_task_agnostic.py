@@ -64,6 +64,7 @@ def test_relation_term_alone_trains_every_layer_of_a_minimoe_student(tmp_path, s
         assert reached == (source == "final_hidden" or i < last), (source, i)
 
 
+@pytest.mark.slow
 def test_stage1_minimoe_then_stage2(data_dir, tmp_path, monkeypatch):
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
     code = run_script("run_task_agnostic.py", "--data_dir", str(data_dir), "--output_dir", str(stage1), "--moe_experts", "2",
@@ -81,6 +82,7 @@ def test_stage1_minimoe_then_stage2(data_dir, tmp_path, monkeypatch):
     assert model.config.hidden_size == 96 and model.config.vocab_size == base.config.vocab_size
 
 
+@pytest.mark.slow
 def test_stage1_resume_last_matches_uninterrupted(data_dir, tmp_path, monkeypatch):
     out, reference = tmp_path / "stage1", tmp_path / "reference.safetensors"
     common = ["--data_dir", str(data_dir), "--output_dir", str(out), "--max_steps", "3", "--save_strategy", "steps",
