@@ -114,10 +114,11 @@ def test_card_cli_regenerates_and_refuses_bad_folders(tmp_path, capsys):
     assert front_matter(out)["datasets"] == ["nyu-mll/glue"] and "GLUE CoLA" in (out / "README.md").read_text()
     main(["card", str(out), "--method", "opdf", "--model_id", "me/run"])
     assert "### OPDF" in (out / "README.md").read_text() and '"me/run"' in snippet(out)
-    legacy = saved_student(tmp_path / "legacy")  # all_results.json from before model cards: facts from mode/task
-    (legacy / "all_results.json").write_text(json.dumps({"mode": "distil", "task": "rte", "eval_accuracy": 0.6}))
-    main(["card", str(legacy)])
-    assert "knowledge-distillation" in front_matter(legacy)["tags"]
+    for key in ("run_kind", "mode"):  # all_results.json without card facts: they come from run_kind ("mode" before)
+        legacy = saved_student(tmp_path / f"legacy_{key}")
+        (legacy / "all_results.json").write_text(json.dumps({key: "distil", "task": "rte", "eval_accuracy": 0.6}))
+        main(["card", str(legacy)])
+        assert "knowledge-distillation" in front_matter(legacy)["tags"]
     (tmp_path / "empty").mkdir()
     bare = saved_student(tmp_path / "bare")
     capsys.readouterr()

@@ -197,7 +197,7 @@ def test_routed_refuses_top1(family):
             make()
     check_mode(model, "all")  # all experts: fine
     with pytest.raises(ValueError, match="must be one of"):
-        MoDEConfig(mode="every")
+        MoDEConfig(variant="every")
     with pytest.raises(ValueError, match="no supported MoE experts"):
         check_mode(nn.Linear(2, 2), "all")
 
