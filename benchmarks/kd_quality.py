@@ -80,9 +80,9 @@ def main() -> None:
                 cmd = command(task, variant, seed, out, teacher, a)
                 commands[f"{task}/{variant}/seed{seed}"] = " ".join(cmd[1:])
                 result = run_script(cmd, out, "kd_quality")
-                expected_mode = "distil" if variant in KD_VARIANTS else "fine-tune"
-                if result["mode"] != expected_mode:
-                    raise RuntimeError(f"{out} ran in mode {result['mode']!r}, expected {expected_mode!r}: delete it and rerun")
+                expected = "distil" if variant in KD_VARIANTS else "fine-tune"
+                if result.get("run_kind") != expected:
+                    raise RuntimeError(f"{out} ran as {result.get('run_kind')!r}, expected {expected!r}: delete it and rerun")
                 scores.append(result[TASKS[task]["metric"]])
             table[f"{task}/{variant}"] = mean_std(scores)
             print(f"{task:6s} {variant:32s} {table[f'{task}/{variant}']['mean']:.4f} "

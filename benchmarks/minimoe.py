@@ -144,7 +144,7 @@ def main() -> None:
                     cmd = task_command(task, out, seed, a.data_dir, a.train_samples, a.epochs, lr,
                                        ["--model_name_or_path", str(start), *kd])
                     result = run_script(cmd, out, "minimoe")
-                    if result["mode"] != "distil":
+                    if result.get("run_kind") != "distil":
                         raise RuntimeError(f"{out} did not distil; delete it and rerun")
                     by_lr[lr].append(result[metric])
             best = max(a.lrs, key=lambda lr: statistics.fmean(by_lr[lr]))

@@ -4,7 +4,7 @@
 * fashion_mnist: the V-MoE of benchmarks/ones.py (8 experts, top-2, experts in every other block);
 * sst2: the Mixtral-style MoE classifier of benchmarks/ones_text.py (8 experts, top-2, MiniLM-L6's tokenizer).
 
-Plain MoE (alpha 0) vs MoE + MoDE (`--mode`, default 'all', the library's default) over an alpha sweep and several seeds: test accuracy,
+Plain MoE (alpha 0) vs MoE + MoDE (`--variant`, default 'all', the library's default) over an alpha sweep and several seeds: test accuracy,
 expert probing (`hf_moekd.analysis.probe_experts`: each expert's accuracy when it alone serves the samples allocated
 to it; allocation by the majority top-1 vote of a sample's tokens and by one token, CLS for V-MoE / last real token
 for text), expert diversity (mean pairwise cosine of expert outputs and of expert weights, and the MoDE loss among
@@ -46,20 +46,19 @@ from hf_moekd.analysis import (
     probe_experts,
 )
 from hf_moekd.data.images import IMAGE_LABELS, InMemoryDataset
-from hf_moekd.mode import mode_loss_per_example, patch_experts
+from hf_moekd.mode import VARIANTS, mode_loss_per_example, patch_experts
 from hf_moekd.models.vmoe import VMoEForImageClassification
 from hf_moekd.studies.ones import OneSArguments
 from hf_moekd.studies.vision import accuracy, load_data, model_configs, train
 
 ALPHAS = [0.0, 0.001, 0.003, 0.01, 0.1, 1.0]
-TERMS = {"routed": "mode", "all": "mode"}  # the registered DistillationTrainer loss term; variant as its option
 
 
 @dataclass
 class Task:
     name: str
     settings: dict[str, Any]
-    """Everything that shapes a run besides alpha, seed and mode (the cache key)."""
+    """Everything that shapes a run besides alpha, seed and variant (the cache key)."""
     args: OneSArguments
     new_model: Callable[[], PreTrainedModel]
     train_data: Any
@@ -95,12 +94,12 @@ def sst2_task(a: argparse.Namespace) -> Task:
                 lambda m: text_accuracy(m, data["validation"], collator), probe, position=-1)
 
 
-def run_one(task: Task, alpha: float, seed: int, mode: str, plot_dir: Path | None) -> dict[str, Any]:
+def run_one(task: Task, alpha: float, seed: int, variant: str, plot_dir: Path | None) -> dict[str, Any]:
     """Train one MoE (with MoDE at `alpha` unless 0) and analyse it."""
     set_seed(seed)
     model = task.new_model()
     start = time.perf_counter()
-    terms = [f"{TERMS[mode]}={alpha},variant={mode}"] if alpha else None
+    terms = [f"mode={alpha},variant={variant}"] if alpha else None  # the registered MoDE loss term
     train(model, task.train_data, task.args, seed, task.args.epochs, data_collator=task.collator, extra_loss_terms=terms)
     trained = time.perf_counter()
     kw = {"batch_size": 128, "collate_fn": task.collator}
@@ -256,7 +255,7 @@ SECTIONS = ("headline", "summary", "tables", "timing", "per_run", "args_by_task"
 
 def previous_tasks(a: argparse.Namespace) -> dict[str, Any]:
     """The previous result file's tasks that this run does not redo, each with the arguments it was measured with."""
-    previous = previous_result(f"mode_{a.mode}")
+    previous = previous_result(f"mode_{a.variant}")
     if "args" in previous:  # files written before args were kept per task
         previous["args_by_task"] = {t: previous["args"] for t in previous.get("tables", {})}
     return kept_tasks(previous, SECTIONS, a.tasks)
@@ -267,7 +266,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["fashion_mnist", "sst2"], choices=["fashion_mnist", "sst2"])
     parser.add_argument("--alphas", type=float, nargs="+", default=ALPHAS, help="0 = plain MoE")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--mode", default="all", choices=sorted(TERMS),
+    parser.add_argument("--variant", default="all", choices=sorted(VARIANTS),
                         help="MoDE variant of the alpha sweep (results/mode_<variant>.json)")
     parser.add_argument("--work_dir", default=str(REPO / "runs" / "mode"))
     parser.add_argument("--data_dir", default=None, help="Fashion-MNIST IDX folder (default: Debian's)")
@@ -296,9 +295,9 @@ def main() -> None:
         runs: dict[float, list[dict[str, Any]]] = {}
         for alpha in sorted(a.alphas):
             for seed in a.seeds:
-                settings = {**task.settings, "alpha": alpha, "seed": seed, "mode": a.mode if alpha else None}
+                settings = {**task.settings, "alpha": alpha, "seed": seed, "variant": a.variant if alpha else None}
                 result = cached(work / name / f"a{alpha:g}_s{seed}.json", settings,
-                                lambda: run_one(task, alpha, seed, a.mode, plot_dir), f"{name} alpha={alpha:g} seed={seed}")
+                                lambda: run_one(task, alpha, seed, a.variant, plot_dir), f"{name} alpha={alpha:g} seed={seed}")
                 print(f"[mode] {name} alpha={alpha:g} seed={seed}: accuracy {result['accuracy']:.4f}, probing "
                       f"{result['probe_majority']['mean_probe_accuracy']:.4f}, output cos "
                       f"{result['output_cosine_mean']:.3f}, train {result['train_seconds']:.1f} s, analysis "
@@ -316,10 +315,10 @@ def main() -> None:
         payload["per_run"][name] = {str(alpha): [{k: v for k, v in r.items() if k not in ("probe_majority", "probe_token")}
                                                   | {"probe_majority_rows": r["probe_majority"]["rows"]} for r in rs]
                                     for alpha, rs in runs.items()}
-        print(f"\nMoDE ({a.mode}) on {name}, seeds {a.seeds}\n{payload['tables'][name]}\nstep time vs plain: "
+        print(f"\nMoDE ({a.variant}) on {name}, seeds {a.seeds}\n{payload['tables'][name]}\nstep time vs plain: "
               f"routed {timing['routed_vs_plain']}, all {timing['all_vs_plain']}\n", flush=True)
     payload["args_by_task"].update({name: vars(a) for name in a.tasks})
-    write_result(f"mode_{a.mode}", payload)
+    write_result(f"mode_{a.variant}", payload)
 
 
 if __name__ == "__main__":

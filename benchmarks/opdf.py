@@ -136,7 +136,7 @@ def run_task(task: str, a: argparse.Namespace, given: dict[str, str]) -> dict:
                 cmd = task_command(task, out, seed, a.data_dir, a.train_samples or samples, a.epochs or epochs, lr,
                                    [*extra, *kd])
                 result = run_script(cmd, out, "opdf")
-                if result["mode"] != "distil":
+                if result.get("run_kind") != "distil":
                     raise RuntimeError(f"{out} did not distil; delete it and rerun")
                 results.append(result)
             by_lr[lr] = results

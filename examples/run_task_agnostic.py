@@ -56,7 +56,7 @@ def main() -> None:
     model_args, corpus_args, args = parser.parse_args_into_dataclasses()
     if not args.task_agnostic:
         raise ValueError("This script trains without labels: keep --task_agnostic true (use run_glue.py for tasks).")
-    mode = configure_losses(args)
+    run_kind = configure_losses(args)
     check_output_dir(args)
     with removed_on_failure(args.output_dir):
         corpus = load_text_corpus(corpus_args.data_dir, corpus_args.corpus_sources)
@@ -67,7 +67,7 @@ def main() -> None:
                           batched=True, remove_columns=["text"])
         trainer = DistillationTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                                       data_collator=DataCollatorWithPadding(tokenizer))
-    results = {"mode": f"task-agnostic {mode}", "corpus_sentences": len(corpus),
+    results = {"run_kind": f"task-agnostic {run_kind}", "corpus_sentences": len(corpus),
                "trainable_params": count_parameters(trainer.model, trainable_only=True)}
     results.update(trainer.train(resume_from_checkpoint=resume_checkpoint(args)).metrics)
     model_for_saving(trainer.model, model_args)

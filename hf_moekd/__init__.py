@@ -1,12 +1,14 @@
 """hf_moekd: knowledge distillation between sparse Mixture-of-Experts and dense models.
 
 The public API loads lazily, as transformers' does: `import hf_moekd` registers the models with the Auto classes
-and stays fast; `from hf_moekd import DistillationTrainer` imports the distillation package on first use.
+and stays fast; `from hf_moekd import DistillationTrainer` imports the distillation package on first use. The
+`TYPE_CHECKING` block names the same objects for type checkers and IDEs (tests/test_layers.py checks they agree).
+Recipes and study pipelines are not part of it: import them from `hf_moekd.recipes` / `hf_moekd.studies.*`.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .models import minimoe as _minimoe  # noqa: F401  (registers the models with the Auto classes)
 from .models import ones as _ones  # noqa: F401
@@ -21,22 +23,44 @@ from .models.minimoe import (
 from .models.ones import OneSConfig, OneSForImageClassification, OneSModel
 from .models.vmoe import VMoEConfig, VMoEForImageClassification, VMoEModel
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the package version: pyproject.toml reads it from here
 
-# name -> module; heavy modules load on first use
-_LAZY = {
-    **dict.fromkeys(["DistillationArguments", "DistillationTrainer", "LossTerm", "precompute_teacher_logits",
-                     "register_loss", "training_facts"], "hf_moekd.distillation"),
-    **dict.fromkeys(["gather_experts", "merge_experts", "register_family", "register_strategy"], "hf_moekd.ones"),
-    **dict.fromkeys(["MoDEConfig", "MoDETrainer", "MoDETrainerMixin"], "hf_moekd.mode"),
-    **dict.fromkeys(["MPOConstraintLoss", "contract", "mpo_contract", "mpo_decompose", "overparameterize"],
-                    "hf_moekd.opdf"),
-    **dict.fromkeys(["probe_experts", "routing_counts"], "hf_moekd.analysis"),
-    **dict.fromkeys(["CardMethod", "register_card_method", "write_model_card"], "hf_moekd.cards"),
-    **dict.fromkeys(["OneSArguments", "run_ones"], "hf_moekd.studies.ones"),
-    **dict.fromkeys(["M2MArguments", "run_m2mkd"], "hf_moekd.studies.m2mkd"),
-    **dict.fromkeys(["ModelArguments"], "hf_moekd.recipes"),
+# subpackage -> the names it gives the top level; each loads on first use
+_import_structure: dict[str, list[str]] = {
+    "distillation": ["DistillationArguments", "DistillationBatch", "DistillationTrainer", "LossTerm",
+                     "precompute_teacher_logits", "register_loss"],
+    # the gathering settings' dataclass (GatheringConfig, hf_moekd.ones.config) joins this list when it lands
+    "ones": ["gather_experts", "merge_experts", "register_family", "register_strategy"],
+    "mode": ["MoDEConfig", "MoDETrainer", "MoDETrainerMixin"],
+    "opdf": ["MPOConfig", "MPOConstraintLoss", "contract_overparameterized", "mpo_contract", "mpo_decompose",
+             "overparameterize"],
+    "analysis": ["probe_experts", "routing_counts"],
+    "cards": ["CardMethod", "register_card_method", "write_model_card"],
 }
+
+if TYPE_CHECKING:
+    from .analysis import probe_experts, routing_counts
+    from .cards import CardMethod, register_card_method, write_model_card
+    from .distillation import (
+        DistillationArguments,
+        DistillationBatch,
+        DistillationTrainer,
+        LossTerm,
+        precompute_teacher_logits,
+        register_loss,
+    )
+    from .mode import MoDEConfig, MoDETrainer, MoDETrainerMixin
+    from .ones import gather_experts, merge_experts, register_family, register_strategy
+    from .opdf import (
+        MPOConfig,
+        MPOConstraintLoss,
+        contract_overparameterized,
+        mpo_contract,
+        mpo_decompose,
+        overparameterize,
+    )
+
+_LAZY = {name: module for module, names in _import_structure.items() for name in names}
 __all__ = [
     "MiniMoEConfig", "MiniMoEForSequenceClassification", "MiniMoEForTokenClassification", "MiniMoEModel",
     "OneSConfig", "OneSForImageClassification", "OneSModel", "VMoEConfig", "VMoEForImageClassification", "VMoEModel",
@@ -46,7 +70,9 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # later look-ups skip __getattr__
+        return value
     raise AttributeError(f"module 'hf_moekd' has no attribute {name!r}")
 
 

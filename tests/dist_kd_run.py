@@ -8,7 +8,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import tiny_bert, tiny_dataset  # noqa: E402
+from testing_utils import tiny_bert, tiny_dataset  # noqa: E402
 
 from hf_moekd.distillation import DistillationArguments, DistillationTrainer  # noqa: E402
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from transformers import BertForTokenClassification
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import tiny_bert, tiny_dataset  # noqa: E402
+from testing_utils import tiny_bert, tiny_dataset  # noqa: E402
 
 from hf_moekd.distillation import DistillationArguments, DistillationTrainer, load_teacher  # noqa: E402
 from hf_moekd.distillation.engines import gathered, is_partitioned  # noqa: E402

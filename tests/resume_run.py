@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import tiny_bert, tiny_dataset  # noqa: E402
+from testing_utils import tiny_bert, tiny_dataset  # noqa: E402
 
 from hf_moekd.distillation import DistillationArguments, DistillationTrainer, precompute_teacher_logits  # noqa: E402
 from hf_moekd.models.minimoe import minimoe_from_dense  # noqa: E402

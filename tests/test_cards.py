@@ -10,12 +10,11 @@ import torch
 import yaml
 from huggingface_hub.utils import validate_repo_id
 from safetensors import safe_open
-from tiny import tiny_bert, tiny_dataset
+from testing_utils import SCRIPT_FAST, run_script, tiny_bert, tiny_dataset
 
 from hf_moekd.cards import CARD_KEY, card_methods, run_facts, templates_dir, write_model_card
 from hf_moekd.cli import main
 from hf_moekd.utils.teachers import MINILM_HUB_ID
-from test_examples import FAST, run_script
 
 
 def front_matter(folder: Path) -> dict:
@@ -115,10 +114,11 @@ def test_card_cli_regenerates_and_refuses_bad_folders(tmp_path, capsys):
     assert front_matter(out)["datasets"] == ["nyu-mll/glue"] and "GLUE CoLA" in (out / "README.md").read_text()
     main(["card", str(out), "--method", "opdf", "--model_id", "me/run"])
     assert "### OPDF" in (out / "README.md").read_text() and '"me/run"' in snippet(out)
-    legacy = saved_student(tmp_path / "legacy")  # all_results.json from before model cards: facts from mode/task
-    (legacy / "all_results.json").write_text(json.dumps({"mode": "distil", "task": "rte", "eval_accuracy": 0.6}))
-    main(["card", str(legacy)])
-    assert "knowledge-distillation" in front_matter(legacy)["tags"]
+    for key in ("run_kind", "mode"):  # all_results.json without card facts: they come from run_kind ("mode" before)
+        legacy = saved_student(tmp_path / f"legacy_{key}")
+        (legacy / "all_results.json").write_text(json.dumps({key: "distil", "task": "rte", "eval_accuracy": 0.6}))
+        main(["card", str(legacy)])
+        assert "knowledge-distillation" in front_matter(legacy)["tags"]
     (tmp_path / "empty").mkdir()
     bare = saved_student(tmp_path / "bare")
     capsys.readouterr()
@@ -192,6 +192,7 @@ def test_push_to_hub_uploads_our_card_and_the_student_only(tmp_path, monkeypatch
     assert front_matter(tmp_path / "out")["datasets"] == ["nyu-mll/glue"]
 
 
+@pytest.mark.slow
 def test_example_script_writes_card_that_the_cli_reproduces(data_dir, tmp_path, monkeypatch, capsys):
     from transformers import AutoModelForSequenceClassification
 
@@ -201,7 +202,7 @@ def test_example_script_writes_card_that_the_cli_reproduces(data_dir, tmp_path, 
     AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2).save_pretrained(teacher)
     code = run_script("run_glue.py", "--task_name", "sst2", "--data_dir", str(data_dir / "glue"), "--output_dir", str(out),
                       "--teacher_model_name_or_path", str(teacher), "--model_name_or_path", "minilm-l6",
-                      "--student_layers", "0,1", *FAST, monkeypatch=monkeypatch)
+                      "--student_layers", "0,1", *SCRIPT_FAST, monkeypatch=monkeypatch)
     assert code == 0
     meta = front_matter(out)
     assert meta["base_model"] == MINILM_HUB_ID and meta["datasets"] == ["nyu-mll/glue"]  # the initial weights, via the alias

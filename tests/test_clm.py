@@ -51,7 +51,7 @@ def test_mixtral_gather_distill_evaluate_generate(lm_files, tmp_path, capsys):
           "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--report_to", "none",
           "--disable_tqdm", "true", "--use_cpu", "true", "--save_strategy", "no"])
     results = json.loads((out / "all_results.json").read_text())
-    assert results["task"] == "clm" and results["mode"] == "distil"
+    assert results["task"] == "clm" and results["run_kind"] == "distil"
     assert results["eval_perplexity"] == pytest.approx(math.exp(results["eval_loss"]))
     card = (out / "README.md").read_text()
     assert "pipeline_tag: text-generation" in card and "Knowledge distillation" in card

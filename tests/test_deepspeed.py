@@ -21,7 +21,7 @@ import yaml
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import tiny_bert, tiny_dataset  # noqa: E402
+from testing_utils import tiny_bert, tiny_dataset  # noqa: E402
 
 from hf_moekd.distillation import DistillationArguments, DistillationTrainer  # noqa: E402
 from hf_moekd.distillation.engines import SideOptimizer, teacher_zero3_config  # noqa: E402

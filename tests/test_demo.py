@@ -21,6 +21,7 @@ def test_digits_splits_are_stratified_and_disjoint():
     assert sorted({int(y) for y in data["test"]["labels"]}) == list(range(10))
 
 
+@pytest.mark.slow
 def test_demo_prints_table_and_saves_reloadable_ones_model(tmp_path, capsys):
     report = run_demo(output_dir=str(tmp_path / "demo"), seeds=(0,), epochs=1, kd_epochs=1)
     out = capsys.readouterr().out

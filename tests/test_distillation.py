@@ -6,7 +6,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import TrainerCallback
 
 from hf_moekd.distillation import (
     DistillationArguments,
@@ -16,7 +15,7 @@ from hf_moekd.distillation import (
     register_loss,
 )
 from hf_moekd.distillation.losses import uniform_layer_map
-from tiny import bert_config, tiny_bert, tiny_dataset
+from testing_utils import GradRecorder, assert_same_grads, bert_config, tiny_bert, tiny_dataset
 
 
 def make_args(tmp_path, **kw) -> DistillationArguments:
@@ -29,16 +28,6 @@ def make_args(tmp_path, **kw) -> DistillationArguments:
     return DistillationArguments(**defaults)
 
 
-class GradRecorder(TrainerCallback):
-    """Copies the student's gradients right before each optimizer step."""
-
-    def __init__(self) -> None:
-        self.grads: list[dict[str, torch.Tensor]] = []
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
-        self.grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-
-
 def first_step_grads(tmp_path, train, teacher, student, **kw) -> dict[str, torch.Tensor]:
     recorder = GradRecorder()
     trainer = DistillationTrainer(
@@ -47,14 +36,6 @@ def first_step_grads(tmp_path, train, teacher, student, **kw) -> dict[str, torch
     )
     trainer.train()
     return recorder.grads[0]
-
-
-def assert_same_grads(a: dict, b: dict, rtol: float = 1e-5) -> None:
-    assert a.keys() == b.keys() and a
-    floor = 1e-3 * max(g.abs().max() for g in a.values())  # gradients that are 0 in exact arithmetic (e.g. key bias)
-    for name in a:
-        scale = a[name].abs().max().clamp_min(floor)
-        assert (a[name] - b[name]).abs().max() / scale <= rtol, name
 
 
 # ---- loss values -------------------------------------------------------------------------------

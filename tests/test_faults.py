@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import bert_config, tiny_bert, tiny_dataset
+from testing_utils import bert_config, tiny_bert, tiny_dataset
 from transformers import BertForSequenceClassification
 
 from hf_moekd.cli import main as cli_main
@@ -32,6 +32,7 @@ def _resume_run(out: Path, *extra: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", [[], ["--moe_cached"]], ids=["dense", "minimoe_cached_logits"])
 def test_killed_run_resumes_to_the_same_weights(tmp_path, variant):
     straight = _resume_run(tmp_path / "straight", *variant)
@@ -135,11 +136,11 @@ def test_pickle_teacher_refused_unless_flag(tmp_path):
 
 
 def test_pickle_student_refused_by_the_example_scripts(tmp_path, data_dir, monkeypatch, capsys):
-    from test_examples import FAST, run_script
+    from testing_utils import SCRIPT_FAST, run_script
 
     _pickle_checkpoint(tmp_path / "student")
     code = run_script("run_glue.py", "--task_name", "sst2", "--data_dir", str(data_dir / "glue"), "--output_dir",
-                      str(tmp_path / "out"), "--model_name_or_path", str(tmp_path / "student"), *FAST,
+                      str(tmp_path / "out"), "--model_name_or_path", str(tmp_path / "student"), *SCRIPT_FAST,
                       monkeypatch=monkeypatch)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: ") and "only pickle weights" in err[-1]
@@ -160,7 +161,7 @@ def test_hf_moekd_never_turns_on_trust_remote_code():
 
 # ---------------------------------------------------------------------------------------------- gathering CLI
 def _mixtral_checkpoint(folder: Path):
-    from test_gathering import mixtral
+    from testing_utils import mixtral
 
     model = mixtral()
     model.save_pretrained(folder)

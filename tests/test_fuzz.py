@@ -74,7 +74,7 @@ def test_fuzz_model_configs():
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
-    from test_gathering import mixtral
+    from testing_utils import mixtral
 
     path = tmp_path_factory.mktemp("pristine") / "moe"
     mixtral().save_pretrained(path, max_shard_size="20KB")

@@ -12,20 +12,15 @@ import pytest
 import torch
 import transformers as tf
 from safetensors.torch import load_file, save_file
+from testing_utils import MOE_LM, MOE_LM_EXPERTS, mixtral
 
 from hf_moekd.ones import ExpertWeights, gather_experts, merge_experts
 from hf_moekd.ones.strategies import default_svd_rank
 from hf_moekd.ones import gather as gather_mod
 from hf_moekd.ones.cli import add_gather_parser
 
-VOCAB, HIDDEN, LAYERS, EXPERTS = 99, 32, 2, 4
-COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2)
-
-
-def mixtral(seed=0):
-    torch.manual_seed(seed)
-    return tf.MixtralForCausalLM(tf.MixtralConfig(**COMMON, intermediate_size=16, num_local_experts=EXPERTS)).eval()
+COMMON, EXPERTS = MOE_LM, MOE_LM_EXPERTS
+VOCAB, HIDDEN, LAYERS = MOE_LM["vocab_size"], MOE_LM["hidden_size"], MOE_LM["num_hidden_layers"]
 
 
 def qwen2_moe(seed=0):

@@ -201,7 +201,7 @@ def ragged_lm_dataset(n: int = 8):
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
 def test_lm_gradient_accumulation_matches_one_big_batch(tmp_path, divergence):
     """Per-token normalisation over the whole optimizer step (shifted labels counted): 1 x 8 == 4 x 2."""
-    from test_distillation import GradRecorder, assert_same_grads
+    from testing_utils import GradRecorder, assert_same_grads
 
     grads = []
     for batch, steps in ((8, 1), (2, 4)):

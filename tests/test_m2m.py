@@ -9,9 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from test_examples import run_script
-from test_vmoe_ones import pixels, tiny_config, tiny_model
-from tiny import tiny_bert, tiny_dataset
+from testing_utils import pixels, run_script, tiny_bert, tiny_config, tiny_dataset, tiny_model
 from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
 from hf_moekd.distillation import DistillationArguments, DistillationTrainer
@@ -233,6 +231,7 @@ TINY_RUN = dict(max_train_samples=64, max_test_samples=32, teacher_hidden_size=1
                 meta_epochs=1, module_epochs=1, finetune_epochs=1, batch_size=32)
 
 
+@pytest.mark.slow
 def test_pipeline_budget_assembly_and_resume(tmp_path, monkeypatch):
     args = M2MArguments(**TINY_RUN, output_dir=str(tmp_path))
     report = run_m2mkd(args, progress=False)
@@ -261,6 +260,7 @@ def test_pipeline_budget_assembly_and_resume(tmp_path, monkeypatch):
         run_m2mkd(M2MArguments(**{**TINY_RUN, "module_epochs": 2}, output_dir=str(tmp_path)), progress=False)
 
 
+@pytest.mark.slow
 def test_one_process_per_module_skips_finished_modules(tmp_path, monkeypatch):
     base = dict(TINY_RUN, output_dir=str(tmp_path), baseline=False)
     with pytest.raises(FileNotFoundError, match="run the earlier phases first"):
@@ -283,6 +283,7 @@ def test_one_process_per_module_skips_finished_modules(tmp_path, monkeypatch):
     assert report.student[0]["settings"]["modules"] == [r for _, r in trained]
 
 
+@pytest.mark.slow
 def test_example_script(tmp_path, monkeypatch, capsys):
     assert run_script("run_m2mkd.py", "--help", monkeypatch=monkeypatch) == 0
     assert "--module_index" in capsys.readouterr().out

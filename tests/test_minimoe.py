@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from fresh_process import fresh_process_logits
+from testing_utils import fresh_process_logits
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     AutoConfig,

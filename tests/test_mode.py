@@ -40,7 +40,7 @@ from hf_moekd.mode import (
     mutual_distillation,
     patch_experts,
 )
-from tiny import VOCAB, tiny_dataset
+from testing_utils import VOCAB, tiny_dataset
 
 TEXT = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0)
 
@@ -197,7 +197,7 @@ def test_routed_refuses_top1(family):
             make()
     check_mode(model, "all")  # all experts: fine
     with pytest.raises(ValueError, match="must be one of"):
-        MoDEConfig(mode="every")
+        MoDEConfig(variant="every")
     with pytest.raises(ValueError, match="no supported MoE experts"):
         check_mode(nn.Linear(2, 2), "all")
 

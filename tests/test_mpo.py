@@ -14,7 +14,7 @@ from hf_moekd.opdf import (
     MPOConstraintLoss,
     MPOLinear,
     auto_factors,
-    contract,
+    contract_overparameterized,
     default_layer_map,
     mpo_contract,
     mpo_decompose,
@@ -22,7 +22,7 @@ from hf_moekd.opdf import (
     overparameterize,
 )
 from hf_moekd.model_utils.students import student_from_teacher_layers
-from tiny import tiny_bert, tiny_dataset
+from testing_utils import tiny_bert, tiny_dataset
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -141,7 +141,7 @@ def test_contract_of_overparameterize_reproduces_the_model(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
-    contract(model)
+    contract_overparameterized(model)
     assert type(model) is BertForSequenceClassification and not mpo_modules(model)
     assert list(model.state_dict()) == keys and sum(p.numel() for p in model.parameters()) == count
     with torch.no_grad():

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fresh_process import fresh_process_logits
-from test_vmoe_ones import pixels, tiny_model
+from testing_utils import fresh_process_logits, pixels, tiny_model
 
 from hf_moekd.ones import gather_experts
 

@@ -17,7 +17,7 @@ from hf_moekd.ones import GatheringConfig
 from hf_moekd.ones import OneSReport, benefit_preserved
 from hf_moekd.studies.ones import OneSArguments, run_ones, run_ones_from_teacher
 from hf_moekd.studies.vision import model_configs
-from test_examples import run_script
+from testing_utils import run_script
 
 TINY = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_experts=4,
             epochs=1, kd_epochs=1, batch_size=64, seeds=[0], measure_speed=False)
@@ -108,17 +108,23 @@ def test_in_memory_dataset_matches_rows():
         assert torch.equal(fast[i]["pixel_values"], data[i]["pixel_values"]) and fast[i]["labels"] == data[i]["labels"]
 
 
+@pytest.mark.slow
 def test_run_ones_tiny_on_digits(tmp_path):
     out = tmp_path / "ones"
     report = run_ones(OneSArguments(**TINY, gatherings=["svd", "top_experts+align"], output_dir=str(out)), progress=False)
     expected = {"dense", "moe", "dense, +1 epochs", "svd gathered only", "svd + fine-tune, no KD", "svd + KD (OneS)",
                 "top_experts+align gathered only", "top_experts+align + KD (OneS)"}
-    assert set(report.accuracy) == expected and all(len(v) == 1 and 0 <= v[0] <= 1 for v in report.accuracy.values())
+    assert set(report.accuracy) == expected and all(len(v) == 1 for v in report.accuracy.values())
     assert report.params["moe"] > report.params["dense"]
     table = report.table()
     assert "| svd + KD (OneS) |" in table and table.count("\n") == len(expected) + 1
     model = AutoModelForImageClassification.from_pretrained(out)
     assert type(model).__name__ == "OneSForImageClassification" and model.config.hidden_size == 16
+    test = load_image_dataset("digits")["test"]
+    with torch.no_grad():  # the saved model is the first gathering's OneS student: the report holds its accuracy
+        correct = sum(int((model(pixel_values=test[s:s + 256]["pixel_values"]).logits.argmax(-1)
+                           == test[s:s + 256]["labels"]).sum()) for s in range(0, len(test), 256))
+    assert report.accuracy["svd + KD (OneS)"] == [correct / len(test)]
     saved = json.loads((out / "all_results.json").read_text())
     assert saved["per_seed"]["svd + KD (OneS)"] == report.accuracy["svd + KD (OneS)"]
 
@@ -142,6 +148,7 @@ def test_refuses_non_empty_output_before_training(tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+@pytest.mark.slow
 def test_run_ones_from_a_saved_teacher(tmp_path, monkeypatch):
     args = OneSArguments(**TINY, output_dir=None)
     _, moe_config = model_configs(args, 8, tuple(str(i) for i in range(10)))
@@ -155,6 +162,7 @@ def test_run_ones_from_a_saved_teacher(tmp_path, monkeypatch):
     assert code == 2 and not (tmp_path / "never").exists()
 
 
+@pytest.mark.slow
 def test_example_script_runs_the_comparison(tmp_path, monkeypatch, capsys):
     code = run_script("run_ones.py", "--hidden_size", "16", "--intermediate_size", "16", "--num_hidden_layers", "2",
                       "--num_experts", "4", "--epochs", "0.5", "--kd_epochs", "0.5", "--seeds", "1",

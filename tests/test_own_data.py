@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-from test_cli import FAST, TINY, cli
+from testing_utils import TINY_BERT, cli
 
 WORDS = {"joy": "a happy bright sunny day", "anger": "a furious loud angry shout", "calm": "a quiet slow still lake"}
 
@@ -44,13 +44,13 @@ def test_three_string_labels_teacher_student_evaluate(tmp_path, suffix, capsys):
     train, valid = write(sentiment_rows(), tmp_path / f"train{suffix}"), write(sentiment_rows(9), tmp_path / f"valid{suffix}")
     teacher, student = tmp_path / "teacher", tmp_path / "student"
     files = ["--task", "text-classification", "--train_file", train, "--validation_file", valid]
-    assert cli("distill", *files, "--output_dir", teacher, "--student_config_overrides", TINY, *COMMON) == 0
+    assert cli("distill", *files, "--output_dir", teacher, "--student_config_overrides", TINY_BERT, *COMMON) == 0
     config = AutoModelForSequenceClassification.from_pretrained(teacher).config
     assert config.id2label == {0: "anger", 1: "calm", 2: "joy"}
     assert cli("distill", *files, "--output_dir", student, "--model_name_or_path", teacher,
                "--teacher_model_name_or_path", teacher, *COMMON) == 0
     results = json.loads((student / "all_results.json").read_text())
-    assert results["mode"] == "distil" and {"eval_accuracy", "eval_f1_macro"} <= set(results)
+    assert results["run_kind"] == "distil" and {"eval_accuracy", "eval_f1_macro"} <= set(results)
     capsys.readouterr()
     assert cli("evaluate", student, "--task", "text-classification", "--validation_file", valid,
                "--max_seq_length", "32", "--output_file", tmp_path / "eval.json") == 0
@@ -64,7 +64,8 @@ def test_regression_and_pairs_from_csv(tmp_path):
     train, valid = write(rows, tmp_path / "train.csv"), write(rows[:6], tmp_path / "valid.csv")
     out = tmp_path / "model"
     assert cli("distill", "--task", "text-classification", "--train_file", train, "--validation_file", valid,
-               "--label_column_name", "score", "--output_dir", out, "--student_config_overrides", TINY, *COMMON) == 0
+               "--label_column_name", "score", "--output_dir", out, "--student_config_overrides", TINY_BERT,
+               *COMMON) == 0
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.num_labels == 1 and model.config.problem_type == "regression"
     results = json.loads((out / "all_results.json").read_text())
@@ -83,7 +84,7 @@ def test_ner_with_its_own_tag_set(tmp_path):
                              for _ in range(3)))
     out = tmp_path / "ner"
     assert cli("distill", "--task", "ner", "--train_file", column, "--validation_file", valid, "--output_dir", out,
-               "--student_config_overrides", TINY, *COMMON) == 0
+               "--student_config_overrides", TINY_BERT, *COMMON) == 0
     model = AutoModelForTokenClassification.from_pretrained(out)
     assert list(model.config.id2label.values()) == ["O", "B-facility", "I-facility", "B-geo-loc", "B-person"]
     assert "eval_f1" in json.loads((out / "all_results.json").read_text())
@@ -153,16 +154,16 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     ]
     for extra, message in cases:
         args = ["distill", "--task", "text-classification", "--train_file", train, "--output_dir", tmp_path / "out",
-                *COMMON, "--student_config_overrides", TINY, *extra]
+                *COMMON, "--student_config_overrides", TINY_BERT, *extra]
         assert cli(*args) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert len(err) == 1 and message in err[0], err
         assert not (tmp_path / "out").exists()
     assert cli("distill", "--task", "ner", "--train_file", mixed, "--validation_file", mixed, "--output_dir",
-               tmp_path / "out", *COMMON, "--student_config_overrides", TINY) == 2
+               tmp_path / "out", *COMMON, "--student_config_overrides", TINY_BERT) == 2
     assert "not BIO / IOB1" in capsys.readouterr().err
     assert cli("distill", "--task", "text-classification", "--train_file", train, "--validation_file", train,
-               "--output_dir", afile, *COMMON, "--student_config_overrides", TINY) == 2
+               "--output_dir", afile, *COMMON, "--student_config_overrides", TINY_BERT) == 2
     assert "is a file" in capsys.readouterr().err
 
 
@@ -173,7 +174,7 @@ def test_teacher_without_its_task_head_is_refused(tmp_path, capsys):
     train = write(sentiment_rows(), tmp_path / "train.csv")
     assert cli("distill", "--task", "text-classification", "--train_file", train, "--validation_file", train,
                "--teacher_model_name_or_path", MINILM, "--output_dir", tmp_path / "out", *COMMON,
-               "--student_config_overrides", TINY) == 2
+               "--student_config_overrides", TINY_BERT) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "has no trained weights for classifier" in err[0] and "fine-tune it" in err[0], err
 
@@ -186,7 +187,7 @@ def test_dataset_name_local_folder_of_split_files(tmp_path, capsys):
     write(sentiment_rows(9), folder / "validation.jsonl")
     out = tmp_path / "model"
     assert cli("distill", "--task", "text-classification", "--dataset_name", folder, "--output_dir", out,
-               "--student_config_overrides", TINY, *COMMON) == 0
+               "--student_config_overrides", TINY_BERT, *COMMON) == 0
     assert AutoModelForSequenceClassification.from_pretrained(out).config.id2label == {0: "anger", 1: "calm", 2: "joy"}
     results = json.loads((out / "all_results.json").read_text())
     capsys.readouterr()
@@ -210,7 +211,7 @@ def test_dataset_name_hub_style_class_labels(tmp_path):
                  "test": Dataset.from_list(test, features=features)}).save_to_disk(str(glue))
     out = tmp_path / "sst"
     assert cli("distill", "--task", "text-classification", "--dataset_name", glue, "--output_dir", out,
-               "--student_config_overrides", TINY, *COMMON) == 0
+               "--student_config_overrides", TINY_BERT, *COMMON) == 0
     assert AutoModelForSequenceClassification.from_pretrained(out).config.id2label == {0: "positive", 1: "negative"}
     results = json.loads((out / "all_results.json").read_text())
     assert "eval_accuracy" in results and not any(k.startswith("test_") for k in results)
@@ -223,7 +224,7 @@ def test_dataset_name_hub_style_class_labels(tmp_path):
                  for split, n in (("train", 16), ("validation", 4))}).save_to_disk(str(conll))
     ner = tmp_path / "ner"
     assert cli("distill", "--task", "ner", "--dataset_name", conll, "--output_dir", ner,
-               "--student_config_overrides", TINY, *COMMON) == 0
+               "--student_config_overrides", TINY_BERT, *COMMON) == 0
     assert list(AutoModelForTokenClassification.from_pretrained(ner).config.id2label.values()) == names
 
 
@@ -239,7 +240,7 @@ def test_dataset_name_errors_are_one_line(tmp_path, capsys):
     ]
     for extra, message in cases:
         assert cli("distill", "--task", "text-classification", "--output_dir", tmp_path / "out", *COMMON,
-                   "--student_config_overrides", TINY, *extra) == 2
+                   "--student_config_overrides", TINY_BERT, *extra) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert len(err) == 1 and message in err[0], err
         assert not (tmp_path / "out").exists()
@@ -260,6 +261,7 @@ def image_folder(root: Path, classes: dict[str, int], per_class: int) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_image_folders_for_ones_and_m2mkd(tmp_path):
     from hf_moekd.studies.m2mkd import M2MArguments, run_m2mkd
     from hf_moekd.studies.ones import OneSArguments, run_ones

@@ -19,7 +19,7 @@ from transformers import (
 
 from hf_moekd.distillation import DistillationArguments, DistillationTrainer
 from hf_moekd.integrations.peft import load_peft_config, merge_peft, wrap_student
-from tiny import tiny_bert, tiny_dataset
+from testing_utils import tiny_bert, tiny_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:The peft student.s base model was not loaded")
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -255,6 +255,7 @@ def test_peft_config_that_does_not_fit_the_student(tmp_path):
                             args=make_args(tmp_path, peft_config=lora(target_modules=["no_such_layer"])))
 
 
+@pytest.mark.slow
 def test_run_glue_with_lora(data_dir, tmp_path, monkeypatch):
     from hf_moekd.utils.teachers import minilm_path
 
@@ -273,6 +274,6 @@ def test_run_glue_with_lora(data_dir, tmp_path, monkeypatch):
     ])
     runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "run_glue.py"), run_name="__main__")
     results = json.loads((out / "all_results.json").read_text())
-    assert results["mode"] == "distil" and "eval_accuracy" in results
+    assert results["run_kind"] == "distil" and "eval_accuracy" in results
     assert results["model_card"]["hyperparameters"]["adapter"].startswith("LORA; r=4")
     assert AutoModelForSequenceClassification.from_pretrained(out).config.hidden_size == 64

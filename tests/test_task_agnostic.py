@@ -11,7 +11,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification
 
 from hf_moekd.data.text import load_text_corpus
 from hf_moekd.distillation import DistillationArguments
-from test_examples import FAST, run_script
+from testing_utils import SCRIPT_FAST, run_script
 
 SMALL = "hidden_size=96,num_hidden_layers=2,num_attention_heads=4,intermediate_size=192"
 STAGE1 = ["--max_train_samples", "32", "--per_device_train_batch_size", "8", "--max_seq_length", "32",
@@ -64,23 +64,25 @@ def test_relation_term_alone_trains_every_layer_of_a_minimoe_student(tmp_path, s
         assert reached == (source == "final_hidden" or i < last), (source, i)
 
 
+@pytest.mark.slow
 def test_stage1_minimoe_then_stage2(data_dir, tmp_path, monkeypatch):
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
     code = run_script("run_task_agnostic.py", "--data_dir", str(data_dir), "--output_dir", str(stage1), "--moe_experts", "2",
                       "--max_steps", "2", "--save_strategy", "no", *STAGE1, monkeypatch=monkeypatch)
     assert code == 0
     results = json.loads((stage1 / "all_results.json").read_text())
-    assert results["mode"] == "task-agnostic distil" and results["corpus_sentences"] == 32
+    assert results["run_kind"] == "task-agnostic distil" and results["corpus_sentences"] == 32
     base = AutoModel.from_pretrained(stage1)
     assert base.config.model_type == "minimoe" and base.config.num_ffn_experts == 2
     code = run_script("run_glue.py", "--task_name", "rte", "--data_dir", str(data_dir / "glue"), "--output_dir", str(stage2),
-                      "--model_name_or_path", str(stage1), *FAST, monkeypatch=monkeypatch)
+                      "--model_name_or_path", str(stage1), *SCRIPT_FAST, monkeypatch=monkeypatch)
     assert code == 0
     model = AutoModelForSequenceClassification.from_pretrained(stage2)
     assert model.config.model_type == "minimoe" and model.config.num_labels == 2
     assert model.config.hidden_size == 96 and model.config.vocab_size == base.config.vocab_size
 
 
+@pytest.mark.slow
 def test_stage1_resume_last_matches_uninterrupted(data_dir, tmp_path, monkeypatch):
     out, reference = tmp_path / "stage1", tmp_path / "reference.safetensors"
     common = ["--data_dir", str(data_dir), "--output_dir", str(out), "--max_steps", "3", "--save_strategy", "steps",

@@ -8,15 +8,13 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from fresh_process import fresh_process_logits
+from testing_utils import fresh_process_logits, pixels, tiny_config, tiny_model
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 from hf_moekd.model_utils.capture import capture_qkv, find_blocks, qkv_modules
 from hf_moekd.models.ones import OneSConfig, OneSForImageClassification, OneSModel
 from hf_moekd.models.ones import register as register_ones
 from hf_moekd.models.vmoe import (
-    VMoEConfig,
-    VMoEForImageClassification,
     VMoEModel,
     load_balancing_loss,
     ones_from_vmoe_nonexpert,
@@ -25,35 +23,7 @@ from hf_moekd.models.vmoe import (
 )
 from hf_moekd.models.vmoe import register as register_vmoe
 
-TINY = dict(
-    image_size=8, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-    intermediate_size=37, num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-)
-MOE = dict(num_experts=4, num_experts_per_tok=2)
 SEQ = 17  # 16 patches + CLS
-
-
-def tiny_config(moe: bool, **overrides) -> OneSConfig:
-    return VMoEConfig(**{**TINY, **MOE, **overrides}) if moe else OneSConfig(**{**TINY, **overrides})
-
-
-def tiny_model(moe: bool, base: bool = False, seed: int = 0, perturb: bool = False, **overrides):
-    """A tiny model; `perturb` adds noise to every parameter (fresh models have zero biases and unit LayerNorms)."""
-    cls = {(True, True): VMoEModel, (True, False): VMoEForImageClassification,
-           (False, True): OneSModel, (False, False): OneSForImageClassification}[moe, base]
-    torch.manual_seed(seed)
-    model = cls(tiny_config(moe, **overrides)).eval()
-    if perturb:
-        with torch.no_grad():
-            for param in model.parameters():
-                param.add_(0.05 * torch.randn_like(param))
-    return model
-
-
-def pixels(batch_size: int = 3, seed: int = 0) -> torch.Tensor:
-    return torch.rand(batch_size, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
-
-
 LABELS = torch.tensor([0, 4, 9])
 BOTH = pytest.mark.parametrize("moe", [False, True], ids=["ones", "vmoe"])
 

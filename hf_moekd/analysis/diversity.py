@@ -55,7 +55,7 @@ def _expert_calls(model: nn.Module, data: Any, record: str, batch_size: int, col
 def expert_output_similarity(model: nn.Module, data: Any, batch_size: int = 64, collate_fn: Callable | None = None,
                              max_batches: int | None = None, label_key: str = "labels") -> dict[str, float]:
     """Per MoE layer: mean pairwise cosine of all E experts' outputs (before gate weighting) on each real token,
-    averaged over the tokens of `data` (every expert runs on every token, as MoDE's 'all' mode)."""
+    averaged over the tokens of `data` (every expert runs on every token, as MoDE's 'all' variant)."""
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     for calls, inputs, n_examples in _expert_calls(model, data, "all", batch_size, collate_fn, max_batches, label_key):
@@ -70,13 +70,14 @@ def expert_output_similarity(model: nn.Module, data: Any, batch_size: int = 64, 
 
 
 @torch.no_grad()
-def mode_loss_on_data(model: nn.Module, data: Any, mode: str = "all", batch_size: int = 64,
+def mode_loss_on_data(model: nn.Module, data: Any, variant: str = "all", batch_size: int = 64,
                       collate_fn: Callable | None = None, max_batches: int | None = None,
                       label_key: str = "labels") -> float:
     """The MoDE loss (`hf_moekd.mode.losses`, per example, averaged over the examples of `data`) in eval mode: the
-    experts' relative squared deviation from their peers' mean, i.e. the quantity MoDE minimises."""
+    experts' relative squared deviation from their peers' mean, i.e. the quantity MoDE minimises; `variant` as in
+    `MoDEConfig`."""
     total, count = 0.0, 0
-    for calls, inputs, n_examples in _expert_calls(model, data, mode, batch_size, collate_fn, max_batches, label_key):
+    for calls, inputs, n_examples in _expert_calls(model, data, variant, batch_size, collate_fn, max_batches, label_key):
         total += float(mode_loss_per_example(calls, n_examples, inputs.get("attention_mask")).sum())
         count += n_examples
     if not count:

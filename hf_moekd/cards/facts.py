@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -119,9 +120,9 @@ def versions() -> dict[str, str]:
     import torch
     import transformers
 
-    from .. import __version__
-
-    return {"hf_moekd": __version__, "transformers": transformers.__version__, "torch": torch.__version__}
+    # the root package is loaded before any of its modules; importing it here would import every layer above cards
+    package = sys.modules[__name__.partition(".")[0]]
+    return {"hf_moekd": package.__version__, "transformers": transformers.__version__, "torch": torch.__version__}
 
 
 def _absolute(name_or_path: str | None) -> str | None:

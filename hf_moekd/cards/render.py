@@ -74,13 +74,14 @@ def write_model_card(output_dir: str | os.PathLike, facts: RunFacts | None = Non
 
 def recorded_facts(config: dict, results: dict, method: str | None, folder: Path) -> RunFacts:
     """all_results.json's "model_card" entry; for a folder without one (e.g. from before model cards), what its
-    `mode`, `task` and config tell, plus `method`."""
+    `run_kind` ("mode" in older folders), `task` and config tell, plus `method`."""
     if CARD_KEY in results:
         return RunFacts.from_dict(results[CARD_KEY])
-    mode = str(results.get("mode", ""))
+    run_kind = str(results.get("run_kind", results.get("mode", "")))
     methods = [m.name for m in card_methods().values() if m.recognises and m.recognises(config, results)]
-    if mode:
-        methods.append("task-agnostic" if mode.startswith("task-agnostic") else "kd" if mode == "distil" else "fine-tune")
+    if run_kind:
+        methods.append("task-agnostic" if run_kind.startswith("task-agnostic") else "kd" if run_kind == "distil"
+                       else "fine-tune")
     methods += [method] if method and method not in methods else []
     if not methods:
         raise ValueError(f"cannot tell which method made {folder}: pass --method ({', '.join(card_methods())})")

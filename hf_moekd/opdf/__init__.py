@@ -2,14 +2,14 @@
 
 Typical use::
 
-    from . import MPOConstraintLoss, contract, overparameterize
+    from hf_moekd.opdf import MPOConstraintLoss, contract_overparameterized, overparameterize
 
     print(overparameterize(student))        # BERT Q/K/V/attention-output/FFN linears -> MPOLinear (~3x params)
     term = MPOConstraintLoss(args, student, teacher)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
                                   loss_terms={"mpo_constraint": (0.01, term)}, ...)
     trainer.train()
-    contract(student).save_pretrained(out)  # stock checkpoint, no inference overhead
+    contract_overparameterized(student).save_pretrained(out)  # stock checkpoint, no inference overhead
 
 The ``mpo_constraint`` loss term (``extra_loss_terms=["mpo_constraint=0.01"]``) is found through the
 ``hf_moekd.loss_terms`` entry points; importing this package registers it and the method's card section.
@@ -27,7 +27,7 @@ from .layers import MPOLinear
 from .config import DEFAULT_TARGET_MODULES, MPOConfig
 from .model import (
     OverparameterizedReport,
-    contract,
+    contract_overparameterized,
     mpo_modules,
     overparameterize,
 )
@@ -42,7 +42,7 @@ __all__ = [
     "OverparameterizedReport",
     "auto_factors",
     "check_factors",
-    "contract",
+    "contract_overparameterized",
     "default_layer_map",
     "mpo_contract",
     "mpo_decompose",

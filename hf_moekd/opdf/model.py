@@ -1,4 +1,5 @@
-"""Over-parameterise a model's linears as MPOs for training (`overparameterize`) and fold them back (`contract`)."""
+"""Over-parameterise a model's linears as MPOs for training (`overparameterize`) and fold them back into plain linears
+(`contract_overparameterized`)."""
 from __future__ import annotations
 
 import re
@@ -9,7 +10,8 @@ from torch import nn
 from .config import DEFAULT_TARGET_MODULES, MPOConfig
 from .layers import MPOLinear
 
-__all__ = ["DEFAULT_TARGET_MODULES", "MPOConfig", "OverparameterizedReport", "contract", "mpo_modules", "overparameterize"]
+__all__ = ["DEFAULT_TARGET_MODULES", "MPOConfig", "OverparameterizedReport", "contract_overparameterized", "mpo_modules",
+           "overparameterize"]
 
 @dataclass
 class OverparameterizedReport:
@@ -66,7 +68,8 @@ def overparameterize(
     """Replace, in place, the `nn.Linear` modules matching `target_modules` by `MPOLinear` (see `MPOConfig`).
 
     Without truncation the model computes the same function (up to float rounding) with ~3x more trainable
-    parameters in the replaced layers. Call `contract` before `save_pretrained` to get a stock checkpoint.
+    parameters in the replaced layers. Call `contract_overparameterized` before `save_pretrained` to get a stock
+    checkpoint.
     """
     if config is not None:
         if target_modules is not None or factors is not None or max_bond is not None:
@@ -102,7 +105,7 @@ def _tied_weights(model: nn.Module) -> set[int]:
     return {k for k, count in seen.items() if count > 1}
 
 
-def contract(model: nn.Module) -> nn.Module:
+def contract_overparameterized(model: nn.Module) -> nn.Module:
     """Replace, in place, every `MPOLinear` by the equivalent `nn.Linear`; returns `model`.
 
     The result has the original modules, parameter names and count, so `save_pretrained` writes a stock checkpoint.

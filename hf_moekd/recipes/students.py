@@ -11,7 +11,7 @@ from ..distillation.engines import full_weights_load
 from ..models.minimoe import minimoe_from_dense
 from ..model_utils.auto import from_pretrained_with_new_head
 from ..model_utils.students import parse_overrides, smaller_config, student_from_teacher_layers
-from ..opdf import contract, overparameterize
+from ..opdf import contract_overparameterized, overparameterize
 from .arguments import ModelArguments
 from ..utils.teachers import check_local_folder, resolve_model_path
 from ..utils.outputs import check_weights
@@ -49,5 +49,5 @@ def build_model(model_args: ModelArguments, auto_class: type, allow_pickle: bool
 def model_for_saving(model: PreTrainedModel, model_args: ModelArguments) -> PreTrainedModel:
     """The model as it should be saved: MPO cores contracted back to plain linears."""
     if model_args.mpo_overparameterize:
-        contract(model)
+        contract_overparameterized(model)
     return model

@@ -34,7 +34,7 @@ def run_task(task_name: str, model_args: ModelArguments, data_args: DataArgument
     start = time.perf_counter()
     report = report or ReportArguments()
     task = get_task(task_name)
-    mode = configure_losses(args)
+    run_kind = configure_losses(args)
     check_output_dir(args)
     _check_report_to(args)
     with removed_on_failure(args.output_dir):
@@ -50,7 +50,7 @@ def run_task(task_name: str, model_args: ModelArguments, data_args: DataArgument
             processing_class=tokenizer, data_collator=task.collator(tokenizer), compute_metrics=task.compute_metrics(),
             callbacks=callbacks,
         )
-    results: dict[str, Any] = {"mode": mode, "task": task.name,
+    results: dict[str, Any] = {"run_kind": run_kind, "task": task.name,
                                "trainable_params": count_parameters(trainer.model, trainable_only=True)}
     trained = args.do_train or not args.do_eval  # an evaluation-only run saves no model
     if trained:
@@ -128,7 +128,7 @@ def distill_summary(results: dict[str, Any], trainer: DistillationTrainer, secon
         rows.append(["training time (s)", f"{results['train_runtime']:.1f}", "-"])
     rows.append(["total time (s)", f"{seconds:.1f}", "-"])
     header = ["", "student"] + ([f"teacher{' (recorded)' if recorded else ''}"] if teacher else [])
-    title = f"\n{results['task']} ({results['mode']}), saved to {trainer.args.output_dir}"
+    title = f"\n{results['task']} ({results['run_kind']}), saved to {trainer.args.output_dir}"
     return f"{title}\n{markdown_table(header, [row[:len(header)] for row in rows])}"
 
 
