@@ -11,7 +11,7 @@ import torch
 import transformers as tf
 
 from hf_moekd.utils.teachers import minilm_path
-from test_cli import TINY, cli
+from testing_utils import TINY_BERT, cli
 
 COMMON = ["--save_strategy", "no", "--max_steps", "1", "--per_device_train_batch_size", "4", "--max_seq_length", "16",
           "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true"]
@@ -70,7 +70,7 @@ def test_bad_checkpoint_is_one_line_exit_2_nothing_left(command, how, tmp_path, 
     task = ["--task", "text-classification", "--train_file", data, "--validation_file", data]
     argv = {
         "distill_student": ["distill", *task, "--model_name_or_path", bad, "--output_dir", out, *COMMON],
-        "distill_teacher": ["distill", *task, "--student_config_overrides", TINY, "--teacher_model_name_or_path", bad,
+        "distill_teacher": ["distill", *task, "--student_config_overrides", TINY_BERT, "--teacher_model_name_or_path", bad,
                             "--output_dir", out, *COMMON],
         "evaluate": ["evaluate", bad, "--task", "text-classification", "--validation_file", data],
         "gather": ["gather", bad, out],
