@@ -77,6 +77,7 @@ def add_evaluate_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--source_column", default="source", help="seq2seq: the input column (default: source)")
     p.add_argument("--text_column_names", default=None, help="text-classification: the text column(s), 'a' or 'a,b'")
     p.add_argument("--label_column_name", default="label", help="text-classification: the label column")
+    p.add_argument("--image_column_name", default="image", help="image-classification: the image column")
     p.add_argument("--tokens_column_name", default="tokens", help="ner, json files: the tokens column")
     p.add_argument("--tags_column_name", default="tags", help="ner, json files: the tags column")
     p.add_argument("--target_column", default="target", help="seq2seq: the output column (default: target)")
@@ -109,7 +110,8 @@ def _evaluate(ns: argparse.Namespace) -> None:
                               dataset_config_name=ns.dataset_config_name, text_column=ns.text_column, block_size=ns.block_size,
                               source_column=ns.source_column, target_column=ns.target_column,
                               text_column_names=ns.text_column_names, label_column_name=ns.label_column_name,
-                              tokens_column_name=ns.tokens_column_name, tags_column_name=ns.tags_column_name)
+                              tokens_column_name=ns.tokens_column_name, tags_column_name=ns.tags_column_name,
+                              image_column_name=ns.image_column_name)
     metrics, data = evaluate_model(model, tokenizer, task, data_args, ns.split, ns.batch_size)
     split = ns.split or task.eval_splits[-1]
     info = {"model_dir": str(ns.model_dir), "task": task.name, "split": split, "examples": len(data),
