@@ -102,7 +102,7 @@ def test_ner_evaluate_loss_is_a_token_mean_whatever_the_batch_size(tmp_path):
                              + "\n" for n in (2, 9, 4, 7, 3)))
     out = tmp_path / "ner"
     assert cli("distill", "--task", "ner", "--train_file", column, "--validation_file", valid, "--output_dir", out,
-               "--student_config_overrides", TINY, *COMMON) == 0
+               "--student_config_overrides", TINY_BERT, *COMMON) == 0
     losses = []
     for batch in ("1", "5"):
         report = tmp_path / f"eval{batch}.json"

@@ -5,13 +5,14 @@ Both return a `datasets.DatasetDict` with `train` and `test` splits of `pixel_va
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import os
 import struct
 import zlib
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import datasets
 import numpy as np
@@ -124,7 +125,7 @@ def load_image_folders(train_dir: str | os.PathLike, test_dir: str | os.PathLike
             raise ValueError(f"the {split} images have classes {unknown} that the training images do not have "
                              f"({', '.join(names)}); add them to the training folder or drop them")
         labels = np.array([names.index(own[i]) for i in data["label"]])
-        images = np.stack([_grayscale(img, image_size) for img in data["image"]])
+        images = np.stack([image_pixels(img, image_size) for img in data["image"]])
         images, labels = _subsample(images, labels, limit, seed)
         dataset = datasets.Dataset.from_dict(
             {"pixel_values": images, "labels": labels.astype(np.int64)},
@@ -134,26 +135,63 @@ def load_image_folders(train_dir: str | os.PathLike, test_dir: str | os.PathLike
     return datasets.DatasetDict(splits)
 
 
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """No `datasets` progress bars inside the block ("Downloading data: 1000 files" is local files being listed, and
+    offline it looks like a failure); the previous setting is restored after."""
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def read_image_folder(path: str | os.PathLike, where: str) -> datasets.Dataset:
+    """One split of images: a folder with one subfolder per class (`datasets`' imagefolder: columns `image` and a
+    ClassLabel `label`) or a saved `datasets` folder (any columns). One error line naming `where` (e.g. "--train_file
+    DIR") for a missing or empty folder, a folder without class subfolders and one with a single class."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{where} does not exist: pass a folder with one subfolder per class, or a saved "
+                                "datasets folder")
+    if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+        data = datasets.load_from_disk(str(path))
+    elif (path / "dataset_dict.json").is_file():
+        raise ValueError(f"{where} is a DatasetDict folder; point at one split's folder (e.g. {path}/train)")
+    else:
+        try:
+            with quiet_progress():
+                data = datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
+        except FileNotFoundError:  # datasets' EmptyDatasetError
+            raise ValueError(f"{where} holds no images") from None
+        if "label" not in data.column_names:
+            classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+            what = f"a single class folder {classes[0]!r}" if len(classes) == 1 else "no class subfolders"
+            raise ValueError(f"{where} has {what}: classification needs one subfolder per class, at least two")
+    if len(data) == 0:
+        raise ValueError(f"{where} holds no images")
+    return data
+
+
 def _image_split(path: Path, split: str) -> datasets.Dataset:
     if not path.is_dir():
         raise FileNotFoundError(f"image folder {path} ({split}) does not exist: pass a folder with one subfolder per "
                                 "class, or a saved datasets folder")
-    if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
-        data = datasets.load_from_disk(str(path))
-    else:
-        data = datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
+    data = read_image_folder(path, f"{path} ({split})")
     missing = [c for c in ("image", "label") if c not in data.column_names]
     if missing or not isinstance(data.features["label"], datasets.ClassLabel):
         raise ValueError(f"{path} ({split}) needs an 'image' and a class 'label' column (found "
                          f"{', '.join(data.column_names)}): use one subfolder per class")
-    if len(data) == 0:
-        raise ValueError(f"{path} ({split}) holds no images")
     return data
 
 
-def _grayscale(image, size: int) -> np.ndarray:
-    resized = image.convert("L").resize((size, size))
-    return (np.asarray(resized, dtype=np.float32) / 255.0)[None]
+def image_pixels(image, size: int, channels: int = 1) -> np.ndarray:
+    """A PIL image as `[channels, size, size]` float32 in [0, 1] (grayscale for 1 channel, else RGB)."""
+    resized = image.convert("L" if channels == 1 else "RGB").resize((size, size))
+    pixels = np.asarray(resized, dtype=np.float32) / 255.0
+    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
 IMAGE_DATASETS: dict[str, Callable[..., datasets.DatasetDict]] = {"digits": load_digits, "fashion_mnist": load_fashion_mnist}

@@ -45,7 +45,7 @@ class ModelArguments:
 
 
 CONLL = "conll2003"
-TASK_NAMES = (*GLUE_TASKS, "conll", "text-classification", "ner", "clm", "seq2seq")
+TASK_NAMES = (*GLUE_TASKS, "conll", "text-classification", "ner", "image-classification", "clm", "seq2seq")
 
 
 @dataclass
@@ -67,16 +67,21 @@ class DataArguments:
     train_file: str | None = field(default=None, metadata={"help": "Your own data (--task text-classification, ner, "
                                                            "clm, seq2seq): the training split, .csv / .tsv / .json / "
                                                            ".jsonl / .parquet records or a datasets folder; clm also "
-                                                           ".txt (a text per line), ner CoNLL-style column files."})
+                                                           ".txt (a text per line), ner CoNLL-style column files; "
+                                                           "image-classification a folder with one subfolder of "
+                                                           "images per class."})
     validation_file: str | None = field(default=None, metadata={"help": "Your own data: the evaluation split (same "
                                                                 "formats as --train_file)."})
-    test_file: str | None = field(default=None, metadata={"help": "text-classification / ner: a labelled test split, "
-                                                          "evaluated at the end too."})
+    test_file: str | None = field(default=None, metadata={"help": "text-classification / ner / image-classification: a "
+                                                          "labelled test split, evaluated at the end too."})
     text_column_names: str | None = field(default=None, metadata={"help": "text-classification: the text column(s), "
                                                                   "'a' or 'a,b' for pairs (default: sentence1,sentence2 "
                                                                   "/ sentence / text, whichever the file has)."})
     label_column_name: str = field(default="label", metadata={"help": "text-classification: the label column (strings "
-                                                              "or ints: classes; floats: regression)."})
+                                                              "or ints: classes; floats: regression); "
+                                                              "image-classification: the class column."})
+    image_column_name: str = field(default="image", metadata={"help": "image-classification, --dataset_name or datasets "
+                                                              "folders: the image column (image folders have 'image')."})
     tokens_column_name: str = field(default="tokens", metadata={"help": "ner, json files: the tokens column."})
     tags_column_name: str = field(default="tags", metadata={"help": "ner, json files: the tags column (BIO / IOB1)."})
     text_column: str = field(default="text", metadata={"help": "clm: the column holding the texts (json, datasets)."})

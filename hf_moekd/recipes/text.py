@@ -40,7 +40,8 @@ def run_task(task_name: str, model_args: ModelArguments, data_args: DataArgument
     with removed_on_failure(args.output_dir):
         raw = task.load(data_args)
         set_seed(args.seed)
-        model, tokenizer = build_model(model_args, task.auto_class, args.allow_pickle_checkpoints, **task.head_kwargs())
+        model, tokenizer = build_model(model_args, task.auto_class, args.allow_pickle_checkpoints,
+                                       getattr(task, "load_processor", None), **task.head_kwargs())
         data = task.tokenize(raw, tokenizer, task.sequence_length(data_args))
         callbacks = []
         if report.log_csv:
@@ -50,6 +51,8 @@ def run_task(task_name: str, model_args: ModelArguments, data_args: DataArgument
             processing_class=tokenizer, data_collator=task.collator(tokenizer), compute_metrics=task.compute_metrics(),
             callbacks=callbacks,
         )
+        if hasattr(task, "check_teacher"):  # images: the teacher must take the student's pixel_values
+            task.check_teacher(model.config, getattr(trainer.teacher, "config", None))
     results: dict[str, Any] = {"run_kind": run_kind, "task": task.name,
                                "trainable_params": count_parameters(trainer.model, trainable_only=True)}
     trained = args.do_train or not args.do_eval  # an evaluation-only run saves no model
@@ -134,7 +137,8 @@ def distill_summary(results: dict[str, Any], trainer: DistillationTrainer, secon
 
 # ---- evaluation of a saved model ---------------------------------------------------------------------
 def load_for_task(model_dir: str | Path, task: Task, allow_pickle: bool = False) -> tuple[PreTrainedModel, Any]:
-    """A saved model folder and its tokenizer, checked against the task (head kind, label count, label names)."""
+    """A saved model folder and its processor (tokenizer, or the task's `load_processor`: images), checked against
+    the task (head kind, label count, label names)."""
     from transformers import AutoConfig, AutoTokenizer
 
     folder = Path(model_dir)
@@ -149,7 +153,8 @@ def load_for_task(model_dir: str | Path, task: Task, allow_pickle: bool = False)
     config = AutoConfig.from_pretrained(folder)
     task.check_config(config, folder)
     model = task.auto_class.from_pretrained(folder, use_safetensors=None if allow_pickle else True)
-    return model, AutoTokenizer.from_pretrained(folder)
+    load_processor = getattr(task, "load_processor", None)
+    return model, load_processor(folder, model.config) if load_processor else AutoTokenizer.from_pretrained(folder)
 
 
 def evaluate_model(model: PreTrainedModel, tokenizer: Any, task: Task, data_args: DataArguments,
@@ -159,10 +164,10 @@ def evaluate_model(model: PreTrainedModel, tokenizer: Any, task: Task, data_args
     from transformers import Trainer, TrainingArguments
 
     split = split or task.eval_splits[-1]
+    raw = task.load(data_args)  # your data's tasks learn their splits here
     if split not in task.eval_splits:
         raise ValueError(f"{task.name} has no split {split!r} with labels to evaluate on; use {', '.join(task.eval_splits)}")
-    data = task.tokenize(DatasetDict({split: task.load(data_args)[split]}), tokenizer,
-                         task.sequence_length(data_args))[split]
+    data = task.tokenize(DatasetDict({split: raw[split]}), tokenizer, task.sequence_length(data_args))[split]
     with tempfile.TemporaryDirectory() as scratch:  # evaluation writes nothing; the Trainer still wants a folder
         args = TrainingArguments(output_dir=scratch, per_device_eval_batch_size=batch_size, report_to="none")
         trainer = Trainer(model=model, args=args, processing_class=tokenizer, data_collator=task.collator(tokenizer),
