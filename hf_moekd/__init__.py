@@ -29,8 +29,7 @@ __version__ = "0.1.0"  # the package version: pyproject.toml reads it from here
 _import_structure: dict[str, list[str]] = {
     "distillation": ["DistillationArguments", "DistillationBatch", "DistillationTrainer", "LossTerm",
                      "precompute_teacher_logits", "register_loss"],
-    # the gathering settings' dataclass (GatheringConfig, hf_moekd.ones.config) joins this list when it lands
-    "ones": ["gather_experts", "merge_experts", "register_family", "register_strategy"],
+    "ones": ["GatheringConfig", "gather_experts", "merge_experts", "register_family", "register_strategy"],
     "mode": ["MoDEConfig", "MoDETrainer", "MoDETrainerMixin"],
     "opdf": ["MPOConfig", "MPOConstraintLoss", "contract_overparameterized", "mpo_contract", "mpo_decompose",
              "overparameterize"],
@@ -50,7 +49,7 @@ if TYPE_CHECKING:
         register_loss,
     )
     from .mode import MoDEConfig, MoDETrainer, MoDETrainerMixin
-    from .ones import gather_experts, merge_experts, register_family, register_strategy
+    from .ones import GatheringConfig, gather_experts, merge_experts, register_family, register_strategy
     from .opdf import (
         MPOConfig,
         MPOConstraintLoss,

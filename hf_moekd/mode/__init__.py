@@ -1,6 +1,6 @@
 """MoDE: Mixture-of-Experts with mutual distillation among the experts (arXiv 2402.00893).
 
-    from . import MoDEConfig, MoDETrainer
+    from hf_moekd.mode import MoDEConfig, MoDETrainer
     trainer = MoDETrainer(model=moe, args=TrainingArguments(...), train_dataset=...,
                           mode_config=MoDEConfig(mode_alpha=0.1, variant="routed"))
 
