@@ -25,20 +25,69 @@ def _distill_arguments() -> tuple[type, ...]:
     return TaskArguments, ModelArguments, DataArguments, ReportArguments, DistillationArguments
 
 
+TRAINING_GROUP = "training (transformers.TrainingArguments)"
+# TrainingArguments flags `--help` shows; every other one is accepted too and listed by `--help_all`
+SHOWN_TRAINING_FLAGS = ("output_dir", "num_train_epochs", "max_steps", "learning_rate", "per_device_train_batch_size",
+                        "per_device_eval_batch_size", "gradient_accumulation_steps", "seed", "report_to",
+                        "logging_steps", "deepspeed", "push_to_hub")
+
+
+class _HelpAll(argparse.Action):
+    """`--help_all`: the help with every TrainingArguments flag shown, then exit."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        for action, text in parser.hidden_help.items():
+            action.help = text
+        parser.print_help()
+        parser.exit()
+
+
+def _group_training_flags(flags: argparse.ArgumentParser) -> dict[argparse.Action, str]:
+    """Move the flags DistillationArguments inherits from TrainingArguments into their own group, listed last, all
+    but `SHOWN_TRAINING_FLAGS` hidden from `--help` (`--help_all` shows them); returns each hidden action's help."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    inherited = {f.name for f in fields(TrainingArguments)}
+    training = flags.add_argument_group(TRAINING_GROUP, "The most used ones; every TrainingArguments flag is "
+                                        "accepted, `hf-moekd distill --help_all` lists them all.")
+    hidden = {}
+    for group in flags._action_groups:
+        if group is training:
+            continue
+        for action in [a for a in group._group_actions if a.dest in inherited]:
+            group._group_actions.remove(action)
+            training._group_actions.append(action)
+            if action.dest not in SHOWN_TRAINING_FLAGS:
+                hidden[action], action.help = action.help, argparse.SUPPRESS
+    return hidden
+
+
 def add_distill_parser(sub: Any) -> argparse.ArgumentParser:
-    """`hf-moekd distill`: the task recipe (hf_moekd.recipes.text.run_task) with every DistillationArguments flag."""
+    """`hf-moekd distill`: the task recipe (hf_moekd.recipes.text.run_task): our dataclasses' flags first, then
+    every TrainingArguments flag (hidden from --help, listed by --help_all)."""
     from transformers import HfArgumentParser
 
+    from .recipes.arguments import TASK_NAMES
+
     flags = HfArgumentParser(_distill_arguments(), add_help=False)
+    hidden = _group_training_flags(flags)
     p = sub.add_parser(
-        "distill", parents=[flags], help="Fine-tune or distil a student on a GLUE task, CoNLL-2003 NER or your "
-                                         "texts (--task clm); prints a summary table.",
+        "distill", parents=[flags], help=f"Fine-tune or distil a student on a task ({', '.join(TASK_NAMES)}); prints "
+                                         "a summary table.",
         description="Fine-tune (no teacher) or distil a student on --task, save it with its model card and "
-                    "all_results.json in --output_dir, evaluate it (CoNLL: validation and test) and print a summary "
-                    "table. Takes every TrainingArguments / DistillationArguments flag (--report_to tensorboard, "
-                    "--num_train_epochs, --alpha, ...), as examples/run_glue.py and run_conll.py do.",
+                    "all_results.json in --output_dir, evaluate it and print a summary table. Your own data: "
+                    "--train_file / --validation_file or --dataset_name (text-classification, ner, clm, seq2seq, "
+                    "image-classification). Every TrainingArguments flag is accepted too (--num_train_epochs, "
+                    "--learning_rate, --report_to tensorboard, --deepspeed, ...), as in examples/run_glue.py.",
         epilog="example: hf-moekd distill --task sst2 --data_dir ../shared/data --output_dir out/student "
                "--teacher_model_name_or_path out/teacher --student_layers 0,2,4 --log_csv true --plot true")
+    p.add_argument("--help_all", action=_HelpAll, help="show this help with every TrainingArguments flag and exit")
+    p.hidden_help = hidden  # the parent's actions are shared with this parser
     p.set_defaults(func=_distill, parser=flags)
     return p
 

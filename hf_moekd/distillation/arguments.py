@@ -20,6 +20,8 @@ class DistillationArguments(TrainingArguments):
     not computed. Every term is logged under its own name.
     """
 
+    _argument_group_name = "distillation"  # HfArgumentParser: these flags under one heading
+
     teacher_model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Teacher checkpoint (Hub id or local folder). Not needed when a teacher model object "

@@ -11,6 +11,8 @@ from ..utils.teachers import MINILM
 
 @dataclass
 class ModelArguments:
+    _argument_group_name = "student model"  # HfArgumentParser: the heading of these flags
+
     model_name_or_path: str = field(
         default=MINILM,
         metadata={"help": f"Checkpoint the model starts from (Hub id or folder); '{MINILM}' is all-MiniLM-L6-v2 "
@@ -50,6 +52,8 @@ TASK_NAMES = (*GLUE_TASKS, "conll", "text-classification", "ner", "image-classif
 
 @dataclass
 class DataArguments:
+    _argument_group_name = "data"  # HfArgumentParser: the heading of these flags
+
     data_dir: str | None = field(
         default=None,
         metadata={"help": "GLUE: the folder holding SST-2/, CoLA/, ... (original TSVs); CoNLL: the folder holding "
@@ -104,12 +108,16 @@ class GlueDataArguments(DataArguments):
 
 @dataclass
 class TaskArguments:
+    _argument_group_name = "task"  # HfArgumentParser: the heading of these flags
+
     task: str = field(metadata={"help": f"The task: {', '.join(TASK_NAMES)} (conll: CoNLL-2003 NER; clm: causal "
                                         "language modelling on --train_file / --validation_file)."})
 
 
 @dataclass
 class ReportArguments:
+    _argument_group_name = "logs and plots"  # HfArgumentParser: the heading of these flags
+
     log_csv: bool = field(
         default=False,
         metadata={"help": "Write every log line (loss, each loss term, learning rate, evaluation metrics) to "
