@@ -8,9 +8,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .models import minimoe as _minimoe  # noqa: F401  (registers the models with the Auto classes)
-from .models import ones as _ones  # noqa: F401
+from .models import dense_vit as _dense_vit  # noqa: F401  (registers the models with the Auto classes)
+from .models import minimoe as _minimoe  # noqa: F401
 from .models import vmoe as _vmoe  # noqa: F401
+from .models.dense_vit import DenseViTConfig, DenseViTForImageClassification, DenseViTModel
 from .models.minimoe import (
     MiniMoEConfig,
     MiniMoEForSequenceClassification,
@@ -18,7 +19,6 @@ from .models.minimoe import (
     MiniMoEModel,
     minimoe_from_dense,
 )
-from .models.ones import OneSConfig, OneSForImageClassification, OneSModel
 from .models.vmoe import VMoEConfig, VMoEForImageClassification, VMoEModel
 
 __version__ = "0.1.0"
@@ -38,8 +38,9 @@ _LAZY = {
     **dict.fromkeys(["ModelArguments"], "hf_moekd.recipes"),
 }
 __all__ = [
-    "MiniMoEConfig", "MiniMoEForSequenceClassification", "MiniMoEForTokenClassification", "MiniMoEModel",
-    "OneSConfig", "OneSForImageClassification", "OneSModel", "VMoEConfig", "VMoEForImageClassification", "VMoEModel",
+    "DenseViTConfig", "DenseViTForImageClassification", "DenseViTModel", "MiniMoEConfig",
+    "MiniMoEForSequenceClassification", "MiniMoEForTokenClassification", "MiniMoEModel", "VMoEConfig",
+    "VMoEForImageClassification", "VMoEModel",
     "minimoe_from_dense", *_LAZY, "__version__",
 ]
 
