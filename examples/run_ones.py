@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""OneS on images: gather a V-MoE's experts into a dense ViT (OneS) and distil it from the V-MoE.
+"""OneS on images: gather a V-MoE's experts into a dense ViT (DenseViT) and distil it from the V-MoE.
 
 Without a teacher, trains the whole comparison (dense baseline, V-MoE teacher, each gathering variant before and
 after KD, controls) over several seeds and prints the table:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .models import minimoe as _minimoe  # noqa: F401  (registers the models with the Auto classes)
-from .models import ones as _ones  # noqa: F401
+from .models import dense_vit as _dense_vit  # noqa: F401  (registers the models with the Auto classes)
+from .models import minimoe as _minimoe  # noqa: F401
 from .models import vmoe as _vmoe  # noqa: F401
+from .models.dense_vit import DenseViTConfig, DenseViTForImageClassification, DenseViTModel
 from .models.minimoe import (
     MiniMoEConfig,
     MiniMoEForSequenceClassification,
@@ -20,7 +21,6 @@ from .models.minimoe import (
     MiniMoEModel,
     minimoe_from_dense,
 )
-from .models.ones import OneSConfig, OneSForImageClassification, OneSModel
 from .models.vmoe import VMoEConfig, VMoEForImageClassification, VMoEModel
 
 __version__ = "0.1.0"  # the package version: pyproject.toml reads it from here
@@ -61,8 +61,9 @@ if TYPE_CHECKING:
 
 _LAZY = {name: module for module, names in _import_structure.items() for name in names}
 __all__ = [
-    "MiniMoEConfig", "MiniMoEForSequenceClassification", "MiniMoEForTokenClassification", "MiniMoEModel",
-    "OneSConfig", "OneSForImageClassification", "OneSModel", "VMoEConfig", "VMoEForImageClassification", "VMoEModel",
+    "DenseViTConfig", "DenseViTForImageClassification", "DenseViTModel", "MiniMoEConfig",
+    "MiniMoEForSequenceClassification", "MiniMoEForTokenClassification", "MiniMoEModel", "VMoEConfig",
+    "VMoEForImageClassification", "VMoEModel",
     "minimoe_from_dense", *_LAZY, "__version__",
 ]
 

@@ -72,16 +72,16 @@ def test_local_teacher_and_random_student_give_no_base_model(tmp_path):
 @pytest.mark.parametrize("kind, auto_class, remote", [
     ("bert", "AutoModelForSequenceClassification", False),
     ("minimoe", "AutoModelForSequenceClassification", True),
-    ("ones", "AutoModelForImageClassification", True),
+    ("dense_vit", "AutoModelForImageClassification", True),
 ])
 def test_load_snippet_loads_and_asks_for_remote_code_only_for_custom_models(kind, auto_class, remote, tmp_path):
     out = tmp_path / kind
-    if kind == "ones":
-        from hf_moekd.models.ones import OneSConfig, OneSForImageClassification
+    if kind == "dense_vit":
+        from hf_moekd.models.dense_vit import DenseViTConfig, DenseViTForImageClassification
 
-        OneSForImageClassification(OneSConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16,
-                                              num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
-                                              num_labels=3)).save_pretrained(out)
+        DenseViTForImageClassification(DenseViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16,
+                                                      num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                                                      num_labels=3)).save_pretrained(out)
     else:
         from hf_moekd.models.minimoe import minimoe_from_dense
 
@@ -231,15 +231,23 @@ def test_gathered_model_has_a_card(tmp_path):
     assert json.loads((out / "all_results.json").read_text())[CARD_KEY]["methods"] == ["gathering"]
 
 
+@pytest.mark.parametrize("model_type", ["dense_vit", "ones"])  # "ones": checkpoints saved before the rename
+def test_ones_card_recognises_the_dense_image_model(model_type):
+    recognises = card_methods()["ones"].recognises
+    assert recognises({"model_type": model_type}, {"per_seed": {}})
+    assert not recognises({"model_type": "vmoe"}, {"per_seed": {}})
+    assert not recognises({"model_type": model_type}, {"eval_accuracy": 0.9})
+
+
 def test_ones_save_writes_card_with_the_comparison(tmp_path):
-    from hf_moekd.models.ones import OneSConfig, OneSForImageClassification
+    from hf_moekd.models.dense_vit import DenseViTConfig, DenseViTForImageClassification
     from hf_moekd.studies.ones import OneSArguments, card_facts
     from hf_moekd.studies.vision import save_and_check
 
     args = OneSArguments(hidden_size=16, intermediate_size=16, num_attention_heads=2, seeds=[0])
-    model = OneSForImageClassification(OneSConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=16,
-                                                  num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
-                                                  num_labels=10)).eval()
+    model = DenseViTForImageClassification(DenseViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=16,
+                                                          num_hidden_layers=1, num_attention_heads=2,
+                                                          intermediate_size=16, num_labels=10)).eval()
     per_seed = {"dense": [0.9], "moe": [0.95], "svd gathered only": [0.5], "svd + KD (OneS)": [0.93]}
     summary = {"latency_ms": {"dense_batch1": 1.0, "moe_batch1": 3.0}, "params": {"dense": 10, "moe": 20}}
     save_and_check(model, str(tmp_path / "ones"), torch.rand(2, 1, 8, 8), facts=card_facts(args, "the run's V-MoE"),

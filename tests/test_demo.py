@@ -29,7 +29,7 @@ def test_demo_prints_table_and_saves_reloadable_ones_model(tmp_path, capsys):
     assert re.search(r"\| weighted_average \+ KD \(OneS\) \|", out) and "Inference on CPU, dense vs MoE" in out
     assert report.latency_ms["moe_batch64"] > 0
     model = AutoModelForImageClassification.from_pretrained(tmp_path / "demo")
-    assert model.config.model_type == "ones" and model.config.num_labels == 10
+    assert model.config.model_type == "dense_vit" and model.config.num_labels == 10
     run_demo(output_dir=str(tmp_path / "demo"), seeds=(0,), epochs=0.2, kd_epochs=0.2)  # a second run replaces it
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("not a demo output")

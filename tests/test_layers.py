@@ -35,7 +35,8 @@ def test_layers_hold():
     ("distillation/losses.py", "from ..opdf import MPOLinear\n"),
     ("ones/gather.py", "from ..mode import MoDELoss\n"),  # between two method packages
     ("recipes/text.py", "from ..studies import demo\n"),  # a recipe importing a study pipeline
-    ("models/ones/modeling_ones.py", "from ...utils import markdown_table\n"),
+    ("models/dense_vit/modeling_dense_vit.py", "from ...utils import markdown_table\n"),
+    ("models/vmoe/modeling_vmoe.py", "from ..dense_vit.modeling_dense_vit import DenseViTMLP\n"),  # across models
 ])
 def test_an_upward_import_breaks_the_contracts(tmp_path, module, upward):
     shutil.copytree(ROOT / "hf_moekd", tmp_path / "hf_moekd", ignore=shutil.ignore_patterns("__pycache__"))
@@ -65,10 +66,37 @@ def test_model_copies_are_identical():
 
 
 def test_a_drifted_copy_is_reported():
-    source = (ROOT / "hf_moekd" / "models" / "ones" / "modeling_ones.py").read_text()
+    source = (ROOT / "hf_moekd" / "models" / "dense_vit" / "modeling_dense_vit.py").read_text()
     assert "# Copied from hf_moekd.models.minimoe" in source
     drifted = source.replace("weights = scores.softmax(-1)", "weights = scores.softmax(-1) * 1.0", 1)
     assert len(drifted_copies(drifted)) == 1
+
+
+@pytest.mark.parametrize("model,edit", [
+    ("vmoe/modeling_vmoe.py", ("self.dropout(self.fc2(self.act(", "self.dropout(self.fc2(0.5 * self.act(")),  # a class
+    ("vmoe/modeling_vmoe.py", ("self.embeddings = VMoEEmbeddings", "self.embeddings: nn.Module = VMoEEmbeddings")),
+    ("vmoe/configuration_vmoe.py", ("    qkv_bias: bool = True", "    qkv_bias: bool = False")),  # decorated class
+    ("vmoe/__init__.py", ("    VMoEConfig.register_for_auto_class()\n", "")),  # a function copied with a replacement
+])
+def test_a_drifted_copy_in_vmoe_is_reported(model, edit):
+    """V-MoE keeps copies of DenseViT's and MiniMoE's code (it imports neither): editing a copy is caught."""
+    source = (ROOT / "hf_moekd" / "models" / model).read_text()
+    assert source.count(edit[0]) == 1
+    assert drifted_copies(source) == []
+    assert len(drifted_copies(source.replace(*edit))) == 1
+
+
+def test_copied_from_marks_take_several_replacements():
+    source = ("# Copied from hf_moekd.models.dense_vit.modeling_dense_vit.DenseViTForImageClassification.__init__ with "
+              "DenseViT->Tiny,dense_vit->tiny\n"
+              "def __init__(self, config: TinyConfig):\n"
+              "    super().__init__(config)\n"
+              "    self.num_labels = config.num_labels\n"
+              "    self.tiny = TinyModel(config)\n"
+              "    self.classifier = nn.Linear(config.hidden_size, config.num_labels)\n"
+              "    self.post_init()\n")
+    assert drifted_copies(source) == []
+    assert len(drifted_copies(source.replace("self.tiny =", "self.dense_vit ="))) == 1
 
 
 def test_every_method_registers_through_its_entry_point():

@@ -23,7 +23,7 @@ def identical_expert_vmoe():
 def test_identical_experts_gather_to_the_same_logits(strategy):
     vmoe = identical_expert_vmoe()
     ones = gather_experts(vmoe, strategy=strategy, calibration_dataset=[pixels(4, seed=1)], progress=False)
-    assert type(ones).__name__ == "OneSForImageClassification"
+    assert type(ones).__name__ == "DenseViTForImageClassification"
     with torch.no_grad():
         torch.testing.assert_close(ones(pixels()).logits, vmoe(pixels()).logits, rtol=1e-5, atol=1e-5)
 
@@ -33,6 +33,6 @@ def test_streamed_output_loads_with_stock_auto_class(tmp_path):
     vmoe.save_pretrained(tmp_path / "vmoe", max_shard_size="20KB")
     gather_experts(str(tmp_path / "vmoe"), strategy="weighted_average", output_dir=tmp_path / "ones", progress=False, return_model=False)
     result = fresh_process_logits(tmp_path / "ones", "AutoModelForImageClassification", {"pixel_values": pixels()}, tmp_path)
-    assert result["class"] == "OneSForImageClassification"
+    assert result["class"] == "DenseViTForImageClassification"
     with torch.no_grad():
         torch.testing.assert_close(result["logits"], vmoe(pixels()).logits, rtol=1e-5, atol=1e-5)

@@ -119,7 +119,7 @@ def test_run_ones_tiny_on_digits(tmp_path):
     table = report.table()
     assert "| svd + KD (OneS) |" in table and table.count("\n") == len(expected) + 1
     model = AutoModelForImageClassification.from_pretrained(out)
-    assert type(model).__name__ == "OneSForImageClassification" and model.config.hidden_size == 16
+    assert type(model).__name__ == "DenseViTForImageClassification" and model.config.hidden_size == 16
     test = load_image_dataset("digits")["test"]
     with torch.no_grad():  # the saved model is the first gathering's OneS student: the report holds its accuracy
         correct = sum(int((model(pixel_values=test[s:s + 256]["pixel_values"]).logits.argmax(-1)
@@ -156,7 +156,7 @@ def test_run_ones_from_a_saved_teacher(tmp_path, monkeypatch):
     VMoEForImageClassification(moe_config).save_pretrained(tmp_path / "vmoe")
     results = run_ones_from_teacher(OneSArguments(**TINY, output_dir=str(tmp_path / "out")), str(tmp_path / "vmoe"))
     assert set(results) == {"teacher_accuracy", "gathered_accuracy", "ones_accuracy"}
-    assert AutoModelForImageClassification.from_pretrained(tmp_path / "out").config.model_type == "ones"
+    assert AutoModelForImageClassification.from_pretrained(tmp_path / "out").config.model_type == "dense_vit"
     code = run_script("run_ones.py", "--teacher_model_name_or_path", str(tmp_path / "missing"), "--output_dir",
                       str(tmp_path / "never"), monkeypatch=monkeypatch)
     assert code == 2 and not (tmp_path / "never").exists()

@@ -48,7 +48,7 @@ def test_a_name_missing_from_the_type_checking_block_is_caught():
 def test_public_api_loads_lazily():
     code = ("import sys, hf_moekd; assert 'hf_moekd.distillation' not in sys.modules; "
             "from hf_moekd import (MiniMoEConfig, MiniMoEForSequenceClassification, MiniMoEForTokenClassification, "
-            "VMoEConfig, VMoEForImageClassification, OneSConfig, OneSForImageClassification, gather_experts, "
+            "VMoEConfig, VMoEForImageClassification, DenseViTConfig, DenseViTForImageClassification, gather_experts, "
             "DistillationTrainer, DistillationArguments, DistillationBatch, LossTerm, MoDETrainer, overparameterize, "
             "contract_overparameterized, probe_experts, write_model_card); import hf_moekd as h; "
             "[getattr(h, n) for n in h.__all__]; "

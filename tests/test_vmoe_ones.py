@@ -1,7 +1,9 @@
-"""OneS (dense ViT) and V-MoE image models: routing, balancing loss, V-MoE -> OneS exactness, (de)serialisation,
-Auto/remote-code loading, attention kernels, checkpointing, distillation with DistillationTrainer."""
+"""DenseViT and V-MoE image models: routing, balancing loss, V-MoE -> DenseViT exactness, (de)serialisation,
+Auto/remote-code loading (and the legacy model_type "ones"), attention kernels, checkpointing, distillation with
+DistillationTrainer."""
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -12,20 +14,20 @@ from testing_utils import fresh_process_logits, pixels, tiny_config, tiny_model
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 from hf_moekd.model_utils.capture import capture_qkv, find_blocks, qkv_modules
-from hf_moekd.models.ones import OneSConfig, OneSForImageClassification, OneSModel
-from hf_moekd.models.ones import register as register_ones
+from hf_moekd.models.dense_vit import DenseViTConfig, DenseViTForImageClassification, DenseViTModel
+from hf_moekd.models.dense_vit import register as register_dense_vit
 from hf_moekd.models.vmoe import (
     VMoEModel,
     load_balancing_loss,
-    ones_from_vmoe_nonexpert,
     top_k_routing,
     vmoe_expert_weights,
 )
 from hf_moekd.models.vmoe import register as register_vmoe
+from hf_moekd.ones.vit import dense_vit_config, dense_vit_from_vmoe_nonexpert
 
 SEQ = 17  # 16 patches + CLS
 LABELS = torch.tensor([0, 4, 9])
-BOTH = pytest.mark.parametrize("moe", [False, True], ids=["ones", "vmoe"])
+BOTH = pytest.mark.parametrize("moe", [False, True], ids=["dense_vit", "vmoe"])
 
 
 # ---- forward / backward ------------------------------------------------------------------------------
@@ -134,9 +136,9 @@ def test_router_jitter_only_in_training():
     assert not torch.equal(model(pixels()).router_logits[0], model(pixels()).router_logits[0])
 
 
-# ---- V-MoE -> OneS twin ----------------------------------------------------------------------------------
+# ---- V-MoE -> DenseViT twin ------------------------------------------------------------------------------
 
-def _set_identical_experts_and_gather(vmoe, ones, pending) -> None:
+def _set_identical_experts_and_gather(vmoe, dense, pending) -> None:
     with torch.no_grad():
         for block, mlp in pending:
             experts = vmoe.base_model.encoder.layer[block].mlp.experts
@@ -151,20 +153,20 @@ def _set_identical_experts_and_gather(vmoe, ones, pending) -> None:
 
 
 @pytest.mark.parametrize("base", [False, True], ids=["classifier", "base"])
-def test_identical_experts_equal_ones_twin(base):
+def test_identical_experts_equal_dense_vit_twin(base):
     vmoe = tiny_model(True, base=base, perturb=True)
-    ones, pending = ones_from_vmoe_nonexpert(vmoe)
-    assert type(ones) is (OneSModel if base else OneSForImageClassification) and not ones.training
+    dense, pending = dense_vit_from_vmoe_nonexpert(vmoe)
+    assert type(dense) is (DenseViTModel if base else DenseViTForImageClassification) and not dense.training
     assert [b for b, _ in pending] == [1, 3]
-    assert all(mlp is ones.base_model.encoder.layer[b].mlp for b, mlp in pending)
+    assert all(mlp is dense.base_model.encoder.layer[b].mlp for b, mlp in pending)
     # Every non-expert weight copied exactly.
-    source = {k.replace("vmoe.", "ones.", 1): v for k, v in vmoe.state_dict().items()}
-    for name, value in ones.state_dict().items():
+    source = {k.replace("vmoe.", "dense_vit.", 1): v for k, v in vmoe.state_dict().items()}
+    for name, value in dense.state_dict().items():
         if ".layer.1.mlp." not in name and ".layer.3.mlp." not in name:
             assert torch.equal(value, source[name]), name
-    _set_identical_experts_and_gather(vmoe, ones, pending)
+    _set_identical_experts_and_gather(vmoe, dense, pending)
     inputs = pixels(4)
-    v_out, o_out = vmoe(inputs, output_hidden_states=True), ones(inputs, output_hidden_states=True)
+    v_out, o_out = vmoe(inputs, output_hidden_states=True), dense(inputs, output_hidden_states=True)
     key = "last_hidden_state" if base else "logits"
     torch.testing.assert_close(v_out[key], o_out[key], rtol=1e-5, atol=1e-5)
     for hv, ho in zip(v_out.hidden_states, o_out.hidden_states):
@@ -178,8 +180,8 @@ def test_identical_experts_equal_ones_twin(base):
 def test_dense_config_and_expert_weights():
     config = tiny_config(True, hidden_act="gelu_new", layer_norm_eps=1e-6, qkv_bias=False,
                          id2label={i: f"digit{i}" for i in range(10)})
-    dense = config.dense_config()
-    assert type(dense) is OneSConfig and dense.model_type == "ones"
+    dense = dense_vit_config(config)
+    assert type(dense) is DenseViTConfig and dense.model_type == "dense_vit"
     for name in ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
                  "num_attention_heads", "intermediate_size", "hidden_act", "layer_norm_eps", "qkv_bias",
                  "hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range"):
@@ -195,7 +197,7 @@ def test_dense_config_and_expert_weights():
     with pytest.raises(ValueError, match=r"Block 0 is not an MoE block; the MoE blocks are \[1, 3\]"):
         vmoe_expert_weights(model, 0)
     with pytest.raises(TypeError, match="Expected VMoEModel"):
-        ones_from_vmoe_nonexpert(tiny_model(False))
+        dense_vit_from_vmoe_nonexpert(tiny_model(False))
 
 
 # ---- attention kernels, checkpointing, capture hooks ------------------------------------------------------
@@ -279,34 +281,56 @@ def test_save_load_round_trip_and_auto_classes(moe, tmp_path):
     assert type(config) is type(model.config)
     saved = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "auto_map")}
     assert saved == {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "auto_map")}
-    if moe:  # registered, not marked for auto_map: no code copied
-        assert not {"modeling_vmoe.py", "configuration_vmoe.py"} & files and getattr(config, "auto_map", None) is None
-    else:
-        assert {"modeling_ones.py", "configuration_ones.py"} <= files
-        assert config.auto_map == {  # the saved class's Auto class (as transformers writes it) and the config
-            "AutoConfig": "configuration_ones.OneSConfig",
-            "AutoModelForImageClassification": "modeling_ones.OneSForImageClassification",
-        }
+    name, prefix = ("vmoe", "VMoE") if moe else ("dense_vit", "DenseViT")
+    assert {f"modeling_{name}.py", f"configuration_{name}.py"} <= files
+    assert config.auto_map == {  # the saved class's Auto class (as transformers writes it) and the config
+        "AutoConfig": f"configuration_{name}.{prefix}Config",
+        "AutoModelForImageClassification": f"modeling_{name}.{prefix}ForImageClassification",
+    }
     auto = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
     assert type(auto) is type(model)
     torch.testing.assert_close(auto(pixels()).logits, expected, rtol=0, atol=0)
     base = AutoModel.from_pretrained(tmp_path)
-    assert type(base) is (VMoEModel if moe else OneSModel)
+    assert type(base) is (VMoEModel if moe else DenseViTModel)
     torch.testing.assert_close(base.layernorm.weight, model.base_model.layernorm.weight, rtol=0, atol=0)
     # The other direction: Auto classes build the models from a config; registration is idempotent.
-    register_ones()
+    register_dense_vit()
     register_vmoe()
     assert type(AutoModelForImageClassification.from_config(tiny_config(moe))) is type(model)
     assert type(AutoModel.from_config(tiny_config(moe))) is type(base)
 
 
-def test_remote_code_loading_of_ones_without_hf_moekd(tmp_path):
-    model = tiny_model(False, perturb=True)
+@BOTH
+def test_remote_code_loading_without_hf_moekd(moe, tmp_path):
+    model = tiny_model(moe, perturb=True)
     model.save_pretrained(tmp_path / "ckpt")
-    result = fresh_process_logits(tmp_path / "ckpt", "AutoModelForImageClassification", {"pixel_values": pixels()}, tmp_path)
+    result = fresh_process_logits(tmp_path / "ckpt", "AutoModelForImageClassification", {"pixel_values": pixels()},
+                                  tmp_path)
     assert result["module"].startswith("transformers_modules"), result["module"]
+    assert result["class"] == type(model).__name__
     with torch.no_grad():
-        torch.testing.assert_close(result["logits"], model(pixels()).logits, rtol=1e-5, atol=1e-6)  # thread counts differ
+        # thread counts differ
+        torch.testing.assert_close(result["logits"], model(pixels()).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_saved_as_ones_still_loads(tmp_path):
+    """A checkpoint from before the rename (model_type "ones", weights under `ones.`) loads through the Auto classes."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model(False, perturb=True)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(model_type="ones", architectures=["OneSForImageClassification"])
+    del config["auto_map"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k.replace("dense_vit.", "ones.", 1): v for k, v in weights.items()}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, DenseViTForImageClassification) and loaded.config.model_type == "ones"
+    torch.testing.assert_close(loaded(pixels()).logits, model(pixels()).logits, rtol=0, atol=0)
+    base = AutoModel.from_pretrained(tmp_path)
+    torch.testing.assert_close(base.layernorm.weight, model.base_model.layernorm.weight, rtol=0, atol=0)
 
 
 # ---- DistillationTrainer ------------------------------------------------------------------------------------
@@ -325,7 +349,7 @@ def _train_logs(tmp_path, student, teacher=None, **loss) -> list[dict]:
     return [log for log in trainer.state.log_history if "loss" in log]
 
 
-def test_trainer_distils_vmoe_teacher_into_ones_student(tmp_path):
+def test_trainer_distils_vmoe_teacher_into_dense_vit_student(tmp_path):
     teacher = tiny_model(True, perturb=True)
     student = tiny_model(False, seed=1, num_hidden_layers=2).train()
     before = student.classifier.weight.clone()

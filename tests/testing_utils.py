@@ -18,7 +18,7 @@ import torch
 import transformers as tf
 from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification, TrainerCallback
 
-from hf_moekd.models.ones import OneSConfig, OneSForImageClassification, OneSModel
+from hf_moekd.models.dense_vit import DenseViTConfig, DenseViTForImageClassification, DenseViTModel
 from hf_moekd.models.vmoe import VMoEConfig, VMoEForImageClassification, VMoEModel
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -77,7 +77,7 @@ def tiny_dataset(n: int = 32, seq: int = 12, num_labels: int = 3, token: bool = 
     return datasets.Dataset.from_dict(rows)
 
 
-# ---- tiny OneS (dense ViT) and V-MoE image models -----------------------------------------------------------------
+# ---- tiny DenseViT and V-MoE image models -----------------------------------------------------------------
 TINY_VIT = dict(
     image_size=8, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
     intermediate_size=37, num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
@@ -85,14 +85,14 @@ TINY_VIT = dict(
 TINY_VIT_MOE = dict(num_experts=4, num_experts_per_tok=2)
 
 
-def tiny_config(moe: bool, **overrides) -> OneSConfig:
-    return VMoEConfig(**{**TINY_VIT, **TINY_VIT_MOE, **overrides}) if moe else OneSConfig(**{**TINY_VIT, **overrides})
+def tiny_config(moe: bool, **overrides) -> DenseViTConfig | VMoEConfig:
+    return VMoEConfig(**{**TINY_VIT, **TINY_VIT_MOE, **overrides}) if moe else DenseViTConfig(**{**TINY_VIT, **overrides})
 
 
 def tiny_model(moe: bool, base: bool = False, seed: int = 0, perturb: bool = False, **overrides):
     """A tiny model; `perturb` adds noise to every parameter (fresh models have zero biases and unit LayerNorms)."""
     cls = {(True, True): VMoEModel, (True, False): VMoEForImageClassification,
-           (False, True): OneSModel, (False, False): OneSForImageClassification}[moe, base]
+           (False, True): DenseViTModel, (False, False): DenseViTForImageClassification}[moe, base]
     torch.manual_seed(seed)
     model = cls(tiny_config(moe, **overrides)).eval()
     if perturb:

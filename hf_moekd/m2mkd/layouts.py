@@ -2,7 +2,7 @@
 
 Two layouts, each covering a dense model (teacher, meta model) and its modular MoE twin (student):
 
-* `vit`: OneS (dense ViT) and V-MoE image classifiers. Stem `<base>.embeddings`, blocks `<base>.encoder.layer`,
+* `vit`: DenseViT and V-MoE image classifiers. Stem `<base>.embeddings`, blocks `<base>.encoder.layer`,
   head `<base>.layernorm` then `classifier` on the CLS token.
 * `bert`: BERT (e.g. MiniLM) and MiniMoE sequence classifiers. Stem `<base>.embeddings`, blocks
   `<base>.encoder.layer`, head `<base>.pooler`, `dropout`, `classifier`.
@@ -57,7 +57,8 @@ class Layout:
 
 
 class ViTLayout(Layout):
-    name, model_types, dense_type, head_names = "vit", ("ones", "vmoe"), "ones", ("{base}.layernorm", "classifier")
+    name, model_types, dense_type = "vit", ("dense_vit", "vmoe"), "dense_vit"
+    head_names = ("{base}.layernorm", "classifier")
 
     def embed(self, stem: nn.ModuleDict, inputs: Inputs) -> torch.Tensor:
         return stem["embeddings"](inputs["pixel_values"])

@@ -8,6 +8,7 @@ into a dense twin model, then distillation with the MoE as teacher removes the g
 * `gather`: the checkpoint-to-checkpoint gathering (`gather_experts`), streamed layer by layer;
 * `strategies`: the merge formulas (registered, `register_strategy`); `families`: where each MoE family keeps its
   experts and which dense class it becomes (`register_family`);
+* `vit`: the V-MoE -> DenseViT pair of the project's image models (dense config, twin with the non-expert weights);
 * `config`: `GatheringConfig`, the settings of a gathering (also written `svd-r16+align`); `cli`: `hf-moekd gather`;
 * `report`: the study's table and the "% of MoE benefit"; `card`: the method's card sections.
 The image study end to end is `hf_moekd.studies.ones`.

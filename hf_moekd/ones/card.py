@@ -2,7 +2,8 @@
 from ..cards import CardMethod, register_card_method
 from .report import OneSReport
 
-DENSE_MODEL_TYPE = "ones"  # model_type of the dense image model V-MoE teachers are gathered into
+# model_types of the dense image model V-MoE teachers are gathered into (DenseViT; "ones" before its rename)
+DENSE_MODEL_TYPES = ("dense_vit", "ones")
 
 
 def _results_table(results: dict) -> str | None:
@@ -15,7 +16,7 @@ def _results_table(results: dict) -> str | None:
 
 
 def _recognises(config: dict, results: dict) -> bool:
-    return config.get("model_type") == DENSE_MODEL_TYPE and ("per_seed" in results or "ones_accuracy" in results)
+    return config.get("model_type") in DENSE_MODEL_TYPES and ("per_seed" in results or "ones_accuracy" in results)
 
 
 register_card_method(CardMethod("gathering", "OneS knowledge gathering (no training)",

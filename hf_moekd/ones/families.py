@@ -28,8 +28,8 @@ MoE's logits to 1e-5 wherever "exact" is said):
   exact when that probability is constant. Untied ``lm_head`` refused (T5 in transformers 5 always ties).
 * ``olmoe``: refused, no dense architecture in transformers matches (see its ``unsupported`` text).
 
-* ``vmoe`` -> ``ones`` (the project's image models, ``hf_moekd.models``): exact with
-  ``normalize_topk_weights=True`` (the default). The output ships OneS's code (``auto_map``), so it loads
+* ``vmoe`` -> ``dense_vit`` (the project's image models, ``hf_moekd.models``): exact with
+  ``normalize_topk_weights=True`` (the default). The output ships DenseViT's code (``auto_map``), so it loads
   with ``AutoModelForImageClassification.from_pretrained(dir, trust_remote_code=True)`` without hf_moekd.
 """
 from __future__ import annotations
@@ -45,6 +45,7 @@ from torch import Tensor
 from transformers import PretrainedConfig
 
 from .strategies import DenseFFN, ExpertWeights
+from .vit import dense_vit_config
 
 __all__ = [
     "MoEFamily", "RoutingStats", "BlockReader", "FAMILIES", "register_family", "get_family", "copy_fields",
@@ -390,12 +391,12 @@ register_family(MoEFamily(
                 "and 'olmo3' put their norms after attention/MLP (post-norm)",
 ))
 register_family(MoEFamily(
-    model_type="vmoe", class_prefix=("VMoE", "OneS"), auto_class="AutoModelForImageClassification",
+    model_type="vmoe", class_prefix=("VMoE", "DenseViT"), auto_class="AutoModelForImageClassification",
     block_pattern=r"^(?P<block>(?:.*\.)?layer\.\d+\.mlp)\.(?:router|experts)\.",
-    dense_config=lambda c: c.dense_config(),
+    dense_config=dense_vit_config,
     read_experts=fused_reader("experts.w_in", "experts.w_out", "experts.b_in", "experts.b_out"),
     write_dense=mlp_writer(["{block}.fc1"], "{block}.fc2", bias=True),
     router="router.gate", router_stats=logits_router_stats(top_k=lambda c: c.num_experts_per_tok, normalize=True),
-    renormalized=lambda c: bool(c.normalize_topk_weights), dense_renames=((r"^vmoe\.", "ones."),),
+    renormalized=lambda c: bool(c.normalize_topk_weights), dense_renames=((r"^vmoe\.", "dense_vit."),),
     input_name="pixel_values",
 ))

@@ -472,7 +472,7 @@ def _build(cls, dense_config, state: dict[str, Tensor]):
 
 
 def _write_aux(tmp: Path, dense_config, source: Any, make_dense: type, aux_dir: Path | None = None) -> None:
-    if getattr(make_dense, "_auto_class", None) is not None:  # the project's own dense classes (OneS): ship their code
+    if getattr(make_dense, "_auto_class", None) is not None:  # the project's own dense classes: ship their code
         from transformers.dynamic_module_utils import custom_object_save
 
         with torch.device("meta"):

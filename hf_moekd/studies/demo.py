@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..ones.card import DENSE_MODEL_TYPES
 from .ones import OneSArguments, OneSReport, print_report, run_ones
 
 
@@ -22,7 +23,7 @@ def is_previous_output(output_dir: str | Path) -> bool:
         results = json.loads((folder / "all_results.json").read_text())
     except (OSError, ValueError):
         return False
-    return config.get("model_type") == "ones" and isinstance(results, dict) and "per_seed" in results
+    return config.get("model_type") in DENSE_MODEL_TYPES and isinstance(results, dict) and "per_seed" in results
 
 
 def run_demo(output_dir: str = "outputs/demo", seeds: tuple[int, ...] = (0, 1, 2), epochs: float = 20,

@@ -35,7 +35,7 @@ from ..cards import run_facts
 from ..distillation import load_teacher
 from ..distillation.losses import batch_size
 from ..data.images import IMAGE_LABELS, image_labels, shifted_test_sets
-from ..models.ones import OneSConfig, OneSForImageClassification
+from ..models.dense_vit import DenseViTConfig, DenseViTForImageClassification
 from ..models.vmoe import VMoEConfig, VMoEForImageClassification
 from .vision import ImageArguments, accuracy, load_data, model_configs, save_and_check, train
 from ..utils.outputs import atomic_output_dir
@@ -54,7 +54,7 @@ class M2MArguments(ImageArguments):
     """What `run_m2mkd` trains; the defaults are a fast digits run (ViT teacher, 4 modules, V-MoE student)."""
 
     patch_size: int = field(default=2, metadata={"help": "ViT patch size of teacher and student (must divide the image size)."})
-    teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "A trained dense image classifier (OneS) to split; omit to train one (teacher_* fields)."})
+    teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "A trained dense image classifier (DenseViT) to split; omit to train one (teacher_* fields)."})
     teacher_hidden_size: int = field(default=64, metadata={"help": "Width of the ViT teacher (and of the meta model)."})
     teacher_layers: int = field(default=8, metadata={"help": "Blocks of the ViT teacher (a multiple of num_modules)."})
     teacher_heads: int = field(default=4, metadata={"help": "Attention heads of the ViT teacher."})
@@ -168,10 +168,10 @@ def load_stage(folder: Path, settings: dict[str, Any], overwrite: bool) -> dict[
 
 
 def image_configs(args: M2MArguments, image_size: int,
-                  labels: tuple[str, ...] | None = None) -> tuple[OneSConfig, VMoEConfig]:
+                  labels: tuple[str, ...] | None = None) -> tuple[DenseViTConfig, VMoEConfig]:
     """The ViT teacher config (teacher_* fields) and the V-MoE student config (`labels`: the data's class names)."""
     dense, student = model_configs(args, image_size, labels or IMAGE_LABELS[args.dataset])
-    teacher = OneSConfig.from_dict({**dense.to_dict(), "hidden_size": args.teacher_hidden_size,
+    teacher = DenseViTConfig.from_dict({**dense.to_dict(), "hidden_size": args.teacher_hidden_size,
                                     "num_hidden_layers": args.teacher_layers, "num_attention_heads": args.teacher_heads,
                                     "intermediate_size": args.teacher_intermediate_size})
     return teacher, VMoEConfig.from_dict({**student.to_dict(), "moe_layer_frequency": args.moe_layer_frequency})
@@ -238,14 +238,14 @@ class M2MRun:
         args = self.args
         if args.teacher_model_name_or_path:
             path = str(Path(args.teacher_model_name_or_path).resolve())
-            self.models["teacher"] = load_teacher(path, OneSForImageClassification).eval()
+            self.models["teacher"] = load_teacher(path, DenseViTForImageClassification).eval()
             check_num_modules(self.models["teacher"].config.num_hidden_layers, args.num_modules, "teacher")
             return {"run_id": f"given:{path}", "results": self.evaluate(self.models["teacher"])}
         folder = self.out / "teacher"
 
         def make(record: dict) -> None:
             set_seed(args.seeds[0])
-            model = self.models["teacher"] = OneSForImageClassification(self.teacher_config)
+            model = self.models["teacher"] = DenseViTForImageClassification(self.teacher_config)
             record["results"] = {**self.fit(model, args.teacher_epochs, args.seeds[0]), **self.evaluate(model)}
             self.save_model(model, folder, record, ["fine-tune"])
 
@@ -339,7 +339,7 @@ class M2MRun:
                           make, build=True)
 
     def teacher_name(self) -> str:
-        return self.args.teacher_model_name_or_path or f"the ViT (OneS) teacher in {self.out / 'teacher'}"
+        return self.args.teacher_model_name_or_path or f"the dense ViT teacher in {self.out / 'teacher'}"
 
 
 def _prefixed(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from ..distillation import load_teacher
 from ..ones import DEFAULT_STRATEGY, GatheringConfig, gather_experts
 from ..ones.config import GRAMMAR as GATHERING_GRAMMAR
 from ..data.images import image_labels
-from ..models.ones import OneSForImageClassification
+from ..models.dense_vit import DenseViTForImageClassification
 from ..models.vmoe import VMoEForImageClassification
 from ..ones import OneSReport
 from ..utils.outputs import check_output_free
@@ -68,7 +68,7 @@ def run_ones(args: OneSArguments, progress: bool = True) -> OneSReport:
     saved: PreTrainedModel | None = None
     for seed in tqdm(args.seeds, desc="OneS seeds", unit="seed", disable=not progress):
         set_seed(seed)
-        dense = train(OneSForImageClassification(dense_config), data["train"], args, seed, args.epochs)
+        dense = train(DenseViTForImageClassification(dense_config), data["train"], args, seed, args.epochs)
         set_seed(seed)
         moe = train(VMoEForImageClassification(moe_config), data["train"], args, seed, args.epochs)
         report.add("dense", accuracy(dense, data["test"]))

@@ -16,7 +16,7 @@ from transformers import AutoModelForImageClassification, PreTrainedModel, Print
 from ..cards import CARD_KEY, RunFacts, write_model_card
 from ..distillation import DistillationArguments, DistillationTrainer
 from ..data.images import InMemoryDataset, load_image_dataset, load_image_folders
-from ..models.ones import OneSConfig
+from ..models.dense_vit import DenseViTConfig
 from ..models.vmoe import VMoEConfig
 from ..utils.outputs import atomic_output_dir
 
@@ -56,8 +56,8 @@ def load_data(args: ImageArguments):
                               max_test_samples=args.max_test_samples)
 
 
-def model_configs(args: ImageArguments, image_size: int, labels: tuple[str, ...]) -> tuple[OneSConfig, VMoEConfig]:
-    """The dense ViT (OneS) config and the V-MoE config of the same backbone."""
+def model_configs(args: ImageArguments, image_size: int, labels: tuple[str, ...]) -> tuple[DenseViTConfig, VMoEConfig]:
+    """The dense ViT (DenseViT) config and the V-MoE config of the same backbone."""
     backbone = dict(
         image_size=image_size, patch_size=args.patch_size, num_channels=1, hidden_size=args.hidden_size,
         num_hidden_layers=args.num_hidden_layers, num_attention_heads=args.num_attention_heads,
@@ -65,7 +65,7 @@ def model_configs(args: ImageArguments, image_size: int, labels: tuple[str, ...]
         id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)},
     )
     moe = VMoEConfig(**backbone, num_experts=args.num_experts, num_experts_per_tok=args.num_experts_per_tok)
-    return OneSConfig(**backbone), moe
+    return DenseViTConfig(**backbone), moe
 
 
 def train(model: PreTrainedModel, data, args: ImageArguments, seed: int, epochs: float, teacher=None,

@@ -24,15 +24,19 @@ from .modeling_minimoe import (
 )
 
 
+_AUTO_MODELS = (
+    (AutoModel, MiniMoEModel),
+    (AutoModelForSequenceClassification, MiniMoEForSequenceClassification),
+    (AutoModelForTokenClassification, MiniMoEForTokenClassification),
+)
+
+
 def register() -> None:
-    """Register MiniMoE with AutoConfig / AutoModel / AutoModelFor{Sequence,Token}Classification (safe to repeat)."""
+    """Register the model with AutoConfig and the Auto classes of `_AUTO_MODELS`, and mark its classes for
+    `auto_map` (safe to repeat)."""
     AutoConfig.register(MiniMoEConfig.model_type, MiniMoEConfig, exist_ok=True)
     MiniMoEConfig.register_for_auto_class()
-    for auto_class, model_class in (
-        (AutoModel, MiniMoEModel),
-        (AutoModelForSequenceClassification, MiniMoEForSequenceClassification),
-        (AutoModelForTokenClassification, MiniMoEForTokenClassification),
-    ):
+    for auto_class, model_class in _AUTO_MODELS:
         auto_class.register(MiniMoEConfig, model_class, exist_ok=True)
         model_class.register_for_auto_class(auto_class.__name__)
 

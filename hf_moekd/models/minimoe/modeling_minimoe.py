@@ -521,6 +521,7 @@ class MiniMoEModel(MiniMoEPreTrainedModel):
 
 
 def _sequence_classification_loss(config: MiniMoEConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """MSE when `num_labels == 1` (regression), cross-entropy for integer labels, BCE for float multi-label targets."""
     problem = config.problem_type
     if problem is None:
         if config.num_labels == 1:

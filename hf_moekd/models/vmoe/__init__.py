@@ -1,7 +1,8 @@
-"""V-MoE (Riquelme et al., 2021): the OneS ViT backbone with top-k Mixture-of-Experts MLPs in every other block.
+"""V-MoE (Riquelme et al., 2021): a pre-LayerNorm ViT with top-k Mixture-of-Experts MLPs in every other block.
 
-Importing this package registers V-MoE with AutoConfig / AutoModel / AutoModelForImageClassification (idempotent).
-It is not marked for `auto_map`: V-MoE checkpoints load where hf_moekd is importable (and imported).
+Importing this package registers the model with the transformers Auto classes (idempotent) and marks the classes
+for `auto_map`, so `save_pretrained` copies `configuration_vmoe.py` / `modeling_vmoe.py` next to the weights and
+the checkpoint also loads with `trust_remote_code=True` where hf_moekd is not installed.
 """
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
@@ -13,17 +14,25 @@ from .modeling_vmoe import (
     VMoEModelOutput,
     VMoEPreTrainedModel,
     load_balancing_loss,
-    ones_from_vmoe_nonexpert,
     top_k_routing,
     vmoe_expert_weights,
 )
 
+_AUTO_MODELS = (
+    (AutoModel, VMoEModel),
+    (AutoModelForImageClassification, VMoEForImageClassification),
+)
 
+
+# Copied from hf_moekd.models.minimoe.register with MiniMoE->VMoE
 def register() -> None:
-    """Register V-MoE with AutoConfig / AutoModel / AutoModelForImageClassification (safe to repeat)."""
+    """Register the model with AutoConfig and the Auto classes of `_AUTO_MODELS`, and mark its classes for
+    `auto_map` (safe to repeat)."""
     AutoConfig.register(VMoEConfig.model_type, VMoEConfig, exist_ok=True)
-    AutoModel.register(VMoEConfig, VMoEModel, exist_ok=True)
-    AutoModelForImageClassification.register(VMoEConfig, VMoEForImageClassification, exist_ok=True)
+    VMoEConfig.register_for_auto_class()
+    for auto_class, model_class in _AUTO_MODELS:
+        auto_class.register(VMoEConfig, model_class, exist_ok=True)
+        model_class.register_for_auto_class(auto_class.__name__)
 
 
 register()
@@ -37,7 +46,6 @@ __all__ = [
     "VMoEModelOutput",
     "VMoEPreTrainedModel",
     "load_balancing_loss",
-    "ones_from_vmoe_nonexpert",
     "register",
     "top_k_routing",
     "vmoe_expert_weights",

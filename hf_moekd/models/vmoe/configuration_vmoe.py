@@ -1,25 +1,79 @@
-"""V-MoE configuration: the OneS (ViT) backbone with top-k Mixture-of-Experts MLPs in every other block.
+"""V-MoE configuration: a pre-LayerNorm ViT with top-k Mixture-of-Experts MLPs in every other block.
 
 Reference: "Scaling Vision with Sparse Mixture of Experts" (Riquelme et al., NeurIPS 2021).
+This file is copied next to saved checkpoints (trust_remote_code loading): it imports only transformers.
 """
 
-from copy import deepcopy
-from dataclasses import fields
-
 from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
 
-from ..ones.configuration_ones import OneSConfig
-
-# Fields of VMoEConfig that OneSConfig does not have (dropped by `dense_config`).
+# Fields of VMoEConfig that the dense twin's config (DenseViTConfig) does not have.
 MOE_FIELDS = (
     "num_experts", "num_experts_per_tok", "moe_layer_frequency", "router_aux_loss_coef", "router_jitter",
     "normalize_topk_weights",
 )
 
 
+# Copied from hf_moekd.models.dense_vit.configuration_dense_vit.ViTBackboneConfig
 @strict
-class VMoEConfig(OneSConfig):
-    r"""Configuration of a V-MoE model. Backbone fields keep their `OneSConfig` meaning; the MoE fields are:
+class ViTBackboneConfig(PreTrainedConfig):
+    r"""The fields and checks of a pre-LayerNorm ViT backbone, shared by DenseViT and V-MoE (each keeps a copy).
+
+    image_size (`int`, defaults to 224): side of the square input images (pixels).
+    patch_size (`int`, defaults to 16): side of the square patches; must divide `image_size`.
+    num_channels (`int`, defaults to 3): input image channels.
+    hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, hidden_act, hidden_dropout_prob,
+    attention_probs_dropout_prob, layer_norm_eps, initializer_range, qkv_bias: as in `ViTConfig`.
+    The number of classes comes from `num_labels` / `id2label` (1 label = regression head, MSE loss).
+    """
+
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float | int = 0.0
+    attention_probs_dropout_prob: float | int = 0.0
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    qkv_bias: bool = True
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.check_backbone_fields()
+
+    def check_backbone_fields(self) -> None:
+        """Raise a one-line `ValueError` naming the bad field and the fix."""
+        for name in ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
+                     "num_attention_heads", "intermediate_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size}); "
+                "change one of them."
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads}); change one of them."
+            )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
+
+    @property
+    def num_patches(self) -> int:
+        """Patches per image (the sequence length is `num_patches + 1` with the CLS token)."""
+        return (self.image_size // self.patch_size) ** 2
+
+
+@strict
+class VMoEConfig(ViTBackboneConfig):
+    r"""Configuration of a V-MoE model. Backbone fields keep their `ViTBackboneConfig` meaning; the MoE fields are:
 
     num_experts (`int`, defaults to 8): experts per MoE block, each an FFN of size `intermediate_size`.
     num_experts_per_tok (`int`, defaults to 2): top-k experts every token is sent to (no capacity limit, no drops).
@@ -34,7 +88,6 @@ class VMoEConfig(OneSConfig):
     """
 
     model_type = "vmoe"
-    _auto_class = None  # OneSConfig is marked for auto_map; V-MoE is not (it needs hf_moekd to load).
 
     num_experts: int = 8
     num_experts_per_tok: int = 2
@@ -71,13 +124,5 @@ class VMoEConfig(OneSConfig):
         freq = self.moe_layer_frequency
         return [i for i in range(self.num_hidden_layers) if i % freq == freq - 1]
 
-    def dense_config(self) -> OneSConfig:
-        """The `OneSConfig` of the same backbone (every non-expert field, labels included), no MoE fields."""
-        skip = {"transformers_version", "architectures", *MOE_FIELDS}
-        values = {f.name: deepcopy(getattr(self, f.name)) for f in fields(OneSConfig) if f.init and f.name not in skip}
-        config = OneSConfig(**values)
-        config._attn_implementation = self._attn_implementation
-        return config
 
-
-__all__ = ["MOE_FIELDS", "VMoEConfig"]
+__all__ = ["MOE_FIELDS", "VMoEConfig", "ViTBackboneConfig"]

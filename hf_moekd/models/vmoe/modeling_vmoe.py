@@ -1,10 +1,10 @@
-"""PyTorch V-MoE: the OneS (ViT) backbone with top-k Mixture-of-Experts MLPs in every other block.
+"""PyTorch V-MoE: a pre-LayerNorm ViT (DenseViT's backbone) with top-k Mixture-of-Experts MLPs in every other block.
 
 Reference: "Scaling Vision with Sparse Mixture of Experts" (Riquelme et al., NeurIPS 2021).
 
 Design (see `VMoEConfig` for the knobs):
 
-* Embeddings, attention, LayerNorms, dense MLPs and the head are the OneS modules under the same names
+* Embeddings, attention, LayerNorms, dense MLPs and the head are DenseViT's modules under the same names
   (`vmoe.embeddings.*`, `vmoe.encoder.layer.N.{layernorm_before, attention.*, layernorm_after}`, `vmoe.layernorm`,
   `classifier`); dense blocks keep `mlp.{fc1, fc2}`.
 * MoE blocks (`config.moe_layers`, by default 1, 3, 5, ...) have `mlp.router.gate` (`Linear(H, E, bias=False)`) and
@@ -16,32 +16,25 @@ Design (see `VMoEConfig` for the knobs):
   tokens that have e among their top-k (Mixtral's convention: it sums to k over experts, so perfectly balanced
   routing gives k; k = 1 is the Switch loss) and `mean_prob_e` the mean softmax probability of e.
 
-Unlike OneS, V-MoE checkpoints need hf_moekd to load (this module imports the OneS backbone from it).
+This file is copied next to saved checkpoints for `trust_remote_code=True` loading: it imports only torch,
+transformers and `.configuration_vmoe` (the DenseViT and MiniMoE parts it shares are checked copies, marked
+`# Copied from`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from ..minimoe.modeling_minimoe import MiniMoEExperts
-from ..ones.configuration_ones import OneSConfig
-from ..ones.modeling_ones import (
-    OneSAttention,
-    OneSEmbeddings,
-    OneSForImageClassification,
-    OneSMLP,
-    OneSModel,
-    OneSPreTrainedModel,
-    image_classification_loss,
-)
 from .configuration_vmoe import VMoEConfig
 
 
@@ -67,6 +60,119 @@ class VMoEImageClassifierOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
     aux_loss: torch.FloatTensor | None = None
+
+
+# Copied from hf_moekd.models.minimoe.modeling_minimoe.eager_attention_forward
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention; `attention_mask` is boolean (True = attend) or additive. Returns `[B, S, heads, d]`."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    weights = scores.softmax(-1)
+    output = torch.matmul(F.dropout(weights, p=dropout, training=module.training), value)
+    return output.transpose(1, 2).contiguous(), weights
+
+
+# Copied from hf_moekd.models.dense_vit.modeling_dense_vit.DenseViTPatchEmbeddings with DenseViT->VMoE
+class VMoEPatchEmbeddings(nn.Module):
+    """Non-overlapping patches -> `[B, num_patches, H]` with a strided convolution."""
+
+    def __init__(self, config: VMoEConfig):
+        super().__init__()
+        self.projection = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.projection(pixel_values).flatten(2).transpose(1, 2)
+
+
+# Copied from hf_moekd.models.dense_vit.modeling_dense_vit.DenseViTEmbeddings with DenseViT->VMoE
+class VMoEEmbeddings(nn.Module):
+    """CLS token + patch embeddings + learned position embeddings, dropout."""
+
+    def __init__(self, config: VMoEConfig):
+        super().__init__()
+        self.config = config
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.patch_embeddings = VMoEPatchEmbeddings(config)
+        self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.hidden_size))
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        expected = (self.config.num_channels, self.config.image_size, self.config.image_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values must be [batch, {expected[0]}, {expected[1]}, {expected[2]}] (num_channels, "
+                f"image_size, image_size of the config), got {tuple(pixel_values.shape)}."
+            )
+        patches = self.patch_embeddings(pixel_values.to(self.patch_embeddings.projection.weight.dtype))
+        cls = self.cls_token.expand(patches.shape[0], -1, -1)
+        return self.dropout(torch.cat([cls, patches], dim=1) + self.position_embeddings)
+
+
+# Copied from hf_moekd.models.dense_vit.modeling_dense_vit.DenseViTAttention with DenseViT->VMoE
+class VMoEAttention(nn.Module):
+    """Multi-head self-attention (`query`/`key`/`value`/`output` Linears); eager or SDPA kernel per config."""
+
+    def __init__(self, config: VMoEConfig):
+        super().__init__()
+        self.config = config
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.hidden_size // config.num_attention_heads
+        self.scaling = self.attention_head_size**-0.5
+        self.is_causal = False
+        self.query = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.output = nn.Linear(config.hidden_size, config.hidden_size)
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the attention output `[B, S, H]` and the attention probabilities (only when requested)."""
+        shape = (*hidden_states.shape[:-1], self.num_attention_heads, self.attention_head_size)
+        query, key, value = (
+            proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.query, self.key, self.value)
+        )
+        # Attention weights exist only in the eager kernel: use it when they are requested.
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        context, weights = attention_interface(
+            self, query, key, value, None,
+            dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,
+        )
+        output = self.dropout(self.output(context.reshape(hidden_states.shape)))
+        return output, weights if output_attentions else None
+
+
+# Copied from hf_moekd.models.dense_vit.modeling_dense_vit.DenseViTMLP with DenseViT->VMoE
+class VMoEMLP(nn.Module):
+    """Dense FFN `fc2(act(fc1(x)))` followed by dropout."""
+
+    def __init__(self, config: VMoEConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.act(self.fc1(hidden_states))))
 
 
 def top_k_routing(
@@ -112,11 +218,24 @@ class VMoERouter(nn.Module):
         return self.gate(hidden_states)
 
 
-class VMoEExperts(MiniMoEExperts):
-    """E FFN experts (`H -> I -> H`, like `mlp.fc1` / `mlp.fc2`), fused as in MiniMoE; top-k combination."""
+class VMoEExperts(nn.Module):
+    """E FFN experts (`H -> I -> H`, like `mlp.fc1` / `mlp.fc2`) stored fused as in MiniMoE; top-k combination."""
 
     def __init__(self, config: VMoEConfig):
-        super().__init__(config, num_experts=config.num_experts)
+        super().__init__()
+        inner, hidden = config.intermediate_size, config.hidden_size
+        self.num_experts = config.num_experts
+        self.w_in = nn.Parameter(torch.empty(config.num_experts, inner, hidden))
+        self.b_in = nn.Parameter(torch.empty(config.num_experts, inner))
+        self.w_out = nn.Parameter(torch.empty(config.num_experts, hidden, inner))
+        self.b_out = nn.Parameter(torch.empty(config.num_experts, hidden))
+        self.act = ACT2FN[config.hidden_act]
+
+    # Copied from hf_moekd.models.minimoe.modeling_minimoe.MiniMoEExperts.expert_forward
+    def expert_forward(self, expert: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """One expert on `[tokens, H]`."""
+        inner = self.act(F.linear(hidden_states, self.w_in[expert], self.b_in[expert]))
+        return F.linear(inner, self.w_out[expert], self.b_out[expert])
 
     def forward(self, hidden_states: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """`hidden_states [N, H]`, `experts [N, k]`, `weights [N, k]` -> `sum_j weights[:, j] * expert_j(x)`."""
@@ -153,15 +272,15 @@ class VMoESparseMLP(nn.Module):
 
 
 class VMoELayer(GradientCheckpointingLayer):
-    """Pre-LayerNorm block (as `OneSLayer`) whose MLP is sparse when `is_moe`."""
+    """Pre-LayerNorm block (as `DenseViTLayer`) whose MLP is sparse when `is_moe`."""
 
     def __init__(self, config: VMoEConfig, is_moe: bool):
         super().__init__()
         self.is_moe = is_moe
         self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attention = OneSAttention(config)
+        self.attention = VMoEAttention(config)
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = VMoESparseMLP(config) if is_moe else OneSMLP(config)
+        self.mlp = VMoESparseMLP(config) if is_moe else VMoEMLP(config)
 
     def forward(
         self, hidden_states: torch.Tensor, output_attentions: bool = False
@@ -199,30 +318,57 @@ class VMoEEncoder(nn.Module):
         return hidden_states, all_hidden, router_logits, all_attentions
 
 
-class VMoEPreTrainedModel(OneSPreTrainedModel):
+class VMoEPreTrainedModel(PreTrainedModel):
     config_class = VMoEConfig
     base_model_prefix = "vmoe"
-    _no_split_modules = ["OneSEmbeddings", "VMoELayer"]
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["VMoEEmbeddings", "VMoELayer"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, VMoEExperts):
+        if isinstance(module, VMoEEmbeddings):
+            init.trunc_normal_(module.position_embeddings, mean=0.0, std=self.config.initializer_range)
+            init.trunc_normal_(module.cls_token, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, VMoEExperts):
             for weight, bias in ((module.w_in, module.b_in), (module.w_out, module.b_out)):
                 init.normal_(weight, mean=0.0, std=self.config.initializer_range)
                 init.zeros_(bias)
 
 
-class VMoEModel(VMoEPreTrainedModel):
-    """The bare V-MoE encoder: OneS embeddings, `encoder.layer` blocks (MoE in `config.moe_layers`), LayerNorm."""
+# Copied from hf_moekd.models.dense_vit.modeling_dense_vit.image_classification_loss with DenseViT->VMoE
+def image_classification_loss(config: VMoEConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """MSE when `num_labels == 1` (regression), cross-entropy for integer labels, BCE for float multi-label targets."""
+    problem = config.problem_type
+    if problem is None:
+        if config.num_labels == 1:
+            problem = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    if problem == "regression":
+        return F.mse_loss(logits.float().view(labels.shape), labels.float())
+    if problem == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, config.num_labels).float(), labels.view(-1))
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
 
+
+class VMoEModel(VMoEPreTrainedModel):
+    """The bare V-MoE encoder: embeddings, `encoder.layer` blocks (MoE in `config.moe_layers`), final LayerNorm."""
+
+    # Copied from hf_moekd.models.dense_vit.modeling_dense_vit.DenseViTModel.__init__ with DenseViT->VMoE
     def __init__(self, config: VMoEConfig):
         super().__init__(config)
-        self.embeddings = OneSEmbeddings(config)
+        self.embeddings = VMoEEmbeddings(config)
         self.encoder = VMoEEncoder(config)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
+    # Copied from hf_moekd.models.dense_vit.modeling_dense_vit.DenseViTModel.get_input_embeddings
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embeddings
 
@@ -254,6 +400,7 @@ class VMoEModel(VMoEPreTrainedModel):
 class VMoEForImageClassification(VMoEPreTrainedModel):
     """V-MoE + linear classifier on the final CLS token; with labels, `loss` includes the balancing loss."""
 
+    # Copied from hf_moekd.models.dense_vit.modeling_dense_vit.DenseViTForImageClassification.__init__ with DenseViT->VMoE,dense_vit->vmoe
     def __init__(self, config: VMoEConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -291,7 +438,7 @@ class VMoEForImageClassification(VMoEPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-# ---- helpers for gathering a V-MoE into its dense OneS twin ------------------------------------------------
+# ---- helpers for gathering a V-MoE into its dense twin ---------------------------------------------------------
 
 def _moe_mlp(vmoe_model: VMoEPreTrainedModel, block: int) -> VMoESparseMLP:
     layers = vmoe_model.base_model.encoder.layer
@@ -307,46 +454,6 @@ def vmoe_expert_weights(vmoe_model: VMoEPreTrainedModel, block: int) -> dict[str
     return {name: getattr(experts, name).detach() for name in ("w_in", "b_in", "w_out", "b_out")}
 
 
-@torch.no_grad()
-def ones_from_vmoe_nonexpert(
-    vmoe_model: VMoEPreTrainedModel,
-) -> tuple[OneSPreTrainedModel, list[tuple[int, OneSMLP]]]:
-    """The dense OneS twin of `vmoe_model` and the MLPs the gathering code must still fill.
-
-    Returns `(ones_model, pending)`: `ones_model` is a `OneSForImageClassification` (for a
-    `VMoEForImageClassification`) or `OneSModel` (for a `VMoEModel`) with config `vmoe_model.config.dense_config()`,
-    on the same device/dtype and in the same train/eval mode. Every non-expert weight is copied exactly (embeddings,
-    attention, LayerNorms, dense-block MLPs, head). `pending` lists `(block_index, mlp)` for the MoE blocks
-    (`config.moe_layers`), whose `mlp.fc1` / `mlp.fc2` keep their fresh initialisation until gathered: with
-    `fc1 = (w_in[e], b_in[e])`, `fc2 = (w_out[e], b_out[e])` of an expert shared by all experts, the twin
-    reproduces the V-MoE exactly (given `normalize_topk_weights=True`).
-    """
-    if isinstance(vmoe_model, VMoEForImageClassification):
-        target = OneSForImageClassification
-    elif isinstance(vmoe_model, VMoEModel):
-        target = OneSModel
-    else:
-        raise TypeError(f"Expected VMoEModel or VMoEForImageClassification, got {type(vmoe_model).__name__}.")
-    config: OneSConfig = vmoe_model.config.dense_config()
-    reference = next(vmoe_model.parameters())
-    dense = target(config).to(device=reference.device, dtype=reference.dtype).train(vmoe_model.training)
-
-    def rename(name: str) -> str:
-        return "ones." + name[len("vmoe."):] if name.startswith("vmoe.") else name
-
-    source = {rename(name): tensor for name, tensor in vmoe_model.state_dict().items()}
-    prefix = "ones." if target is OneSForImageClassification else ""
-    pending_prefixes = tuple(f"{prefix}encoder.layer.{i}.mlp." for i in vmoe_model.config.moe_layers)
-    for name, tensor in dense.state_dict().items():
-        if name.startswith(pending_prefixes):
-            continue
-        if name not in source or source[name].shape != tensor.shape:
-            raise ValueError(f"Cannot copy {name} {tuple(tensor.shape)} from the V-MoE model.")
-        tensor.copy_(source[name])
-    layers = dense.base_model.encoder.layer
-    return dense, [(i, layers[i].mlp) for i in vmoe_model.config.moe_layers]
-
-
 __all__ = [
     "VMoEForImageClassification",
     "VMoEImageClassifierOutput",
@@ -354,7 +461,6 @@ __all__ = [
     "VMoEModelOutput",
     "VMoEPreTrainedModel",
     "load_balancing_loss",
-    "ones_from_vmoe_nonexpert",
     "top_k_routing",
     "vmoe_expert_weights",
 ]

@@ -1,17 +1,17 @@
-"""PyTorch OneS: a dense ViT-style image classifier (pre-LayerNorm blocks, CLS token, learned positions).
+"""PyTorch DenseViT: a plain (dense) ViT image classifier (pre-LayerNorm blocks, CLS token, learned positions).
 
-Parameter layout (the V-MoE -> OneS gathering code writes into these names):
+Parameter layout (the V-MoE -> DenseViT gathering code writes into these names):
 
-* `ones.embeddings.{cls_token [1, 1, H], position_embeddings [1, P + 1, H], patch_embeddings.projection}` (Conv2d)
-* `ones.encoder.layer.N.{layernorm_before, attention.{query, key, value, output}, layernorm_after, mlp.{fc1, fc2}}`
-* `ones.layernorm` (final LayerNorm), `classifier` (linear head on the CLS token)
+* `dense_vit.embeddings.{cls_token [1, 1, H], position_embeddings [1, P + 1, H], patch_embeddings.projection}` (Conv2d)
+* `dense_vit.encoder.layer.N.{layernorm_before, attention.{query, key, value, output}, layernorm_after, mlp.{fc1, fc2}}`
+* `dense_vit.layernorm` (final LayerNorm), `classifier` (linear head on the CLS token)
 
 Block: `x = x + attention(layernorm_before(x)); x = x + mlp(layernorm_after(x))`, dropout after `attention.output`
 and after `mlp.fc2`. `hidden_states` are the embeddings then every block's output (before the final LayerNorm);
 `last_hidden_state` is after it.
 
 This file is copied next to saved checkpoints for `trust_remote_code=True` loading: it imports only torch,
-transformers and `.configuration_ones`.
+transformers and `.configuration_dense_vit`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
-from .configuration_ones import OneSConfig
+from .configuration_dense_vit import DenseViTConfig
 
 
 # Copied from hf_moekd.models.minimoe.modeling_minimoe.eager_attention_forward
@@ -53,10 +53,10 @@ def eager_attention_forward(
     return output.transpose(1, 2).contiguous(), weights
 
 
-class OneSPatchEmbeddings(nn.Module):
+class DenseViTPatchEmbeddings(nn.Module):
     """Non-overlapping patches -> `[B, num_patches, H]` with a strided convolution."""
 
-    def __init__(self, config: OneSConfig):
+    def __init__(self, config: DenseViTConfig):
         super().__init__()
         self.projection = nn.Conv2d(
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
@@ -66,14 +66,14 @@ class OneSPatchEmbeddings(nn.Module):
         return self.projection(pixel_values).flatten(2).transpose(1, 2)
 
 
-class OneSEmbeddings(nn.Module):
+class DenseViTEmbeddings(nn.Module):
     """CLS token + patch embeddings + learned position embeddings, dropout."""
 
-    def __init__(self, config: OneSConfig):
+    def __init__(self, config: DenseViTConfig):
         super().__init__()
         self.config = config
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        self.patch_embeddings = OneSPatchEmbeddings(config)
+        self.patch_embeddings = DenseViTPatchEmbeddings(config)
         self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.hidden_size))
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -89,10 +89,10 @@ class OneSEmbeddings(nn.Module):
         return self.dropout(torch.cat([cls, patches], dim=1) + self.position_embeddings)
 
 
-class OneSAttention(nn.Module):
+class DenseViTAttention(nn.Module):
     """Multi-head self-attention (`query`/`key`/`value`/`output` Linears); eager or SDPA kernel per config."""
 
-    def __init__(self, config: OneSConfig):
+    def __init__(self, config: DenseViTConfig):
         super().__init__()
         self.config = config
         self.num_attention_heads = config.num_attention_heads
@@ -125,10 +125,10 @@ class OneSAttention(nn.Module):
         return output, weights if output_attentions else None
 
 
-class OneSMLP(nn.Module):
+class DenseViTMLP(nn.Module):
     """Dense FFN `fc2(act(fc1(x)))` followed by dropout."""
 
-    def __init__(self, config: OneSConfig):
+    def __init__(self, config: DenseViTConfig):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.act = ACT2FN[config.hidden_act]
@@ -139,15 +139,15 @@ class OneSMLP(nn.Module):
         return self.dropout(self.fc2(self.act(self.fc1(hidden_states))))
 
 
-class OneSLayer(GradientCheckpointingLayer):
+class DenseViTLayer(GradientCheckpointingLayer):
     """Pre-LayerNorm transformer block."""
 
-    def __init__(self, config: OneSConfig):
+    def __init__(self, config: DenseViTConfig):
         super().__init__()
         self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attention = OneSAttention(config)
+        self.attention = DenseViTAttention(config)
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = OneSMLP(config)
+        self.mlp = DenseViTMLP(config)
 
     def forward(
         self, hidden_states: torch.Tensor, output_attentions: bool = False
@@ -158,10 +158,10 @@ class OneSLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.layernorm_after(hidden_states)), weights
 
 
-class OneSEncoder(nn.Module):
-    def __init__(self, config: OneSConfig):
+class DenseViTEncoder(nn.Module):
+    def __init__(self, config: DenseViTConfig):
         super().__init__()
-        self.layer = nn.ModuleList(OneSLayer(config) for _ in range(config.num_hidden_layers))
+        self.layer = nn.ModuleList(DenseViTLayer(config) for _ in range(config.num_hidden_layers))
 
     def forward(
         self, hidden_states: torch.Tensor, output_attentions: bool = False, output_hidden_states: bool = False
@@ -178,24 +178,25 @@ class OneSEncoder(nn.Module):
         return hidden_states, all_hidden, all_attentions
 
 
-class OneSPreTrainedModel(PreTrainedModel):
-    config_class = OneSConfig
-    base_model_prefix = "ones"
+class DenseViTPreTrainedModel(PreTrainedModel):
+    config_class = DenseViTConfig
+    base_model_prefix = "dense_vit"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _no_split_modules = ["OneSEmbeddings", "OneSLayer"]
+    _no_split_modules = ["DenseViTEmbeddings", "DenseViTLayer"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, OneSEmbeddings):
+        if isinstance(module, DenseViTEmbeddings):
             init.trunc_normal_(module.position_embeddings, mean=0.0, std=self.config.initializer_range)
             init.trunc_normal_(module.cls_token, mean=0.0, std=self.config.initializer_range)
 
 
-def image_classification_loss(config: OneSConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+# Copied from hf_moekd.models.minimoe.modeling_minimoe._sequence_classification_loss with MiniMoE->DenseViT,_sequence->image
+def image_classification_loss(config: DenseViTConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """MSE when `num_labels == 1` (regression), cross-entropy for integer labels, BCE for float multi-label targets."""
     problem = config.problem_type
     if problem is None:
@@ -212,13 +213,13 @@ def image_classification_loss(config: OneSConfig, logits: torch.Tensor, labels: 
     return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
 
 
-class OneSModel(OneSPreTrainedModel):
-    """The bare OneS encoder: embeddings, `encoder.layer` blocks, final LayerNorm."""
+class DenseViTModel(DenseViTPreTrainedModel):
+    """The bare DenseViT encoder: embeddings, `encoder.layer` blocks, final LayerNorm."""
 
-    def __init__(self, config: OneSConfig):
+    def __init__(self, config: DenseViTConfig):
         super().__init__(config)
-        self.embeddings = OneSEmbeddings(config)
-        self.encoder = OneSEncoder(config)
+        self.embeddings = DenseViTEmbeddings(config)
+        self.encoder = DenseViTEncoder(config)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
@@ -246,13 +247,13 @@ class OneSModel(OneSPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-class OneSForImageClassification(OneSPreTrainedModel):
-    """OneS + linear classifier on the final CLS token (MSE when num_labels == 1, else cross-entropy)."""
+class DenseViTForImageClassification(DenseViTPreTrainedModel):
+    """DenseViT + linear classifier on the final CLS token (MSE when num_labels == 1, else cross-entropy)."""
 
-    def __init__(self, config: OneSConfig):
+    def __init__(self, config: DenseViTConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.ones = OneSModel(config)
+        self.dense_vit = DenseViTModel(config)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
@@ -265,7 +266,7 @@ class OneSForImageClassification(OneSPreTrainedModel):
         return_dict: bool | None = None,
     ) -> ImageClassifierOutput | tuple:
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        outputs = self.ones(
+        outputs = self.dense_vit(
             pixel_values, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
             return_dict=True,
         )
@@ -278,8 +279,8 @@ class OneSForImageClassification(OneSPreTrainedModel):
 
 
 __all__ = [
-    "OneSForImageClassification",
-    "OneSModel",
-    "OneSPreTrainedModel",
+    "DenseViTForImageClassification",
+    "DenseViTModel",
+    "DenseViTPreTrainedModel",
     "image_classification_loss",
 ]

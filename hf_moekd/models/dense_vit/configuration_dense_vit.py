@@ -1,4 +1,4 @@
-"""OneS configuration: a dense ViT-style image classifier (the dense twin that V-MoE teachers are gathered into).
+"""DenseViT configuration: a plain (dense) ViT image classifier, the dense twin that V-MoE teachers are gathered into.
 
 This file is copied next to saved checkpoints (trust_remote_code loading): it imports only transformers.
 """
@@ -8,8 +8,8 @@ from transformers import PreTrainedConfig
 
 
 @strict
-class OneSConfig(PreTrainedConfig):
-    r"""Configuration of a OneS model: pre-LayerNorm ViT blocks, CLS token, learned position embeddings, linear head.
+class ViTBackboneConfig(PreTrainedConfig):
+    r"""The fields and checks of a pre-LayerNorm ViT backbone, shared by DenseViT and V-MoE (each keeps a copy).
 
     image_size (`int`, defaults to 224): side of the square input images (pixels).
     patch_size (`int`, defaults to 16): side of the square patches; must divide `image_size`.
@@ -18,8 +18,6 @@ class OneSConfig(PreTrainedConfig):
     attention_probs_dropout_prob, layer_norm_eps, initializer_range, qkv_bias: as in `ViTConfig`.
     The number of classes comes from `num_labels` / `id2label` (1 label = regression head, MSE loss).
     """
-
-    model_type = "ones"
 
     image_size: int = 224
     patch_size: int = 16
@@ -65,4 +63,12 @@ class OneSConfig(PreTrainedConfig):
         return (self.image_size // self.patch_size) ** 2
 
 
-__all__ = ["OneSConfig"]
+@strict
+class DenseViTConfig(ViTBackboneConfig):
+    r"""Configuration of a DenseViT model: pre-LayerNorm ViT blocks, CLS token, learned position embeddings, linear
+    head. The fields are those of `ViTBackboneConfig`."""
+
+    model_type = "dense_vit"
+
+
+__all__ = ["DenseViTConfig", "ViTBackboneConfig"]
