@@ -119,14 +119,14 @@ def add_evaluate_parser(sub: Any) -> argparse.ArgumentParser:
     """`hf-moekd evaluate MODEL_DIR --task TASK`: metrics of a saved model with the local metrics."""
     from transformers import HfArgumentParser
 
-    from .recipes.arguments import DataArguments, TaskArguments
+    from .recipes.arguments import TASK_NAMES, DataArguments, TaskArguments
     from .utils.flags import add_renamed_flags
 
     flags = HfArgumentParser((TaskArguments, DataArguments, EvaluateArguments), add_help=False)
     p = sub.add_parser(
         "evaluate", parents=[flags],
-        help="Evaluate a saved model folder on a GLUE dev set, CoNLL-2003 test or held-out text (clm: loss and "
-             "perplexity); prints a summary table.",
+        help=f"Evaluate a saved model folder on a task ({', '.join(TASK_NAMES)}) as a distill run's final "
+             "evaluation does; prints a summary table.",
         description="Score a saved sequence / token classifier with the local metrics (hf_moekd.metrics), or a causal "
                     "LM by loss and perplexity, computed as a distill run's final evaluation is. The data flags are "
                     "distill's (DataArguments).")
