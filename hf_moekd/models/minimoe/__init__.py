@@ -11,17 +11,10 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
+from . import modeling_minimoe
 from .configuration_minimoe import MiniMoEConfig
 from .convert_minimoe import minimoe_from_dense
-from .modeling_minimoe import (
-    MiniMoEClassifierOutput,
-    MiniMoEForSequenceClassification,
-    MiniMoEForTokenClassification,
-    MiniMoEModel,
-    MiniMoEModelOutput,
-    MiniMoEPreTrainedModel,
-    load_balancing_loss,
-)
+from .modeling_minimoe import *  # noqa: F403  (its __all__)
 
 
 _AUTO_MODELS = (
@@ -43,15 +36,4 @@ def register() -> None:
 
 register()
 
-__all__ = [
-    "MiniMoEClassifierOutput",
-    "MiniMoEConfig",
-    "MiniMoEForSequenceClassification",
-    "MiniMoEForTokenClassification",
-    "MiniMoEModel",
-    "MiniMoEModelOutput",
-    "MiniMoEPreTrainedModel",
-    "load_balancing_loss",
-    "minimoe_from_dense",
-    "register",
-]
+__all__ = [*modeling_minimoe.__all__, "MiniMoEConfig", "minimoe_from_dense", "register"]

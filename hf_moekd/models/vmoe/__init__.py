@@ -6,17 +6,9 @@ the checkpoint also loads with `trust_remote_code=True` where hf_moekd is not in
 """
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
+from . import modeling_vmoe
 from .configuration_vmoe import MOE_FIELDS, VMoEConfig
-from .modeling_vmoe import (
-    VMoEForImageClassification,
-    VMoEImageClassifierOutput,
-    VMoEModel,
-    VMoEModelOutput,
-    VMoEPreTrainedModel,
-    load_balancing_loss,
-    top_k_routing,
-    vmoe_expert_weights,
-)
+from .modeling_vmoe import *  # noqa: F403  (its __all__)
 
 _AUTO_MODELS = (
     (AutoModel, VMoEModel),
@@ -37,16 +29,4 @@ def register() -> None:
 
 register()
 
-__all__ = [
-    "MOE_FIELDS",
-    "VMoEConfig",
-    "VMoEForImageClassification",
-    "VMoEImageClassifierOutput",
-    "VMoEModel",
-    "VMoEModelOutput",
-    "VMoEPreTrainedModel",
-    "load_balancing_loss",
-    "register",
-    "top_k_routing",
-    "vmoe_expert_weights",
-]
+__all__ = [*modeling_vmoe.__all__, "MOE_FIELDS", "VMoEConfig", "register"]
