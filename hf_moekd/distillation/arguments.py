@@ -48,6 +48,13 @@ class DistillationArguments(TrainingArguments):
                   "float32 softmax copies to chunk x vocab instead of batch x sequence x vocab (benchmarks/lm_kd_memory.py: "
                   "vocab 32,000, 4 x 512 tokens: 446 MiB above the logits at 128, 1,254 MiB unchunked)."},
     )
+    fused_lm_kd: bool = field(
+        default=True,
+        metadata={"help": "Language models (causal LM, seq2seq): compute logits KD and CE from the final hidden states "
+                  "and the lm_head weight, kd_chunk_size positions at a time, so that neither model's [batch, seq, "
+                  "vocab] logits exist (hf_moekd.distillation.fused). Falls back, with one log line, for heads that "
+                  "are not a dense [vocab, hidden] torch.nn.Linear. False: the models' full logits, as before."},
+    )
     hidden_loss_weight: float = field(
         default=0.0,
         metadata={"help": "Weight of the hidden-state MSE term (0 disables it)."},
