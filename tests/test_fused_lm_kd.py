@@ -20,7 +20,14 @@ from transformers import (
 )
 
 from hf_moekd.distillation import DistillationArguments, DistillationTrainer
-from hf_moekd.distillation.fused import FusedSpec, Head, divergence_chunk, fused_head_sums, topk_chunk
+from hf_moekd.distillation.fused import (
+    FusedSpec,
+    Head,
+    capture_head_input,
+    divergence_chunk,
+    fused_head_sums,
+    topk_chunk,
+)
 from hf_moekd.distillation.losses import soft_divergence, topk_forward_kl
 
 VOCAB = 1000
@@ -266,3 +273,19 @@ def test_heads_that_cannot_be_fused_fall_back_with_one_log_line(tmp_path, caplog
     kd = (soft_divergence(s[keep], t[keep], 2.0)).mean()
     ce = F.cross_entropy(s[keep], batch["labels"][:, 1:][keep])
     torch.testing.assert_close(loss, 0.5 * kd + 0.5 * ce, rtol=1e-5, atol=1e-6)
+
+
+def test_capture_records_the_head_input_and_restores_an_instance_forward():
+    """The swapped head returns zero-width logits and puts back a forward set on the instance (accelerate's hooks)."""
+    head = torch.nn.Linear(4, 10)
+    hooked = head.forward
+    head.forward = hooked
+    store = {}
+    x = torch.randn(2, 3, 4)
+    with capture_head_input(head, store, check=False):
+        out = head(x)
+    assert out.shape == (2, 3, 0) and store["hidden"] is x
+    with capture_head_input(head, store, check=True):
+        out = head(x)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x[:, -1:], head.weight, head.bias))
+    assert head.__dict__["forward"] is hooked

@@ -18,6 +18,7 @@ unfused path (the model's own full logits).
 """
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -25,11 +26,10 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.utils import logging
 
 from .losses import FUSED_LM, TEACHER_TOPK, DistillationBatch, soft_divergence, topk_forward_kl
 
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 FUSED_TERMS = frozenset({"ce", "logits_kd", "router_aux", "hidden_mse", "attention_relation"})
 """Terms that work without the student's full logits (the others need them: the fused path is then off)."""
@@ -75,7 +75,8 @@ def dense_head(model: nn.Module) -> tuple[Head | None, str]:
     if type(head) is not nn.Linear:
         return None, f"its output head is a {type(head).__name__}, not a plain torch.nn.Linear"
     weight = head.weight
-    if not weight.is_floating_point() or weight.dim() != 2 or weight.numel() == 0 or hasattr(weight, "ds_id"):
+    if not weight.is_floating_point() or weight.dim() != 2 or weight.numel() == 0 or hasattr(weight, "ds_id") \
+            or weight.device.type == "meta":  # quantised, ZeRO-3 partitioned or offloaded
         return None, "its output head weight is not a dense floating-point [vocab, hidden] tensor"
     softcap = getattr(getattr(base, "config", None), "final_logit_softcapping", None)
     return Head(head, base, float(softcap) if softcap else None), ""
@@ -88,14 +89,18 @@ def capture_head_input(head: nn.Module, store: dict[str, torch.Tensor], check: b
     def forward(x: torch.Tensor) -> torch.Tensor:
         store["hidden"] = x
         if check:
-            return F.linear(x[..., -1:, :], head.weight, head.bias)
+            return F.linear(x[..., -1:, :].to(head.weight.device), head.weight, head.bias)
         return x.new_zeros(*x.shape[:-1], 0)
 
+    previous = head.__dict__.get("forward")  # e.g. accelerate's device-map hook
     head.forward = forward
     try:
         yield
     finally:
-        del head.forward
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous
 
 
 # ---- the per-chunk divergences: (sum of weighted values, gradient wrt the student logits) -----------------------
