@@ -48,7 +48,15 @@ class DistillationArguments(TrainingArguments):
         default=128,
         metadata={"help": "Token positions per chunk of the KD divergence on token-level logits (LMs): bounds the "
                   "float32 softmax copies to chunk x vocab instead of batch x sequence x vocab (benchmarks/lm_kd_memory.py: "
-                  "vocab 32,000, 4 x 512 tokens: 446 MiB above the logits at 128, 1,254 MiB unchunked)."},
+                  "vocab 32,000, 4 x 512 tokens: 446 MiB above the logits at 128, 1,254 MiB unchunked). The fused LM path "
+                  "(fused_lm_kd) takes at most 2**24 // vocab positions per chunk (110 at vocab 151,936)."},
+    )
+    fused_lm_kd: bool = field(
+        default=True,
+        metadata={"help": "Language models (causal LM, seq2seq): compute logits KD and CE from the final hidden states "
+                  "and the lm_head weight, kd_chunk_size positions at a time, so that neither model's [batch, seq, "
+                  "vocab] logits exist (hf_moekd.distillation.fused). Falls back, with one log line, for heads that "
+                  "are not a dense [vocab, hidden] torch.nn.Linear. False: the models' full logits, as before."},
     )
     hidden_loss_weight: float = field(
         default=0.0,

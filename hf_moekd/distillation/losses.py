@@ -35,6 +35,7 @@ from ..model_utils.capture import capture_block_output, capture_qkv, find_blocks
 LOSS_REGISTRY: dict[str, type["LossTerm"]] = {}
 LOSS_TERMS_GROUP = "hf_moekd.loss_terms"  # entry points: name -> "module:LossTermClass"
 TEACHER_TOPK = "teacher_topk"  # DistillationBatch.extras: (log-probs [B, L, k], indices [B, L, k]) from a cache
+FUSED_LM = "fused_lm"  # DistillationBatch.extras: fused.FusedBatch, the LM terms from hidden states and the head
 
 
 def register_loss(name: str) -> Callable[[type["LossTerm"]], type["LossTerm"]]:
@@ -253,6 +254,8 @@ class HardLabelLoss(LossTerm):
     needs_labels = True
 
     def forward(self, batch: DistillationBatch) -> torch.Tensor:
+        if FUSED_LM in batch.extras:  # language models: from the hidden states and the head, chunk by chunk
+            return batch.extras[FUSED_LM].ce(batch)
         logits, labels = batch.student.logits, batch.labels
         mask = _label_mask(logits, labels)
         if is_regression(logits):
@@ -300,9 +303,13 @@ class LogitsKD(LossTerm):
         self.per = per
 
     def forward(self, batch: DistillationBatch) -> torch.Tensor:
-        return self._per_item(batch) / (batch.student.logits.shape[-1] if self.per == "logit" else 1)
+        fused = batch.extras.get(FUSED_LM)
+        vocab = fused.vocab if fused is not None else batch.student.logits.shape[-1]
+        return self._per_item(batch) / (vocab if self.per == "logit" else 1)
 
     def _per_item(self, batch: DistillationBatch) -> torch.Tensor:
+        if FUSED_LM in batch.extras:  # language models: from the hidden states and the heads, chunk by chunk
+            return batch.extras[FUSED_LM].kd(batch)
         if TEACHER_TOPK in batch.extras:
             return self._per_item_topk(batch)
         student, teacher = batch.student.logits, batch.teacher_logits

@@ -19,7 +19,8 @@ from ..integrations.peft import is_peft_model, merge_peft, remove_stale_files, w
 from .arguments import DistillationArguments
 from .card import training_facts
 from .engines import SideOptimizer, place_teacher
-from .losses import TEACHER_TOPK, DistillationBatch, LossTerm, batch_size, build_term, get_loss_class
+from .fused import FusedLM
+from .losses import FUSED_LM, TEACHER_TOPK, DistillationBatch, LossTerm, batch_size, build_term, get_loss_class
 from .teacher import check_compatible, load_teacher, prepare_teacher
 from .teacher_outputs import (
     CACHED_COLUMNS,
@@ -119,6 +120,7 @@ class DistillationTrainer(Trainer):
         self.side_optimizer = (SideOptimizer(extra, self.args, self.accelerator.mixed_precision)
                                if extra and self.is_deepspeed_enabled else None)
         self._check_teacher_source()
+        self.fused_lm = FusedLM.build(self)  # LMs: KD and CE from hidden states and the head, no full logits
         if self._has_cached_logits(self.train_dataset) and not isinstance(self.data_collator, TeacherLogitsCollator):
             self.data_collator = TeacherLogitsCollator(self.data_collator)
         self._term_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.args.device))
@@ -191,7 +193,7 @@ class DistillationTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Counts | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        inputs = dict(inputs)
+        given, inputs = inputs, dict(inputs)
         cached_logits = inputs.pop(TEACHER_LOGITS, None)
         topk = (inputs.pop(TEACHER_TOPK_LOGPROBS), inputs.pop(TEACHER_TOPK_INDICES)) \
             if TEACHER_TOPK_LOGPROBS in inputs else None
@@ -206,9 +208,12 @@ class DistillationTrainer(Trainer):
         labels = None if labels is None else self._aligned_labels(labels)
         terms = self.loss_terms
         hidden = {"output_hidden_states": True} if any(t.needs_hidden_states for t in terms.values()) else {}
+        fused = self.fused_lm.start() if self.fused_lm is not None else None
         with ExitStack() as stack:
             for term in terms.values():
                 stack.enter_context(term.capture("student", model))
+            if fused is not None:
+                stack.enter_context(fused.capture("student"))
             student_out = model(**inputs, **hidden)
 
         teacher_out = None
@@ -218,7 +223,11 @@ class DistillationTrainer(Trainer):
             with torch.no_grad(), ExitStack() as stack:
                 for term in terms.values():
                     stack.enter_context(term.capture("teacher", self.teacher))
+                if fused is not None:
+                    stack.enter_context(fused.capture("teacher"))
                 teacher_out = self.teacher(**inputs, **hidden)
+        if fused is not None and not fused.verified(student_out, teacher_out):  # a head we cannot fuse: again, unfused
+            return self.compute_loss(model, given, return_outputs, num_items_in_batch)
 
         is_global = isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.shape == (2,)
         if is_global:
@@ -235,7 +244,7 @@ class DistillationTrainer(Trainer):
             n_items=n_items,
             n_examples=n_examples,
             scale=float(self.accelerator.num_processes) if is_global else 1.0,
-            extras={TEACHER_TOPK: topk} if topk is not None else {},
+            extras={**({TEACHER_TOPK: topk} if topk is not None else {}), **({FUSED_LM: fused} if fused is not None else {})},
         )
         loss = torch.zeros((), device=self.args.device)
         values = {}
