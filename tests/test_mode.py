@@ -426,3 +426,41 @@ def test_diversity_measures_and_mode_collapses_experts():
     make_experts_identical(identical)
     assert all(v == pytest.approx(1.0) for v in expert_weight_similarity(identical).values())
     assert all(v == pytest.approx(1.0, abs=1e-5) for v in expert_output_similarity(identical, data).values())
+
+
+# ---- defaults from the evidence, collapse warning (issue 29.2) ---------------------------------------------------
+
+def test_default_strength_is_the_measured_one():
+    import json
+    from pathlib import Path
+
+    from hf_moekd.mode import DEFAULT_MODE_ALPHA
+
+    headline = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "mode_all.json").read_text())
+    assert MoDEConfig().mode_alpha == DEFAULT_MODE_ALPHA == headline["headline"]["fashion_mnist"]["best_alpha"] == 0.003
+    with pytest.raises(ValueError, match="collapse_cosine"):
+        MoDEConfig(collapse_cosine=0.0)
+
+
+def test_collapsing_experts_are_warned_about_once_per_layer(caplog):
+    import logging
+
+    model = build("vmoe")
+    data = image_dataset(8)
+    batch = {"pixel_values": torch.stack([r["pixel_values"] for r in data])}
+    args = SimpleNamespace()
+    term = MoDELoss(args, model, None)
+    with caplog.at_level(logging.WARNING, logger="hf_moekd.mode.collapse"):
+        with term.capture("student", model):
+            model(**batch)
+        term(SimpleNamespace(inputs=batch, per_example=lambda x: x))
+    assert not caplog.records and all(v < 0.5 for v in term.collapse.last.values())  # distinct experts: quiet
+    make_experts_identical(model)
+    with caplog.at_level(logging.WARNING, logger="hf_moekd.mode.collapse"):
+        for _ in range(2):
+            with term.capture("student", model):
+                model(**batch)
+            term(SimpleNamespace(inputs=batch, per_example=lambda x: x))
+    layers = set(find_experts(model))
+    assert len(caplog.records) == len(layers) and all("collapsing into copies" in r.getMessage() for r in caplog.records)
+    assert all(v == pytest.approx(1.0, abs=1e-5) for v in term.collapse.last.values())

@@ -5,22 +5,12 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..model_utils.experts import ExpertCall, find_experts, patch_experts
+from ..mode.collapse import mean_pairwise_cosine
 from ..mode.losses import mode_loss_per_example, real_tokens
 from .batches import iterate_batches, to_device
-
-
-def mean_pairwise_cosine(vectors: torch.Tensor) -> torch.Tensor:
-    """``[...]``: mean over pairs i < j of cos(v_i, v_j) for vectors ``[..., E, D]`` (E >= 2)."""
-    n = vectors.shape[-2]
-    if n < 2:
-        raise ValueError("mean_pairwise_cosine needs at least two vectors.")
-    unit = F.normalize(vectors.float(), dim=-1)
-    gram = unit @ unit.transpose(-1, -2)
-    return (gram.sum((-1, -2)) - gram.diagonal(dim1=-2, dim2=-1).sum(-1)) / (n * (n - 1))
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..distillation.losses import DistillationBatch, LossTerm, batch_size, register_loss
+from .collapse import CollapseWatch
 from .config import _top1_message, check_mode
 from ..model_utils.experts import ExpertCall, patch_experts
 
@@ -77,7 +78,7 @@ def mode_loss_per_example(calls: list[ExpertCall], n_examples: int,
 
 @register_loss("mode")
 class MoDELoss(LossTerm):
-    """MoDE as a `DistillationTrainer` term (`extra_loss_terms=["mode=0.1"]`: all experts; `"mode=0.1,variant=routed"`:
+    """MoDE as a `DistillationTrainer` term (`extra_loss_terms=["mode=0.003"]`: all experts; `"mode=0.003,variant=routed"`:
     the routed experts only).
 
     Args:
@@ -92,6 +93,7 @@ class MoDELoss(LossTerm):
         super().__init__(args, student, teacher)
         self.variant = variant or self.default_variant
         check_mode(student, self.variant)
+        self.collapse = CollapseWatch()
         self._calls: list[ExpertCall] = []
 
     def capture(self, role: str, model: nn.Module) -> ContextManager:
@@ -105,6 +107,7 @@ class MoDELoss(LossTerm):
 
     def forward(self, batch: DistillationBatch) -> torch.Tensor:
         calls, self._calls = self._calls, []
+        self.collapse.observe(calls)
         per_example = mode_loss_per_example(calls, batch_size(batch.inputs), batch.inputs.get("attention_mask"))
         return batch.per_example(per_example.sum())
 

@@ -8,6 +8,7 @@ from transformers import Trainer
 
 from ..cards import run_facts, write_model_card
 from ..distillation.losses import batch_size
+from .collapse import CollapseWatch
 from .config import MoDEConfig, check_mode
 from .losses import mode_loss_per_example
 from ..model_utils.experts import patch_experts
@@ -24,6 +25,7 @@ class MoDETrainerMixin:
         if self.mode_config.mode_alpha:
             check_mode(self.model, self.mode_config.variant)
         self._mode_sum, self._mode_steps = 0.0, 0
+        self._collapse = CollapseWatch(self.mode_config.collapse_cosine)
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
@@ -32,6 +34,7 @@ class MoDETrainerMixin:
         with patch_experts(model, record=self.mode_config.variant) as calls:
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         value = mode_loss_per_example(calls, batch_size(inputs), inputs.get("attention_mask")).mean()
+        self._collapse.observe(calls)
         self._mode_sum += value.detach()
         self._mode_steps += 1
         if self._loss_already_averaged_over_accumulation(num_items_in_batch):
