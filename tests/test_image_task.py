@@ -62,7 +62,7 @@ def test_vit_student_from_vmoe_teacher_then_evaluate(folders, models, tmp_path):
     model = AutoModelForImageClassification.from_pretrained(out)
     assert type(model).__name__ == "ViTForImageClassification" and model.config.id2label == LABELS["id2label"]
     results = json.loads((out / "all_results.json").read_text())
-    assert results["mode"] == "distil" and {"eval_accuracy", "eval_f1_macro"} <= set(results)
+    assert results["run_kind"] == "distil" and {"eval_accuracy", "eval_f1_macro"} <= set(results)
 
     report = tmp_path / "eval.json"
     code, printed = run_cli("evaluate", out, *TASK, "--validation_file", valid, "--output_file", report)
