@@ -189,15 +189,15 @@ def test_padding_tokens_do_not_count():
 @pytest.mark.parametrize("family", ["minimoe", "mixtral"])
 def test_routed_refuses_top1(family):
     model = build(family, top_k=1)
-    assert MoDEConfig().variant == "all" and MoDELoss(None, model, None).variant == "all"  # the default works on top-1
-    for make in (lambda: check_mode(model, "routed"), lambda: MoDELoss(None, model, None, variant="routed"),
+    assert MoDEConfig().variant == "all" and MoDELoss(model).variant == "all"  # the default works on top-1
+    for make in (lambda: check_mode(model, "routed"), lambda: MoDELoss(model, variant="routed"),
                  lambda: MoDETrainer(model=model, args=TrainingArguments("unused", use_cpu=True, report_to=[]),
                                      mode_config=MoDEConfig(variant="routed"))):
         with pytest.raises(ValueError, match=r"variant='all'.*mode_all=<alpha>.*num_experts_per_tok >= 2"):
             make()
     check_mode(model, "all")  # all experts: fine
     with pytest.raises(ValueError, match="must be one of"):
-        MoDEConfig(mode="every")
+        MoDEConfig(variant="every")
     with pytest.raises(ValueError, match="no supported MoE experts"):
         check_mode(nn.Linear(2, 2), "all")
 
