@@ -360,3 +360,14 @@ def test_loss_terms_are_built_from_explicit_parameters(tmp_path):
     assert (relation.heads, relation.source, relation.layers) == (4, "block", {"student": -1, "teacher": -1})
     with pytest.raises(ValueError, match="needs a teacher"):
         AttentionRelationKD(student, None)
+
+
+def test_a_term_written_for_the_old_signature_gets_one_clear_error(tmp_path):
+    class Old(LossTerm):
+        name = "old"
+
+        def __init__(self, args, student, teacher):
+            super().__init__()
+
+    with pytest.raises(TypeError, match="takes the arguments object"):
+        Old.from_args(make_args(tmp_path), tiny_bert(0), None)

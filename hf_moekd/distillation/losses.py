@@ -127,6 +127,9 @@ class LossTerm(nn.Module):
         """The term of a `DistillationTrainer` run: the parameters in `arguments` read from `args`, `options` (from
         'name=weight,option=value' entries) as given; one clear line for an option the term does not take."""
         accepted = [k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "student", "teacher")]
+        if accepted[:1] == ["args"]:
+            raise TypeError(f"loss term {cls.name!r} takes the arguments object; a LossTerm's __init__ takes (student, "
+                            "teacher, *, its settings), and `arguments` names the DistillationArguments fields to pass.")
         if unknown := [k for k in options if k not in accepted]:
             raise ValueError(f"loss term {cls.name!r} takes no option {', '.join(map(repr, unknown))}; its options: "
                              f"{', '.join(accepted) or 'none'}.")
