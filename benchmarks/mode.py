@@ -26,7 +26,7 @@ import json
 import statistics
 import time
 from argparse import Namespace
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,7 +49,7 @@ from hf_moekd.data.images import IMAGE_LABELS, InMemoryDataset
 from hf_moekd.mode import VARIANTS, mode_loss_per_example, patch_experts
 from hf_moekd.models.vmoe import VMoEForImageClassification
 from hf_moekd.studies.ones import OneSArguments
-from hf_moekd.studies.vision import accuracy, load_data, model_configs, train
+from hf_moekd.studies.vision import accuracy, load_data, model_configs, study_settings, train
 
 ALPHAS = [0.0, 0.001, 0.003, 0.01, 0.1, 1.0]
 
@@ -76,7 +76,7 @@ def fashion_task(a: argparse.Namespace) -> Task:
     data = load_data(args)
     _, config = model_configs(args, data["train"][0]["pixel_values"].shape[-1], IMAGE_LABELS["fashion_mnist"])
     probe = data["test"].select(range(min(a.probe_samples, len(data["test"]))))
-    settings = {"task": "fashion_mnist", "args": asdict(args), "probe_samples": a.probe_samples}
+    settings = {"task": "fashion_mnist", "args": study_settings(args), "probe_samples": a.probe_samples}
     return Task("fashion_mnist", settings, args, lambda: VMoEForImageClassification(config), data["train"], None,
                 lambda m: accuracy(m, data["test"]), probe, position=0)
 
@@ -88,7 +88,7 @@ def sst2_task(a: argparse.Namespace) -> Task:
                          measure_speed=False, hidden_size=a.hidden_size, num_hidden_layers=a.layers, num_experts=8,
                          num_experts_per_tok=2)
     probe = data["validation"].select(range(min(a.probe_samples, len(data["validation"]))))
-    settings = {"task": "sst2", "args": asdict(args), "train_samples": a.text_train_samples,
+    settings = {"task": "sst2", "args": study_settings(args), "train_samples": a.text_train_samples,
                 "max_length": a.max_length, "probe_samples": a.probe_samples}
     return Task("sst2", settings, args, lambda: MixtralForSequenceClassification(config), data["train"], collator,
                 lambda m: text_accuracy(m, data["validation"], collator), probe, position=-1)

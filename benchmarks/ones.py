@@ -19,6 +19,7 @@ from common import REPO, mean_std, same_experiment, write_json, write_result
 
 from hf_moekd.ones import OneSReport
 from hf_moekd.studies.ones import OneSArguments, print_report, run_ones
+from hf_moekd.studies.vision import study_settings
 
 GATHERINGS = ["average", "sum", "top_experts", "weighted_average", "svd", "svd-r16"]
 
@@ -51,7 +52,7 @@ def main() -> None:
     for seed in a.seeds:
         path = work / f"seed{seed}.json"
         args = bench_args(a, seed)
-        if path.exists() and same_experiment(json.loads(path.read_text())["args"], asdict(args)):
+        if path.exists() and same_experiment(json.loads(path.read_text())["args"], study_settings(args)):
             saved = json.loads(path.read_text())
             report = OneSReport(args=saved["args"], accuracy=saved["accuracy"], latency_ms=saved["latency_ms"],
                                 params=saved["params"])

@@ -32,7 +32,7 @@ from hf_moekd.data.text import load_glue
 from hf_moekd.ones import gather_experts, get_family
 from hf_moekd.ones import OneSReport
 from hf_moekd.studies.ones import OneSArguments, print_report
-from hf_moekd.studies.vision import train
+from hf_moekd.studies.vision import study_settings, train
 from hf_moekd.utils.teachers import minilm_path
 
 
@@ -69,7 +69,7 @@ def accuracy(model, data, collator, batch_size: int = 128) -> float:
 
 
 def run_seed(seed: int, data, collator, config: MixtralConfig, args: OneSArguments) -> OneSReport:
-    report = OneSReport(args=asdict(args))
+    report = OneSReport(args=study_settings(args))
     dense_config = get_family("mixtral").dense_config(config)
     evaluate = lambda m: accuracy(m, data["validation"], collator)  # noqa: E731
     fit = lambda m, epochs, teacher=None: train(m, data["train"], args, seed, epochs, teacher, collator)  # noqa: E731
@@ -119,10 +119,10 @@ def main() -> None:
                          num_hidden_layers=a.layers, num_experts=8, num_experts_per_tok=2)
     work = Path(a.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    merged = OneSReport(args={**asdict(args), "seeds": a.seeds, "train_samples": a.train_samples})
+    merged = OneSReport(args={**study_settings(args), "seeds": a.seeds, "train_samples": a.train_samples})
     for seed in a.seeds:
         path = work / f"seed{seed}.json"
-        key = {**asdict(args), "seeds": [seed], "train_samples": a.train_samples}
+        key = {**study_settings(args), "seeds": [seed], "train_samples": a.train_samples}
         if path.exists() and same_experiment(json.loads(path.read_text())["args"], key):
             saved = json.loads(path.read_text())
             print(f"[ones_text] seed {seed}: reusing {path}", flush=True)

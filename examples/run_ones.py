@@ -15,7 +15,6 @@ variant, distils for `--kd_epochs` and saves the dense model to `--output_dir`:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
@@ -23,21 +22,10 @@ from hf_moekd.studies.ones import OneSArguments, print_report, run_ones, run_one
 from hf_moekd.recipes import run
 
 
-@dataclass
-class TeacherArguments:
-    teacher_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "A trained V-MoE to gather and distil; omit to train the full comparison."}
-    )
-    allow_pickle_checkpoints: bool = field(
-        default=False, metadata={"help": "Also load a teacher stored as pickle (pytorch_model.bin); trusted files only."}
-    )
-
-
 def main() -> None:
-    teacher_args, args = HfArgumentParser((TeacherArguments, OneSArguments)).parse_args_into_dataclasses()
-    if teacher_args.teacher_model_name_or_path:
-        print(json.dumps(run_ones_from_teacher(args, teacher_args.teacher_model_name_or_path,
-                                              teacher_args.allow_pickle_checkpoints)))
+    (args,) = HfArgumentParser(OneSArguments).parse_args_into_dataclasses()
+    if args.teacher_model_name_or_path:
+        print(json.dumps(run_ones_from_teacher(args)))
     else:
         print_report(run_ones(args))
 

@@ -56,7 +56,7 @@ def main() -> None:
     model_args, corpus_args, args = parser.parse_args_into_dataclasses()
     if not args.task_agnostic:
         raise ValueError("This script trains without labels: keep --task_agnostic true (use run_glue.py for tasks).")
-    run_kind = configure_losses(args)
+    run_kind, args = configure_losses(args)
     check_output_dir(args)
     with removed_on_failure(args.output_dir):
         corpus = load_text_corpus(corpus_args.data_dir, corpus_args.corpus_sources)

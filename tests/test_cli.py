@@ -152,3 +152,19 @@ def test_bad_input_gives_one_line(case, expected, teacher, data_dir, tmp_path, c
     line = error_line(capsys)
     assert line.startswith("error: ") and expected in line, line
     assert not (tmp_path / "out").exists()
+
+
+def test_fine_tune_mode_leaves_the_validated_arguments_unchanged(tmp_path):
+    """Issue 27.2: without a teacher the recipe trains on the labels alone through its own copy of the arguments."""
+    from hf_moekd.distillation import DistillationArguments
+    from hf_moekd.recipes.common import configure_losses
+
+    args = DistillationArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], alpha=0.7)
+    mode, run_args = configure_losses(args)
+    assert mode == "fine-tune" and args.alpha == 0.7 and run_args is not args
+    assert run_args.loss_weights() == {"ce": 1.0} and args.loss_weights() == {"ce": pytest.approx(0.3), "logits_kd": 0.7}
+    teacher = DistillationArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], teacher_model_name_or_path="minilm-l6")
+    assert teacher.teacher_model_name_or_path == str(minilm_path())  # the alias is resolved while validating
+    assert configure_losses(teacher) == ("distil", teacher)
+    with pytest.raises(ValueError, match="Intermediate KD losses need a teacher"):
+        configure_losses(DistillationArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], hidden_loss_weight=1.0))

@@ -14,7 +14,14 @@ from hf_moekd.distillation import (
     precompute_teacher_logits,
     register_loss,
 )
-from hf_moekd.distillation.losses import uniform_layer_map
+from hf_moekd.distillation.losses import (
+    AttentionRelationKD,
+    DistillationBatch,
+    HiddenStateMSE,
+    LogitsKD,
+    soft_divergence,
+    uniform_layer_map,
+)
 from testing_utils import GradRecorder, assert_same_grads, bert_config, tiny_bert, tiny_dataset
 
 
@@ -300,3 +307,48 @@ def test_logits_kd_per_logit_is_the_official_m2mkd_formula(tmp_path):
     with pytest.raises(ValueError, match="takes no option 'scale'"):
         DistillationTrainer(model=student, teacher_model=teacher,
                             args=make_args(tmp_path, extra_loss_terms=["logits_kd=0.5,scale=2"]))
+
+
+# ---- loss terms take their own parameters (issue 27.2) -----------------------------------------
+def test_loss_terms_are_built_from_explicit_parameters(tmp_path):
+    """A term needs no DistillationArguments: its settings are constructor parameters; `from_args` reads them from
+    the run's arguments (and options override them)."""
+    teacher, student = tiny_bert(1), tiny_bert(2)
+    inputs = batch_of(tiny_dataset())
+    with torch.no_grad():
+        s = student(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        t = teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], output_hidden_states=True)
+    n = torch.tensor(float(len(inputs["labels"])))
+    batch = DistillationBatch(inputs=inputs, labels=inputs["labels"], student=s, teacher=t, teacher_logits=t.logits,
+                              n_items=n, n_examples=n)
+    term = LogitsKD(temperature=3.0, divergence="reverse_kl")
+    assert not hasattr(term, "args")
+    expected = soft_divergence(s.logits, t.logits, 3.0, "reverse_kl").sum() / n
+    torch.testing.assert_close(term(batch), expected)
+
+    args = make_args(tmp_path, temperature=3.0, kd_divergence="reverse_kl", jsd_beta=0.2, kd_chunk_size=7)
+    built = LogitsKD.from_args(args, student, teacher, per="logit")
+    assert (built.temperature, built.divergence, built.beta, built.chunk_size, built.per) == (3.0, "reverse_kl", 0.2, 7,
+                                                                                              "logit")
+    assert LogitsKD.from_args(args, student, teacher, temperature=1.5).temperature == 1.5  # an option wins
+    with pytest.raises(ValueError, match="takes no option 'scale'; its options: temperature, divergence"):
+        LogitsKD.from_args(args, student, teacher, scale=2)
+
+    hidden = HiddenStateMSE(student, teacher, layer_map={"2": 2})  # JSON-style keys work too
+    assert hidden.layer_map == {2: 2}
+    assert HiddenStateMSE.from_args(make_args(tmp_path, hidden_layer_map='{"1": 2}'), student, teacher).layer_map == {1: 2}
+    relation = AttentionRelationKD(student, teacher, heads=4, student_source="block")
+    assert (relation.heads, relation.source, relation.layers) == (4, "block", {"student": -1, "teacher": -1})
+    with pytest.raises(ValueError, match="needs a teacher"):
+        AttentionRelationKD(student, None)
+
+
+def test_a_term_written_for_the_old_signature_gets_one_clear_error(tmp_path):
+    class Old(LossTerm):
+        name = "old"
+
+        def __init__(self, args, student, teacher):
+            super().__init__()
+
+    with pytest.raises(TypeError, match="takes the arguments object"):
+        Old.from_args(make_args(tmp_path), tiny_bert(0), None)

@@ -189,8 +189,8 @@ def test_padding_tokens_do_not_count():
 @pytest.mark.parametrize("family", ["minimoe", "mixtral"])
 def test_routed_refuses_top1(family):
     model = build(family, top_k=1)
-    assert MoDEConfig().variant == "all" and MoDELoss(None, model, None).variant == "all"  # the default works on top-1
-    for make in (lambda: check_mode(model, "routed"), lambda: MoDELoss(None, model, None, variant="routed"),
+    assert MoDEConfig().variant == "all" and MoDELoss(model).variant == "all"  # the default works on top-1
+    for make in (lambda: check_mode(model, "routed"), lambda: MoDELoss(model, variant="routed"),
                  lambda: MoDETrainer(model=model, args=TrainingArguments("unused", use_cpu=True, report_to=[]),
                                      mode_config=MoDEConfig(variant="routed"))):
         with pytest.raises(ValueError, match=r"variant='all'.*mode_all=<alpha>.*num_experts_per_tok >= 2"):
@@ -448,8 +448,7 @@ def test_collapsing_experts_are_warned_about_once_per_layer(caplog):
     model = build("vmoe")
     data = image_dataset(8)
     batch = {"pixel_values": torch.stack([r["pixel_values"] for r in data])}
-    args = SimpleNamespace()
-    term = MoDELoss(args, model, None)
+    term = MoDELoss(model, None)
     with caplog.at_level(logging.WARNING, logger="hf_moekd.mode.collapse"):
         with term.capture("student", model):
             model(**batch)

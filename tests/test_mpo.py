@@ -172,7 +172,7 @@ def test_constraint_is_zero_when_student_equals_teacher():
     teacher = tiny_bert(0, layers=2)
     student = copy.deepcopy(teacher)
     overparameterize(student)
-    term = MPOConstraintLoss(None, student, teacher, layer_map={0: 0, 1: 1})
+    term = MPOConstraintLoss(student, teacher, layer_map={0: 0, 1: 1})
     assert len(term.pair_names) == 12
     assert term.regulariser().item() < 1e-12
 
@@ -183,16 +183,16 @@ def test_constraint_pairs_each_block_with_its_origin_and_starts_at_zero():
     teacher = tiny_bert(0, layers=6)
     student = student_from_teacher_layers(teacher, [0, 2, 4])
     overparameterize(student)
-    term = MPOConstraintLoss(None, student, teacher)
+    term = MPOConstraintLoss(student, teacher)
     assert term.layer_map == {0: 0, 1: 2, 2: 4}
     assert term.regulariser().item() < 1e-12
-    assert MPOConstraintLoss(None, student, teacher, layer_map=default_layer_map(3, 6)).regulariser().item() > 1e-6
+    assert MPOConstraintLoss(student, teacher, layer_map=default_layer_map(3, 6)).regulariser().item() > 1e-6
 
 
 def test_constraint_gradient_reaches_auxiliary_cores_only():
     teacher, student = tiny_bert(0, layers=4), tiny_bert(1, layers=2)
     overparameterize(student)
-    term = LOSS_REGISTRY["mpo_constraint"](None, student, teacher)  # default map: 0 -> 1, 1 -> 3
+    term = LOSS_REGISTRY["mpo_constraint"](student, teacher)  # default map: 0 -> 1, 1 -> 3
     assert term.layer_map == {0: 1, 1: 3}
     with torch.no_grad():  # as after some training: the identity middle cores no longer equal the teacher's
         for p in student.parameters():
@@ -211,7 +211,7 @@ def test_constraint_gradient_reaches_auxiliary_cores_only():
 def test_constraint_value_adds_up_over_micro_batches():
     teacher, student = tiny_bert(0, layers=4), tiny_bert(1, layers=2)
     overparameterize(student)
-    term = MPOConstraintLoss(None, student, teacher)
+    term = MPOConstraintLoss(student, teacher)
     r = term.regulariser()
     total = 0.0
     for size in (3, 5):  # one optimizer step of 8 examples in two micro-batches
@@ -225,21 +225,21 @@ def test_constraint_value_adds_up_over_micro_batches():
 def test_constraint_errors():
     teacher, student = tiny_bert(0, layers=4), tiny_bert(1, layers=2)
     with pytest.raises(ValueError, match="no MPOLinear"):
-        MPOConstraintLoss(None, student, teacher)
+        MPOConstraintLoss(student, teacher)
     overparameterize(student)
     with pytest.raises(ValueError, match="needs the teacher"):
-        MPOConstraintLoss(None, student, None)
+        MPOConstraintLoss(student, None)
     with pytest.raises(ValueError, match="out of range"):
-        MPOConstraintLoss(None, student, teacher, layer_map={0: 4})
+        MPOConstraintLoss(student, teacher, layer_map={0: 4})
     with pytest.raises(ValueError, match="same shape"):
-        MPOConstraintLoss(None, student, tiny_bert(0, layers=4, hidden=16))
+        MPOConstraintLoss(student, tiny_bert(0, layers=4, hidden=16))
 
 
 def test_distillation_trainer_trains_cores_with_the_constraint(tmp_path):
     teacher = tiny_bert(0, layers=4)
     student = student_from_teacher_layers(teacher, [1, 3])  # OPDF-style init: the constraint starts at 0
     overparameterize(student)
-    term = MPOConstraintLoss(None, student, teacher)
+    term = MPOConstraintLoss(student, teacher)
     assert term.regulariser().item() < 1e-12
     before = {n: p.detach().clone() for n, p in student.named_parameters() if ".cores." in n}
     args = DistillationArguments(

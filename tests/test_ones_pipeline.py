@@ -193,3 +193,52 @@ def test_benefit_is_na_with_one_seed():
     assert one.moe_margin() == pytest.approx((10.0, 0.0)) and not one.margin_is_clear()
     assert one.summary()["models"]["svd + KD (OneS)"]["benefit_preserved_pct"] is None
     assert "n/a (1 seed: the % needs the paired spread of >= 2 seeds)" in one.table()
+
+
+def test_image_study_arguments_extend_distillation_arguments(monkeypatch):
+    """Issue 27.2: one definition of the KD settings (DistillationArguments'); the studies only override defaults,
+    and a KD run reads every loss field of the study's arguments."""
+    from hf_moekd.distillation import DistillationArguments
+    from hf_moekd.m2mkd.config import M2MConfig
+    from hf_moekd.studies import vision
+    from hf_moekd.studies.m2mkd import M2MArguments
+
+    assert issubclass(OneSArguments, vision.ImageArguments) and issubclass(vision.ImageArguments, DistillationArguments)
+    assert issubclass(M2MArguments, vision.ImageArguments) and issubclass(M2MArguments, M2MConfig)
+    ones, m2m = OneSArguments(output_dir=None), M2MArguments()
+    assert (ones.alpha, ones.temperature, ones.hidden_loss_weight, ones.learning_rate) == (0.9, 2.0, 0.5, 2e-3)
+    assert (m2m.alpha, m2m.temperature, m2m.hidden_loss_weight, m2m.learning_rate) == (0.5, 1.0, 0.0, 2e-3)
+    assert ones.output_dir is None  # still "save nothing", not TrainingArguments' 'trainer_output'
+    for bad in (dict(alpha=1.5), dict(temperature=0.0)):  # validated once, by DistillationArguments
+        with pytest.raises(ValueError, match="alpha must be in|temperature must be > 0"):
+            M2MArguments(**bad)
+    assert set(vision.study_settings(ones)) == {  # what reports and model cards record, as before
+        "dataset", "train_dir", "validation_dir", "image_size", "data_dir", "max_train_samples", "max_test_samples",
+        "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_experts",
+        "num_experts_per_tok", "learning_rate", "batch_size", "alpha", "temperature", "seeds", "epochs", "kd_epochs",
+        "hidden_loss_weight", "gatherings", "overwrite_output_dir", "output_dir", "controls", "measure_speed"}
+
+    built = []
+
+    class Recording(vision.DistillationTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(vision, "DistillationTrainer", Recording)
+    args = OneSArguments(**{**TINY, "batch_size": 8}, output_dir=None, kd_divergence="reverse_kl", max_train_samples=8)
+    data = vision.load_data(args)
+    config, _ = model_configs(args, data["train"][0]["pixel_values"].shape[-1], tuple(str(i) for i in range(10)))
+    from hf_moekd.models.dense_vit import DenseViTForImageClassification
+
+    teacher = DenseViTForImageClassification(config)
+    vision.train(DenseViTForImageClassification(config), data["train"], args, 0, 1, teacher=teacher)
+    vision.train(DenseViTForImageClassification(config), data["train"], args, 0, 1)
+    vision.train(DenseViTForImageClassification(config), data["train"], m2m, 0, 1, teacher=teacher,
+                 term_options={"logits_kd": m2m.logits_kd_options})
+    kd, fine_tune, module = built
+    assert kd.loss_weights == {"ce": pytest.approx(0.1), "logits_kd": 0.9, "hidden_mse": 0.5}
+    assert (kd.loss_terms["logits_kd"].divergence, kd.loss_terms["logits_kd"].temperature) == ("reverse_kl", 2.0)
+    assert fine_tune.loss_weights == {"ce": 1.0}
+    assert module.loss_weights == {"ce": 0.5, "logits_kd": 0.5}
+    assert (module.loss_terms["logits_kd"].per, module.loss_terms["logits_kd"].temperature) == ("logit", 1.0)

@@ -8,7 +8,13 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
+from ..utils.teachers import resolve_model_path
+
 _DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # transformers' named device maps
+LOSS_FIELDS = ("alpha", "temperature", "kd_divergence", "jsd_beta", "kd_chunk_size", "hidden_loss_weight",
+               "hidden_layer_map", "attention_relation_weight", "relation_heads", "relation_teacher_layer",
+               "relation_student_layer", "relation_student_source", "extra_loss_terms", "fused_lm_kd")
+"""The fields that define the training loss (its terms, their weights and settings): `loss_settings`."""
 
 
 @dataclass
@@ -18,6 +24,9 @@ class DistillationArguments(TrainingArguments):
     The training loss is ``(1 - alpha) * ce + alpha * logits_kd + hidden_loss_weight * hidden_mse
     + attention_relation_weight * attention_relation + sum(extra_loss_terms)``; terms with weight 0 are
     not computed. Every term is logged under its own name.
+
+    Subclasses (e.g. the image studies' `hf_moekd.studies.vision.ImageArguments`) add their own fields and may
+    override a field's default by declaring it again; the loss fields are defined here only.
     """
 
     _argument_group_name = "distillation"  # HfArgumentParser: these flags under one heading
@@ -156,6 +165,8 @@ class DistillationArguments(TrainingArguments):
             from .engines import ensure_deepspeed_comm
 
             ensure_deepspeed_comm()
+        if self.teacher_model_name_or_path:
+            self.teacher_model_name_or_path = resolve_model_path(self.teacher_model_name_or_path)  # the minilm-l6 alias
         self.teacher_load_kwargs()  # validate early
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}.")
@@ -189,6 +200,10 @@ class DistillationArguments(TrainingArguments):
 
             data["peft_config"] = peft_config_dict(self.peft_config)
         return data
+
+    def loss_settings(self) -> dict[str, Any]:
+        """The fields that define the training loss (`LOSS_FIELDS`), e.g. to give another run the same loss."""
+        return {name: getattr(self, name) for name in LOSS_FIELDS}
 
     def teacher_load_kwargs(self) -> dict[str, object]:
         """Extra `from_pretrained` arguments for the teacher: the parsed `teacher_device_map`, if any."""

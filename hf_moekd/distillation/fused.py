@@ -255,10 +255,11 @@ class FusedLM:
 
     `FusedLM.build(trainer)` returns None, with one log line saying why, where the fused path does not apply."""
 
-    def __init__(self, student: Head, teacher: Head | None, args: Any, kd: bool, ce: bool) -> None:
+    def __init__(self, student: Head, teacher: Head | None, kd_term: Any | None, ce: bool, chunk_size: int) -> None:
         self.heads: dict[str, Head | None] = {"student": student, "teacher": teacher}
         self.checked: set[str] = set()
-        self.args, self.kd, self.ce, self.enabled = args, kd, ce, True
+        self.kd_term, self.kd, self.ce, self.chunk_size, self.enabled = kd_term, kd_term is not None, ce, chunk_size, True
+        """`kd_term`: the run's `logits_kd` term, whose settings (temperature, divergence, beta) the fused KD uses."""
 
     @classmethod
     def build(cls, trainer: Any) -> "FusedLM | None":
@@ -283,7 +284,8 @@ class FusedLM:
             if teacher is None:
                 logger.warning(f"Fused LM distillation: the teacher's full logits are computed ({why}); the student's "
                                "head is fused.")
-        return cls(head, teacher, args, kd, ce)
+        kd_term = terms["logits_kd"] if kd else None
+        return cls(head, teacher, kd_term, ce, kd_term.chunk_size if kd_term is not None else args.kd_chunk_size)
 
     def start(self) -> "FusedBatch | None":
         """The state of one training micro-batch, or None once the fused path was turned off."""
@@ -355,7 +357,7 @@ class FusedBatch:
         return self.sums
 
     def _spec(self, batch: DistillationBatch) -> FusedSpec:
-        owner, args = self.owner, self.owner.args
+        owner = self.owner
         hidden, labels = self.stores["student"]["hidden"], batch.labels
         positions = hidden.shape[:-1]
         shape = (*positions, self.vocab)
@@ -372,12 +374,12 @@ class FusedBatch:
         rows = weights.reshape(-1).nonzero().squeeze(-1)
         kd = self._kd_of_rows(batch, rows, weights.reshape(-1), shape) if owner.kd else None
         ce_labels = labels.reshape(-1)[rows] if owner.ce else None
-        return FusedSpec(owner.heads["student"], rows, kd, ce_labels, getattr(args, "kd_chunk_size", 128))
+        return FusedSpec(owner.heads["student"], rows, kd, ce_labels, owner.chunk_size)
 
     def _kd_of_rows(self, batch: DistillationBatch, rows: torch.Tensor, weights: torch.Tensor, shape: tuple
                     ) -> Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]]:
-        args = self.owner.args
-        t, divergence, beta = args.temperature, getattr(args, "kd_divergence", "forward_kl"), getattr(args, "jsd_beta", 0.5)
+        term = self.owner.kd_term
+        t, divergence, beta = term.temperature, term.divergence, term.beta
         w = weights[rows]
         if TEACHER_TOPK in batch.extras:
             if divergence != "forward_kl":

@@ -9,10 +9,12 @@ Add a term from any module::
 
     @register_loss("my_term")
     class MyTerm(LossTerm):
-        def __init__(self, args, student, teacher, scale: float = 1.0): ...
+        def __init__(self, student=None, teacher=None, scale: float = 1.0): ...
         def forward(self, batch): return batch.per_example(...)
 
-and enable it with ``DistillationArguments(extra_loss_terms=["my_term=0.1,scale=2"])``. A package makes its terms
+and enable it with ``DistillationArguments(extra_loss_terms=["my_term=0.1,scale=2"])``. A term takes its settings as
+explicit constructor parameters; `LossTerm.from_args` reads those listed in `arguments` (parameter ->
+`DistillationArguments` field) from the run's arguments, which is how `DistillationTrainer` builds its terms. A package makes its terms
 known without being imported first through the ``hf_moekd.loss_terms`` entry-point group::
 
     [project.entry-points."hf_moekd.loss_terms"]
@@ -20,6 +22,7 @@ known without being imported first through the ``hf_moekd.loss_terms`` entry-poi
 """
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -59,19 +62,6 @@ def get_loss_class(name: str) -> type["LossTerm"]:
         if LOSS_REGISTRY.get(name) is not cls:
             register_loss(name)(cls)
     return LOSS_REGISTRY[name]
-
-
-def build_term(cls: type["LossTerm"], args: Any, student: nn.Module, teacher: nn.Module | None,
-               options: dict[str, Any]) -> "LossTerm":
-    """`cls(args, student, teacher, **options)`, with one clear line for an option the term does not take."""
-    import inspect
-
-    accepted = inspect.signature(cls.__init__).parameters
-    if unknown := [k for k in options if k not in accepted or k in ("self", "args", "student", "teacher")]:
-        known = [k for k in accepted if k not in ("self", "args", "student", "teacher")]
-        raise ValueError(f"loss term {cls.name!r} takes no option {', '.join(map(repr, unknown))}; its options: "
-                         f"{', '.join(known) or 'none'}.")
-    return cls(args, student, teacher, **options)
 
 
 @dataclass
@@ -123,14 +113,29 @@ class LossTerm(nn.Module):
     """Needs teacher internals, so a teacher forward even when logits are cached."""
     needs_hidden_states: ClassVar[bool] = False
     needs_labels: ClassVar[bool] = False
+    arguments: ClassVar[dict[str, str]] = {}
+    """Constructor parameter -> the `DistillationArguments` field `from_args` reads it from."""
     card_settings: ClassVar[tuple[str, ...]] = ()
-    """`DistillationArguments` fields the term reads, recorded in the model card when the term is used."""
+    """`DistillationArguments` fields recorded in the model card when the term is used."""
     card_method: ClassVar[str | None] = None
     """The registered card method (section) a model trained with this term gets, e.g. "mode"."""
 
-    def __init__(self, args: Any, student: nn.Module, teacher: nn.Module | None) -> None:
+    def __init__(self, student: nn.Module | None = None, teacher: nn.Module | None = None) -> None:
         super().__init__()
-        self.args = args
+
+    @classmethod
+    def from_args(cls, args: Any, student: nn.Module | None, teacher: nn.Module | None, **options: Any) -> LossTerm:
+        """The term of a `DistillationTrainer` run: the parameters in `arguments` read from `args`, `options` (from
+        'name=weight,option=value' entries) as given; one clear line for an option the term does not take."""
+        accepted = [k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "student", "teacher")]
+        if accepted[:1] == ["args"]:
+            raise TypeError(f"loss term {cls.name!r} takes the arguments object; a LossTerm's __init__ takes (student, "
+                            "teacher, *, its settings), and `arguments` names the DistillationArguments fields to pass.")
+        if unknown := [k for k in options if k not in accepted]:
+            raise ValueError(f"loss term {cls.name!r} takes no option {', '.join(map(repr, unknown))}; its options: "
+                             f"{', '.join(accepted) or 'none'}.")
+        settings = {param: getattr(args, field) for param, field in cls.arguments.items()}
+        return cls(student, teacher, **{**settings, **options})
 
     def capture(self, role: str, model: nn.Module) -> ContextManager:
         """Context entered around the `role` ('student' or 'teacher') forward pass; hooks go here."""
@@ -290,17 +295,25 @@ class LogitsKD(LossTerm):
     Without labels it is averaged over each example's real tokens (token heads) and summed per example.
 
     Args:
+        temperature, divergence, beta, chunk_size: `DistillationArguments`' temperature, kd_divergence, jsd_beta and
+            kd_chunk_size (read by `from_args`).
         per: "item" (default) as above; "logit" also divides by the number of classes, the DeiT / official m2mKD
             scale (`KL summed / outputs.numel()`), e.g. ``extra_loss_terms=["logits_kd=0.5,per=logit"]``.
     """
 
+    arguments = {"temperature": "temperature", "divergence": "kd_divergence", "beta": "jsd_beta",
+                 "chunk_size": "kd_chunk_size"}
     card_settings = ("temperature", "kd_divergence", "jsd_beta")
 
-    def __init__(self, args: Any, student: nn.Module, teacher: nn.Module | None, per: str = "item") -> None:
-        super().__init__(args, student, teacher)
+    def __init__(self, student: nn.Module | None = None, teacher: nn.Module | None = None, *, temperature: float = 2.0,
+                 divergence: str = "forward_kl", beta: float = 0.5, chunk_size: int = 128, per: str = "item") -> None:
+        super().__init__()
         if per not in ("item", "logit"):
             raise ValueError(f"logits_kd option per must be 'item' or 'logit', got {per!r}.")
-        self.per = per
+        if divergence not in DIVERGENCES:
+            raise ValueError(f"logits_kd divergence must be one of {DIVERGENCES}, got {divergence!r}.")
+        self.temperature, self.divergence, self.beta, self.chunk_size, self.per = (temperature, divergence, beta,
+                                                                                   chunk_size, per)
 
     def forward(self, batch: DistillationBatch) -> torch.Tensor:
         fused = batch.extras.get(FUSED_LM)
@@ -318,11 +331,9 @@ class LogitsKD(LossTerm):
                              "(e.g. AutoModelForCausalLM / AutoModelForSeq2SeqLM), not a bare AutoModel.")
         if student.shape != teacher.shape:
             raise ValueError(f"Student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ in shape.")
-        args = self.args
-        options = dict(temperature=args.temperature, divergence=getattr(args, "kd_divergence", "forward_kl"),
-                       beta=getattr(args, "jsd_beta", 0.5))
+        options = dict(temperature=self.temperature, divergence=self.divergence, beta=self.beta)
         if student.dim() == 3 and not is_regression(student):  # token-level heads, LMs: chunked over positions
-            chunk = getattr(args, "kd_chunk_size", 128)
+            chunk = self.chunk_size
             if batch.labels is not None:
                 weights = _label_mask(student, batch.labels).float()
                 return batch.per_item(chunked_divergence_sum(student, teacher, weights, **options, chunk_size=chunk))
@@ -344,7 +355,7 @@ class LogitsKD(LossTerm):
     def _per_item_topk(self, batch: DistillationBatch) -> torch.Tensor:
         """KD from cached top-k teacher log-probs (`teacher_logits_top_k`): forward KL on the k tokens plus a rest
         bucket, per labelled position (or per real token, averaged per example, without labels)."""
-        if getattr(self.args, "kd_divergence", "forward_kl") != "forward_kl":
+        if self.divergence != "forward_kl":
             raise ValueError("cached top-k teacher log-probs support kd_divergence='forward_kl' only: set "
                              "teacher_logits_top_k=0 to cache full logits for reverse_kl / jsd")
         logprobs, indices = batch.extras[TEACHER_TOPK]
@@ -352,13 +363,14 @@ class LogitsKD(LossTerm):
         if logprobs.shape[:-1] != student.shape[:-1]:
             raise ValueError(f"cached top-k teacher log-probs {tuple(logprobs.shape)} do not fit the student logits "
                              f"{tuple(student.shape)}")
-        chunk = getattr(self.args, "kd_chunk_size", 128)
         if batch.labels is not None:
             weights = _label_mask(student, batch.labels).float()
-            return batch.per_item(chunked_topk_kl_sum(student, logprobs, indices, weights, self.args.temperature, chunk))
+            return batch.per_item(chunked_topk_kl_sum(student, logprobs, indices, weights, self.temperature,
+                                                      self.chunk_size))
         mask = batch.token_mask(student).float()
         weights = mask / mask.sum(1, keepdim=True).clamp_min(1)
-        return batch.per_example(chunked_topk_kl_sum(student, logprobs, indices, weights, self.args.temperature, chunk))
+        return batch.per_example(chunked_topk_kl_sum(student, logprobs, indices, weights, self.temperature,
+                                                     self.chunk_size))
 
 
 def uniform_layer_map(student_layers: int, teacher_layers: int) -> dict[int, int]:
@@ -377,12 +389,16 @@ class HiddenStateMSE(LossTerm):
     needs_hidden_states = True
     card_settings = ("hidden_layer_map",)
 
-    def __init__(self, args: Any, student: nn.Module, teacher: nn.Module | None) -> None:
-        super().__init__(args, student, teacher)
-        if teacher is None:
+    def __init__(self, student: nn.Module | None = None, teacher: nn.Module | None = None, *,
+                 layer_map: dict[int, int] | None = None) -> None:
+        """`layer_map`: student -> teacher hidden-state index (`DistillationArguments.hidden_layer_map`); None:
+        `uniform_layer_map`."""
+        super().__init__()
+        if student is None or teacher is None:
             raise ValueError("hidden_mse needs a teacher model (teacher hidden states cannot come from a logits cache).")
         n_student, n_teacher = len(find_blocks(student)), len(find_blocks(teacher))
-        self.layer_map = args.parsed_layer_map() or uniform_layer_map(n_student, n_teacher)
+        self.layer_map = ({int(s): int(t) for s, t in layer_map.items()} if layer_map
+                          else uniform_layer_map(n_student, n_teacher))
         for s, t in self.layer_map.items():
             if not (0 <= s <= n_student and 0 <= t <= n_teacher):
                 raise ValueError(
@@ -393,6 +409,10 @@ class HiddenStateMSE(LossTerm):
         self.projections = nn.ModuleDict(
             {str(s): nn.Linear(d_student, d_teacher) for s in self.layer_map} if d_student != d_teacher else {}
         )
+
+    @classmethod
+    def from_args(cls, args: Any, student: nn.Module | None, teacher: nn.Module | None, **options: Any) -> LossTerm:
+        return super().from_args(args, student, teacher, **{"layer_map": args.parsed_layer_map(), **options})
 
     def forward(self, batch: DistillationBatch) -> torch.Tensor:
         total = 0.0
@@ -434,14 +454,21 @@ class AttentionRelationKD(LossTerm):
     """
 
     needs_teacher_forward = True
+    arguments = {"heads": "relation_heads", "teacher_layer": "relation_teacher_layer",
+                 "student_layer": "relation_student_layer", "student_source": "relation_student_source"}
     card_settings = ("relation_heads", "relation_teacher_layer", "relation_student_layer", "relation_student_source")
 
-    def __init__(self, args: Any, student: nn.Module, teacher: nn.Module | None) -> None:
-        super().__init__(args, student, teacher)
-        if teacher is None:
+    def __init__(self, student: nn.Module | None = None, teacher: nn.Module | None = None, *, heads: int = 32,
+                 teacher_layer: int = -1, student_layer: int = -1, student_source: str = "final_hidden") -> None:
+        super().__init__()
+        if student is None or teacher is None:
             raise ValueError("attention_relation needs a teacher model, not only precomputed logits.")
-        self.layers = {"student": args.relation_student_layer, "teacher": args.relation_teacher_layer}
-        self.source = args.relation_student_source
+        if student_source not in ("final_hidden", "block"):
+            raise ValueError(f"attention_relation student_source must be 'final_hidden' or 'block', got "
+                             f"{student_source!r}.")
+        self.heads = heads
+        self.layers = {"student": student_layer, "teacher": teacher_layer}
+        self.source = student_source
         self.stores: dict[str, dict[str, torch.Tensor]] = {}
         if self.source == "final_hidden":
             hidden = student.config.hidden_size
@@ -458,7 +485,7 @@ class AttentionRelationKD(LossTerm):
         if self.source == "final_hidden":
             hidden = student["hidden"]
             student = {kind: linear(hidden.to(linear.weight.dtype)) for kind, linear in self.qkv.items()}
-        heads = self.args.relation_heads
+        heads = self.heads
         mask = batch.token_mask(student["q"])
         teacher = {kind: x.to(mask.device) for kind, x in teacher.items()}  # a device-mapped teacher's layer device
         total = 0.0

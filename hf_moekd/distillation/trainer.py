@@ -20,7 +20,7 @@ from .arguments import DistillationArguments
 from .card import training_facts
 from .engines import SideOptimizer, place_teacher
 from .fused import FusedLM
-from .losses import FUSED_LM, TEACHER_TOPK, DistillationBatch, LossTerm, batch_size, build_term, get_loss_class
+from .losses import FUSED_LM, TEACHER_TOPK, DistillationBatch, LossTerm, batch_size, get_loss_class
 from .teacher import check_compatible, load_teacher, prepare_teacher
 from .teacher_outputs import (
     CACHED_COLUMNS,
@@ -131,11 +131,11 @@ class DistillationTrainer(Trainer):
     def _build_terms(self, given: dict[str, tuple[float, LossTerm]]) -> nn.ModuleDict:
         terms, self.loss_weights = nn.ModuleDict(), {}
         for name, (weight, options) in self.args.loss_term_specs().items():
-            terms[name] = build_term(get_loss_class(name), self.args, self.model, self.teacher, options)
+            terms[name] = get_loss_class(name).from_args(self.args, self.model, self.teacher, **options)
             self.loss_weights[name] = weight
         aux_coef = getattr(getattr(self.model, "config", None), "router_aux_loss_coef", 0.0) or 0.0
         if aux_coef and "router_aux" not in terms:  # MoE students keep their load-balancing loss
-            terms["router_aux"] = get_loss_class("router_aux")(self.args, self.model, self.teacher)
+            terms["router_aux"] = get_loss_class("router_aux").from_args(self.args, self.model, self.teacher)
             self.loss_weights["router_aux"] = aux_coef
         for name, (weight, term) in given.items():
             terms[name], self.loss_weights[name] = term, weight

@@ -29,7 +29,7 @@ gives 0 (up to rounding).
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import Any, ClassVar, ContextManager, Iterator
+from typing import ClassVar, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -89,8 +89,11 @@ class MoDELoss(LossTerm):
     card_method = "mode"
     default_variant: ClassVar[str] = "all"
 
-    def __init__(self, args: Any, student: nn.Module, teacher: nn.Module | None, variant: str | None = None) -> None:
-        super().__init__(args, student, teacher)
+    def __init__(self, student: nn.Module | None = None, teacher: nn.Module | None = None, *,
+                 variant: str | None = None) -> None:
+        super().__init__()
+        if student is None:
+            raise ValueError("the mode loss term needs the student model (its MoE experts).")
         self.variant = variant or self.default_variant
         check_mode(student, self.variant)
         self.collapse = CollapseWatch()

@@ -5,7 +5,7 @@ Typical use::
     from hf_moekd.opdf import MPOConstraintLoss, contract_overparameterized, overparameterize
 
     print(overparameterize(student))        # BERT Q/K/V/attention-output/FFN linears -> MPOLinear (~3x params)
-    term = MPOConstraintLoss(args, student, teacher)
+    term = MPOConstraintLoss(student, teacher)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
                                   loss_terms={"mpo_constraint": (0.01, term)}, ...)
     trainer.train()

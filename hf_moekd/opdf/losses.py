@@ -17,8 +17,6 @@ term starts at 0 and measures how far training moves the student's auxiliary ten
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,9 +54,10 @@ class MPOConstraintLoss(LossTerm):
     needs_teacher = False
     card_method = "opdf"
 
-    def __init__(self, args: Any, student: nn.Module, teacher: nn.Module | None, layer_map: dict[int, int] | None = None) -> None:
-        super().__init__(args, student, teacher)
-        if teacher is None:
+    def __init__(self, student: nn.Module | None = None, teacher: nn.Module | None = None, *,
+                 layer_map: dict[int, int] | None = None) -> None:
+        super().__init__()
+        if student is None or teacher is None:
             raise ValueError("mpo_constraint needs the teacher model (its weights), not only precomputed logits.")
         student, teacher = unwrap(student), unwrap(teacher)
         layers = mpo_modules(student)

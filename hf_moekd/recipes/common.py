@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -12,7 +13,6 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from ..cards import CARD_KEY
 from ..distillation import DistillationArguments, DistillationTrainer, training_facts
 from ..utils.quiet import silence_expected_noise
-from ..utils.teachers import resolve_model_path
 
 if TYPE_CHECKING:
     from .arguments import ModelArguments
@@ -21,15 +21,14 @@ if TYPE_CHECKING:
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 
-def configure_losses(args: DistillationArguments) -> str:
-    """Without a teacher, train on labels alone; returns 'distil' or 'fine-tune'."""
+def configure_losses(args: DistillationArguments) -> tuple[str, DistillationArguments]:
+    """The run mode and the run's arguments: ('distil', args) with a teacher; without one ('fine-tune', a copy of
+    `args` with alpha 0), which trains on the labels alone. `args` itself is not changed."""
     if args.teacher_model_name_or_path:
-        args.teacher_model_name_or_path = resolve_model_path(args.teacher_model_name_or_path)
-        return "distil"
+        return "distil", args
     if args.hidden_loss_weight or args.attention_relation_weight:
         raise ValueError("Intermediate KD losses need a teacher: pass --teacher_model_name_or_path.")
-    args.alpha = 0.0
-    return "fine-tune"
+    return "fine-tune", dataclasses.replace(args, alpha=0.0)
 
 
 def check_output_dir(args: DistillationArguments) -> None:

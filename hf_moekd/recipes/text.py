@@ -34,7 +34,7 @@ def run_task(task_name: str, model_args: ModelArguments, data_args: DataArgument
     start = time.perf_counter()
     report = report or ReportArguments()
     task = get_task(task_name)
-    run_kind = configure_losses(args)
+    run_kind, args = configure_losses(args)
     check_output_dir(args)
     _check_report_to(args)
     with removed_on_failure(args.output_dir):

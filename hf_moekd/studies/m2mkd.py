@@ -21,7 +21,7 @@ import json
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -37,21 +37,25 @@ from ..distillation.losses import batch_size
 from ..data.images import IMAGE_LABELS, image_labels, shifted_test_sets
 from ..models.dense_vit import DenseViTConfig, DenseViTForImageClassification
 from ..models.vmoe import VMoEConfig, VMoEForImageClassification
-from .vision import ImageArguments, accuracy, load_data, model_configs, save_and_check, train
+from .vision import ImageArguments, accuracy, load_data, model_configs, save_and_check, study_settings, train
 from ..utils.outputs import atomic_output_dir
-from ..m2mkd.modules import META_INITS, assemble, build_meta, check_num_modules, module_state, split_model
+from ..m2mkd.config import M2MConfig
+from ..m2mkd.modules import assemble, build_meta, check_num_modules, module_state, split_model
 from ..m2mkd.path import student_path, teacher_path
 from ..m2mkd.report import M2MReport
 
 PHASES = ("all", "prepare", "module", "assemble")
-BUDGETS = ("forwards", "blocks")
 MODULE_FILE = "module.safetensors"
 STITCH_PREFIX = "stitch."  # stitch weights in MODULE_FILE: kept for inspection, dropped at assembly
 
 
 @dataclass
-class M2MArguments(ImageArguments):
-    """What `run_m2mkd` trains; the defaults are a fast digits run (ViT teacher, 4 modules, V-MoE student)."""
+class M2MArguments(ImageArguments, M2MConfig):
+    """What `run_m2mkd` trains; the defaults are a fast digits run (ViT teacher, 4 modules, V-MoE student).
+
+    The m2mKD settings come from `M2MConfig`, the loss from `DistillationArguments` with the official m2mKD values
+    alpha 0.5 and temperature 1 (declared again below; hidden_loss_weight stays 0: m2mKD distils logits only).
+    """
 
     patch_size: int = field(default=2, metadata={"help": "ViT patch size of teacher and student (must divide the image size)."})
     teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "A trained dense image classifier (DenseViT) to split; omit to train one (teacher_* fields)."})
@@ -64,17 +68,13 @@ class M2MArguments(ImageArguments):
     num_attention_heads: int = field(default=2, metadata={"help": "Attention heads of the student."})
     intermediate_size: int = field(default=32, metadata={"help": "FFN width of the student's dense MLPs and of each expert."})
     moe_layer_frequency: int = field(default=2, metadata={"help": "Student block i is MoE iff i + 1 is a multiple of it (2: every other block, 1: all)."})
-    num_modules: int = field(default=4, metadata={"help": "Modules N the teacher and the student are cut into (one meta block each)."})
-    meta_init: str = field(default="teacher", metadata={"help": "Meta model start: `teacher` (its stem, head and first block of each module) or `scratch`."})
     teacher_epochs: float = field(default=20, metadata={"help": "Training epochs of the teacher."})
     meta_epochs: float = field(default=5, metadata={"help": "Training epochs of the meta model (0: use it as initialised)."})
     module_epochs: float = field(default=2, metadata={"help": "m2mKD epochs of each student module."})
     finetune_epochs: float = field(default=12, metadata={"help": "End-to-end epochs of the assembled student."})
     baseline: bool = field(default=True, metadata={"help": "Also train the student end to end only, on the same budget of student forward passes."})
-    budget: str = field(default="forwards", metadata={"help": "How the baseline matches m2mKD's budget: `forwards` (a pass through one student module counts as a full student forward pass; conservative) or `blocks` (it counts as the module's share of the student's blocks)."})
-    alpha: float = field(default=0.5, metadata={"help": "Weight of the KL term of m2mKD (1 - alpha on the labels)."})
-    temperature: float = field(default=1.0, metadata={"help": "KD temperature T (the KL term is scaled by T^2)."})
-    kd_scale: str = field(default="logit", metadata={"help": "`logit` (official m2mKD / DeiT: the summed KL divided by batch x classes) or `example` (divided by the batch only: at the same alpha the KD term weighs `classes` times more)."})
+    alpha: float = field(default=0.5, metadata={"help": "Weight of the KL term of m2mKD (1 - alpha on the labels); 0.5 in m2mKD."})
+    temperature: float = field(default=1.0, metadata={"help": "KD temperature T (the KL term is scaled by T^2); 1 in m2mKD."})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Student seeds (teacher and meta model use the first)."})
     ood_rotation: float = field(default=30.0, metadata={"help": "Degrees of the rotated (out-of-distribution) test set."})
     ood_noise_std: float = field(default=0.3, metadata={"help": "Gaussian noise std of the noised (out-of-distribution) test set."})
@@ -84,30 +84,19 @@ class M2MArguments(ImageArguments):
     module_index: int | None = field(default=None, metadata={"help": "With phase `module`: the module to train (one process per module)."})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        M2MConfig.__post_init__(self)
         if self.phase not in PHASES:
             raise ValueError(f"phase {self.phase!r} is unknown; choose one of {PHASES}.")
         if (self.phase == "module") != (self.module_index is not None):
             raise ValueError("phase `module` needs --module_index (and --module_index needs --phase module).")
         if self.module_index is not None and not 0 <= self.module_index < self.num_modules:
             raise ValueError(f"module_index {self.module_index} is out of range 0..{self.num_modules - 1}.")
-        if self.kd_scale not in ("logit", "example"):
-            raise ValueError(f"kd_scale must be 'logit' or 'example', got {self.kd_scale!r}.")
-        if self.budget not in BUDGETS:
-            raise ValueError(f"budget {self.budget!r} is unknown; choose one of {BUDGETS}.")
-        if self.meta_init not in META_INITS:
-            raise ValueError(f"meta_init {self.meta_init!r} is unknown; choose one of {META_INITS}.")
         check_num_modules(self.num_hidden_layers, self.num_modules, "student (num_hidden_layers)")
         if not self.teacher_model_name_or_path:
             check_num_modules(self.teacher_layers, self.num_modules, "teacher (teacher_layers)")
         if not self.seeds:
             raise ValueError("seeds is empty: give at least one seed.")
-        if not 0.0 <= self.alpha <= 1.0 or self.temperature <= 0:
-            raise ValueError(f"need 0 <= alpha <= 1 and temperature > 0, got {self.alpha} and {self.temperature}.")
-
-    @property
-    def hidden_loss_weight(self) -> float:
-        """m2mKD distils logits only (read by `recipes.vision.train`)."""
-        return 0.0
 
     @property
     def baseline_epochs(self) -> float:
@@ -213,9 +202,8 @@ class M2MRun:
         start = time.perf_counter()
         with counting_forwards(model) as count:
             if epochs > 0:
-                per = {"logit": "logit", "example": "item"}[self.args.kd_scale]
-                kd = [f"logits_kd={self.args.alpha},per={per}"] if teacher is not None else None
-                train(model, self.data["train"], self.args, seed, epochs, teacher=teacher, extra_loss_terms=kd)
+                train(model, self.data["train"], self.args, seed, epochs, teacher=teacher,
+                      term_options={"logits_kd": self.args.logits_kd_options})
         return {"train_forwards": count.examples, "train_seconds": round(time.perf_counter() - start, 1)}
 
     def save_model(self, model: PreTrainedModel, folder: Path, record: dict, methods: list[str],
@@ -238,7 +226,8 @@ class M2MRun:
         args = self.args
         if args.teacher_model_name_or_path:
             path = str(Path(args.teacher_model_name_or_path).resolve())
-            self.models["teacher"] = load_teacher(path, DenseViTForImageClassification).eval()
+            self.models["teacher"] = load_teacher(path, DenseViTForImageClassification,
+                                                  allow_pickle=args.allow_pickle_checkpoints).eval()
             check_num_modules(self.models["teacher"].config.num_hidden_layers, args.num_modules, "teacher")
             return {"run_id": f"given:{path}", "results": self.evaluate(self.models["teacher"])}
         folder = self.out / "teacher"
@@ -349,7 +338,7 @@ def _prefixed(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
 def run_m2mkd(args: M2MArguments, progress: bool = True) -> M2MReport:
     """Run `args.phase` of the pipeline (see the module docstring); finished stages are reused."""
     run = M2MRun(args, progress)
-    report = M2MReport(args=asdict(args))
+    report = M2MReport(args=study_settings(args))
     prepare = args.phase in ("all", "prepare")
     report.teacher = run.teacher(build=prepare)
     report.meta = run.meta(report.teacher, build=prepare)

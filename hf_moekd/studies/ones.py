@@ -10,7 +10,7 @@ Gathering variants are `GatheringConfig`s written as strings (`GatheringConfig.f
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -25,12 +25,18 @@ from ..models.dense_vit import DenseViTForImageClassification
 from ..models.vmoe import VMoEForImageClassification
 from ..ones import OneSReport
 from ..utils.outputs import check_output_free
-from .vision import ImageArguments, accuracy, latency_ms, load_data, model_configs, save_and_check, train
+from .vision import (ImageArguments, accuracy, latency_ms, load_data, model_configs, save_and_check, study_settings,
+                     train)
 
 
 @dataclass
 class OneSArguments(ImageArguments):
-    """What `run_ones` trains and compares; the defaults are the README's main job (digits, < 10 min)."""
+    """What `run_ones` trains and compares; the defaults are the README's main job (digits, < 10 min).
+
+    KD runs use the loss fields of `DistillationArguments` with the image defaults (alpha 0.9, temperature 2) and
+    hidden_loss_weight 0.5 (declared again below). `teacher_model_name_or_path`: a trained V-MoE for
+    `run_ones_from_teacher`.
+    """
 
     hidden_size: int = field(default=32, metadata={"help": "Width of the dense ViT, the V-MoE and the OneS student."})
     num_hidden_layers: int = field(default=4, metadata={"help": "Blocks; the V-MoE has experts in every other one."})
@@ -44,6 +50,10 @@ class OneSArguments(ImageArguments):
     measure_speed: bool = field(default=True, metadata={"help": "Time dense vs V-MoE inference at batch 1 and 64."})
 
     def __post_init__(self) -> None:
+        save = self.output_dir is not None
+        super().__post_init__()
+        if not save:  # None: save nothing (TrainingArguments' own None means 'trainer_output')
+            self.output_dir = None
         for spec in self.gatherings:
             rank = GatheringConfig.from_string(spec).rank
             if rank is not None and rank > min(self.hidden_size, self.intermediate_size):
@@ -63,7 +73,7 @@ def run_ones(args: OneSArguments, progress: bool = True) -> OneSReport:
     image_size = data["train"][0]["pixel_values"].shape[-1]
     dense_config, moe_config = model_configs(args, image_size, image_labels(args.dataset, data))
     calibration = calibration_batches(data["train"])
-    report = OneSReport(args=asdict(args))
+    report = OneSReport(args=study_settings(args))
     log = tqdm.write if progress else (lambda *a, **k: None)
     saved: PreTrainedModel | None = None
     for seed in tqdm(args.seeds, desc="OneS seeds", unit="seed", disable=not progress):
@@ -108,8 +118,16 @@ def run_ones(args: OneSArguments, progress: bool = True) -> OneSReport:
     return report
 
 
-def run_ones_from_teacher(args: OneSArguments, teacher_path: str, allow_pickle: bool = False) -> dict[str, float]:
-    """OneS for an already trained V-MoE: gather by `args.gatherings[0]`, distil, save to `args.output_dir`."""
+def run_ones_from_teacher(args: OneSArguments, teacher_path: str | None = None,
+                          allow_pickle: bool | None = None) -> dict[str, float]:
+    """OneS for an already trained V-MoE: gather by `args.gatherings[0]`, distil, save to `args.output_dir`.
+
+    `teacher_path` and `allow_pickle` default to `args.teacher_model_name_or_path` and `args.allow_pickle_checkpoints`.
+    """
+    teacher_path = teacher_path or args.teacher_model_name_or_path
+    allow_pickle = args.allow_pickle_checkpoints if allow_pickle is None else allow_pickle
+    if not teacher_path:
+        raise ValueError("run_ones_from_teacher needs a trained V-MoE: set teacher_model_name_or_path.")
     if args.output_dir:
         check_output_free(args.output_dir, args.overwrite_output_dir)
     data = load_data(args)
@@ -146,7 +164,7 @@ _NOT_HYPERPARAMETERS = {"data_dir", "output_dir", "overwrite_output_dir", "contr
 
 def card_facts(args: OneSArguments, teacher: str) -> RunFacts:
     """What the saved OneS model's card says; `teacher`: a saved V-MoE's folder, or words for the run's own."""
-    settings = {k: v for k, v in asdict(args).items() if k not in _NOT_HYPERPARAMETERS and v is not None}
+    settings = {k: v for k, v in study_settings(args).items() if k not in _NOT_HYPERPARAMETERS and v is not None}
     return run_facts(["ones"], teacher=teacher, data=[args.dataset], hyperparameters=settings, device="cpu")
 
 

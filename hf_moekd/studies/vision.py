@@ -2,11 +2,13 @@
 accuracy, latency, and saving a model with its card."""
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ import torch
 from transformers import AutoModelForImageClassification, PreTrainedModel, PrinterCallback
 
 from ..cards import CARD_KEY, RunFacts, write_model_card
-from ..distillation import DistillationArguments, DistillationTrainer
+from ..distillation import DistillationArguments, DistillationTrainer, get_loss_class
 from ..data.images import InMemoryDataset, load_image_dataset, load_image_folders
 from ..models.dense_vit import DenseViTConfig
 from ..models.vmoe import VMoEConfig
@@ -22,8 +24,14 @@ from ..utils.outputs import atomic_output_dir
 
 
 @dataclass
-class ImageArguments:
-    """Data, backbone and optimisation settings every image pipeline shares (OneS and m2mKD extend it)."""
+class ImageArguments(DistillationArguments):
+    """Data, backbone and optimisation settings every image pipeline shares (OneS and m2mKD extend it), and the loss
+    of their KD runs: the `DistillationArguments` loss fields (alpha, temperature, hidden_loss_weight, ...).
+
+    Defaults that differ from `DistillationArguments`': learning_rate 2e-3 and alpha 0.9 (declared again below).
+    Each run's schedule comes from the study's own fields (epochs, batch_size, seeds) and learning_rate; the other
+    `TrainingArguments` fields are not read: every run trains on the CPU, weight decay 0.01, without checkpoints.
+    """
 
     dataset: str = field(default="digits", metadata={"help": "`digits` (scikit-learn), `fashion_mnist` (Debian IDX files) or `imagefolder` (your images: --train_dir, --validation_dir)."})
     train_dir: str | None = field(default=None, metadata={"help": "dataset `imagefolder`: training images, one subfolder per class (or a saved datasets folder with image and label columns)."})
@@ -41,8 +49,7 @@ class ImageArguments:
     num_experts_per_tok: int = field(default=2, metadata={"help": "Top-k experts per token."})
     learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate of every run."})
     batch_size: int = field(default=32, metadata={"help": "Training batch size."})
-    alpha: float = field(default=0.9, metadata={"help": "Weight of the logits KD term (1 - alpha on the labels)."})
-    temperature: float = field(default=2.0, metadata={"help": "KD temperature."})
+    alpha: float = field(default=0.9, metadata={"help": "Weight of the logits KD term (1 - alpha on the labels); 0.9 in the image studies."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds (each trains every model)."})
 
 
@@ -69,27 +76,50 @@ def model_configs(args: ImageArguments, image_size: int, labels: tuple[str, ...]
 
 
 def train(model: PreTrainedModel, data, args: ImageArguments, seed: int, epochs: float, teacher=None,
-          data_collator=None, extra_loss_terms: list[str] | None = None) -> PreTrainedModel:
-    """Train `model` in place (with KD from `teacher` when given: logits + every block's hidden states).
+          data_collator=None, extra_loss_terms: list[str] | None = None,
+          term_options: dict[str, dict[str, Any]] | None = None) -> PreTrainedModel:
+    """Train `model` in place: with KD from `teacher` when given (the loss fields of `args`: logits KD, hidden
+    states, ...), else on the labels alone.
 
     `data` is a `datasets.Dataset` of images (read into memory) or, with `data_collator`, any dataset it batches.
-    `extra_loss_terms` are registered loss terms as 'name=weight' (e.g. MoDE's 'mode=0.1').
+    `extra_loss_terms` are registered loss terms as 'name=weight' (e.g. MoDE's 'mode=0.1'); `term_options` are options
+    of the run's terms by name, e.g. ``{"logits_kd": {"per": "logit"}}``.
     """
-    loss = {"alpha": 0.0}
-    if teacher is not None:
-        loss = {"alpha": args.alpha, "temperature": args.temperature,
-                "hidden_loss_weight": getattr(args, "hidden_loss_weight", 0.0)}
+    if teacher is None:
+        loss = {"alpha": 0.0, "extra_loss_terms": list(extra_loss_terms or [])}
+    else:
+        loss = args.loss_settings()
+        loss["extra_loss_terms"] = [*loss["extra_loss_terms"], *(extra_loss_terms or [])]
     with tempfile.TemporaryDirectory() as tmp:
         targs = DistillationArguments(
             output_dir=tmp, num_train_epochs=epochs, per_device_train_batch_size=args.batch_size,
             learning_rate=args.learning_rate, weight_decay=0.01, save_strategy="no", report_to=[], disable_tqdm=True,
-            seed=seed, use_cpu=True, logging_strategy="no", extra_loss_terms=list(extra_loss_terms or []), **loss,
+            seed=seed, use_cpu=True, logging_strategy="no", **loss,
         )
+        weights = targs.loss_weights()
+        terms = {name: (weights[name], get_loss_class(name).from_args(targs, model, teacher, **options))
+                 for name, options in (term_options or {}).items() if name in weights}
         trainer = DistillationTrainer(model=model, args=targs, teacher_model=teacher, data_collator=data_collator,
-                                      train_dataset=data if data_collator else InMemoryDataset(data))
+                                      train_dataset=data if data_collator else InMemoryDataset(data), loss_terms=terms)
         trainer.remove_callback(PrinterCallback)  # keep the output to the pipeline's own lines
         trainer.train()
     return model.eval()
+
+
+def study_settings(args: ImageArguments) -> dict[str, Any]:
+    """A study's settings for its report and model card: the fields the study's classes declare, alpha, temperature,
+    hidden_loss_weight and the other loss fields set away from their defaults (not the `TrainingArguments` the
+    study does not read)."""
+    names = [name for klass in reversed(type(args).__mro__) if klass not in DistillationArguments.__mro__
+             for name in inspect.get_annotations(klass)]
+    base = {f.name: f for f in fields(DistillationArguments)}
+    names += [name for name in args.loss_settings() if name in ("alpha", "temperature", "hidden_loss_weight")
+              or getattr(args, name) != _default(base[name])]
+    return {name: copy.deepcopy(getattr(args, name)) for name in dict.fromkeys(names)}
+
+
+def _default(spec: Field) -> Any:
+    return spec.default_factory() if spec.default is MISSING else spec.default
 
 
 @torch.no_grad()
