@@ -168,8 +168,11 @@ def test_example_script_runs_the_comparison(tmp_path, monkeypatch, capsys):
                       "--num_experts", "4", "--epochs", "0.5", "--kd_epochs", "0.5", "--seeds", "1",
                       "--measure_speed", "false", "--controls", "false", "--output_dir", str(tmp_path / "o"),
                       monkeypatch=monkeypatch)
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert code == 0 and "| weighted_average + KD (OneS) |" in out and "fine-tune, no KD" not in out
+    # issue 31.8: inside a seed, each model's epochs show as they pass
+    assert all(f"seed 1: {what}" in captured.err for what in ("dense", "V-MoE", "weighted_average + KD")), captured.err
     assert (tmp_path / "o" / "model.safetensors").is_file()
 
 

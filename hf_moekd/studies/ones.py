@@ -77,15 +77,19 @@ def run_ones(args: OneSArguments, progress: bool = True) -> OneSReport:
     log = tqdm.write if progress else (lambda *a, **k: None)
     saved: PreTrainedModel | None = None
     for seed in tqdm(args.seeds, desc="OneS seeds", unit="seed", disable=not progress):
+        bar = (lambda what, seed=seed: f"seed {seed}: {what}") if progress else (lambda what: None)
         set_seed(seed)
-        dense = train(DenseViTForImageClassification(dense_config), data["train"], args, seed, args.epochs)
+        dense = train(DenseViTForImageClassification(dense_config), data["train"], args, seed, args.epochs,
+                      progress=bar("dense"))
         set_seed(seed)
-        moe = train(VMoEForImageClassification(moe_config), data["train"], args, seed, args.epochs)
+        moe = train(VMoEForImageClassification(moe_config), data["train"], args, seed, args.epochs,
+                    progress=bar("V-MoE"))
         report.add("dense", accuracy(dense, data["test"]))
         report.add("moe", accuracy(moe, data["test"]))
         if args.controls:  # the dense baseline trained for the students' extra epochs too (compute-matched)
             set_seed(seed)
-            longer = train(copy.deepcopy(dense).train(), data["train"], args, seed, args.kd_epochs)
+            longer = train(copy.deepcopy(dense).train(), data["train"], args, seed, args.kd_epochs,
+                           progress=bar("dense, more epochs"))
             report.add(f"dense, +{args.kd_epochs:g} epochs", accuracy(longer, data["test"]))
         report.params.update(dense=dense.num_parameters(), moe=moe.num_parameters())
         log(f"[seed {seed}] dense {report.accuracy['dense'][-1]:.4f}  V-MoE {report.accuracy['moe'][-1]:.4f}")
@@ -94,10 +98,11 @@ def run_ones(args: OneSArguments, progress: bool = True) -> OneSReport:
             report.add(f"{spec} gathered only", accuracy(student, data["test"]))
             if i == 0 and args.controls:  # same schedule as the OneS student, without KD
                 set_seed(seed)
-                tuned = train(gather(moe, spec, calibration), data["train"], args, seed, args.kd_epochs)
+                tuned = train(gather(moe, spec, calibration), data["train"], args, seed, args.kd_epochs,
+                              progress=bar(f"{spec} + fine-tune"))
                 report.add(f"{spec} + fine-tune, no KD", accuracy(tuned, data["test"]))
             set_seed(seed)
-            train(student, data["train"], args, seed, args.kd_epochs, teacher=moe)
+            train(student, data["train"], args, seed, args.kd_epochs, teacher=moe, progress=bar(f"{spec} + KD"))
             report.add(f"{spec} + KD (OneS)", accuracy(student, data["test"]))
             log(f"[seed {seed}] {spec}: gathered {report.accuracy[f'{spec} gathered only'][-1]:.4f}  "
                 f"OneS {report.accuracy[f'{spec} + KD (OneS)'][-1]:.4f}")

@@ -20,6 +20,7 @@ from ..distillation import DistillationArguments, DistillationTrainer, get_loss_
 from ..data.images import InMemoryDataset, load_image_dataset, load_image_folders
 from ..models.dense_vit import DenseViTConfig
 from ..models.vmoe import VMoEConfig
+from ..utils.callbacks import EpochProgressCallback
 from ..utils.outputs import atomic_output_dir
 
 
@@ -77,13 +78,13 @@ def model_configs(args: ImageArguments, image_size: int, labels: tuple[str, ...]
 
 def train(model: PreTrainedModel, data, args: ImageArguments, seed: int, epochs: float, teacher=None,
           data_collator=None, extra_loss_terms: list[str] | None = None,
-          term_options: dict[str, dict[str, Any]] | None = None) -> PreTrainedModel:
+          term_options: dict[str, dict[str, Any]] | None = None, progress: str | None = None) -> PreTrainedModel:
     """Train `model` in place: with KD from `teacher` when given (the loss fields of `args`: logits KD, hidden
     states, ...), else on the labels alone.
 
     `data` is a `datasets.Dataset` of images (read into memory) or, with `data_collator`, any dataset it batches.
     `extra_loss_terms` are registered loss terms as 'name=weight' (e.g. MoDE's 'mode=0.1'); `term_options` are options
-    of the run's terms by name, e.g. ``{"logits_kd": {"per": "logit"}}``.
+    of the run's terms by name, e.g. ``{"logits_kd": {"per": "logit"}}``; `progress` names a bar of epochs.
     """
     if teacher is None:
         loss = {"alpha": 0.0, "extra_loss_terms": list(extra_loss_terms or [])}
@@ -102,6 +103,8 @@ def train(model: PreTrainedModel, data, args: ImageArguments, seed: int, epochs:
         trainer = DistillationTrainer(model=model, args=targs, teacher_model=teacher, data_collator=data_collator,
                                       train_dataset=data if data_collator else InMemoryDataset(data), loss_terms=terms)
         trainer.remove_callback(PrinterCallback)  # keep the output to the pipeline's own lines
+        if progress:
+            trainer.add_callback(EpochProgressCallback(progress))
         trainer.train()
     return model.eval()
 

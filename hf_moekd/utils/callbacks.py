@@ -1,7 +1,9 @@
-"""Trainer callbacks: `CSVLoggerCallback` writes the log history to a CSV file."""
+"""Trainer callbacks: `CSVLoggerCallback` writes the log history to a CSV file; `EpochProgressCallback` shows
+one progress bar of epochs for runs that keep the Trainer's own output quiet."""
 from __future__ import annotations
 
 import csv
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -47,3 +49,27 @@ class CSVLoggerCallback(TrainerCallback):
                 writer.writeheader()
             writer.writerows(rows[self._written:])
         self._written = len(rows)
+
+
+class EpochProgressCallback(TrainerCallback):
+    """A progress bar of epochs (`desc`: what is training), closed when training ends; main process only."""
+
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+        self.bar: Any = None
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=math.ceil(state.num_train_epochs or args.num_train_epochs), desc=self.desc,
+                            unit="epoch", leave=False)
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
