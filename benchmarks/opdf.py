@@ -5,10 +5,13 @@ Per GLUE task (and CoNLL-2003 NER, test entity F1): a MiniLM-L6 teacher fine-tun
 from it (logits KD, alpha 0.5, T 2) three ways, each over several seeds, same data, steps and learning rate:
 plain; OPDF (`--mpo_overparameterize`: every linear of the encoder trained as MPO cores, contracted back to
 nn.Linear before saving); OPDF + the tensor constraint loss (`--extra_loss_terms mpo_constraint=W`: MSE between
-the student's and teacher's auxiliary MPO tensors, student block i -> the teacher block it was copied from, 2i;
-weight 1e-4 / L by default, L the student's blocks, as in one official script, or a sweep). Every variant runs at each
-learning rate of `--lrs` and is reported at its best one (mean dev score over seeds), since the learning rate
-decided the CoNLL comparison before. Also reports trainable
+the student's and teacher's auxiliary MPO tensors summed over a layer's auxiliary cores, as the official code, student
+block i -> the teacher block it was copied from, 2i; weight 1e-4 / L by default, L the student's blocks, as in one
+official script, or a sweep). The OPDF variants run in each decomposition gauge of `--gauges` (`--mpo_gauge`:
+'official', the OPDF code's square-root gauge, rows `opdf_official*`; 'center', all scale in the central tensor,
+rows `opdf_center*`). Every variant runs at each learning rate of `--lrs` (by default including the official
+OPDF logs' 5e-6, which they train for 6 epochs: `--epochs 6` for that schedule) and is reported at its best one
+(mean dev score over seeds), since the learning rate decided the CoNLL comparison before. Also reports trainable
 parameters during training, the training step-time ratio OPDF / plain (from the runs' train_runtime, and
 measured interleaved with plain so that machine load cancels) and the CPU latency ratio of the saved
 (contracted) OPDF student to the plain one (same architecture: target <= 1.02).
@@ -40,17 +43,22 @@ STUDENT = ["--student_layers", "0,2,4", "--alpha", "0.5", "--temperature", "2"]
 
 STUDENT_LAYERS = 3
 DEFAULT_CONSTRAINT_WEIGHT = 1e-4 / STUDENT_LAYERS
+OFFICIAL_LR = 5e-6  # the official OPDF GLUE logs: 3e-6 to 5e-6, 6 epochs
+GAUGES = ("official", "center")
 
 
-def variants(constraint_weights: list[float]) -> dict[str, list[str]]:
-    found = {"plain_kd": STUDENT, "opdf": [*STUDENT, "--mpo_overparameterize", "true"]}
-    for w in constraint_weights:
-        name = "opdf_constraint" if len(constraint_weights) == 1 else f"opdf_constraint_w{w:g}"
-        found[name] = [*STUDENT, "--mpo_overparameterize", "true", "--extra_loss_terms", f"mpo_constraint={w}"]
+def variants(constraint_weights: list[float], gauges: list[str]) -> dict[str, list[str]]:
+    found = {"plain_kd": STUDENT}
+    for gauge in gauges:
+        mpo = [*STUDENT, "--mpo_overparameterize", "true", "--mpo_gauge", gauge]
+        found[f"opdf_{gauge}"] = mpo
+        for w in constraint_weights:
+            name = f"opdf_{gauge}_constraint" + ("" if len(constraint_weights) == 1 else f"_w{w:g}")
+            found[name] = [*mpo, "--extra_loss_terms", f"mpo_constraint={w}"]
     return found
 
 
-def kd_step_time_ratio(teacher_dir: Path, task: str, repeats: int = 20) -> float:
+def kd_step_time_ratio(teacher_dir: Path, task: str, gauge: str, repeats: int = 20) -> float:
     """Median KD training-step time (teacher forward + student forward/backward + AdamW step, batch 32 x 64
     tokens) of the OPDF student over the plain one, interleaved so that machine load affects both alike."""
     import copy
@@ -64,7 +72,7 @@ def kd_step_time_ratio(teacher_dir: Path, task: str, repeats: int = 20) -> float
     teacher = get_task(task).auto_class.from_pretrained(teacher_dir).eval()
     plain = student_from_teacher_layers(teacher, [0, 2, 4]).train()
     opdf = copy.deepcopy(plain)
-    overparameterize(opdf)
+    overparameterize(opdf, gauge=gauge)
     inputs = {"input_ids": torch.randint(1000, 2000, (32, 64)), "attention_mask": torch.ones(32, 64, dtype=torch.long)}
 
     def kd_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -88,8 +96,12 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--train_samples", type=int, default=None, help="student training subset (default: per task)")
     parser.add_argument("--epochs", type=float, default=None, help="student epochs (default: per task)")
-    parser.add_argument("--lrs", nargs="+", type=float, default=[1e-4, 5e-4],
-                        help="learning-rate grid; each variant is reported at its best (mean dev score)")
+    parser.add_argument("--lrs", nargs="+", type=float, default=[OFFICIAL_LR, 1e-4, 5e-4],
+                        help=f"learning-rate grid; each variant is reported at its best (mean dev score); {OFFICIAL_LR:g} "
+                             "is the official OPDF one")
+    parser.add_argument("--gauges", nargs="+", default=list(GAUGES), choices=GAUGES,
+                        help="MPO decomposition gauges of the OPDF rows (official: the OPDF code's square-root gauge; "
+                             "center: all scale in the central tensor)")
     parser.add_argument("--constraint_weights", nargs="*", type=float, default=[DEFAULT_CONSTRAINT_WEIGHT],
                         help="constraint weights (several: a sweep, one row each; none: no constraint row)")
     parser.add_argument("--teacher", action="append", default=[], metavar="TASK=DIR",
@@ -112,7 +124,7 @@ def task_settings(task: str, a: argparse.Namespace) -> dict:
     """What shapes one task's rows (a saved task is kept in the result file only when these are unchanged)."""
     _, samples, epochs = TASKS[task]
     return {"train_samples": a.train_samples or samples, "epochs": a.epochs or epochs, "lrs": a.lrs, "seeds": a.seeds,
-            "constraint_weights": a.constraint_weights}
+            "constraint_weights": a.constraint_weights, "gauges": a.gauges}
 
 
 def previous_tasks(a: argparse.Namespace) -> dict:
@@ -127,7 +139,7 @@ def run_task(task: str, a: argparse.Namespace, given: dict[str, str]) -> dict:
     teacher_file = teacher_dir / "all_results.json"
     kd = ["--teacher_model_name_or_path", str(teacher_dir), "--teacher_logits_cache", str(Path(a.work_dir, task, "teacher-logits"))]
     table, extras, values, best_lr = {}, {}, {}, {}
-    for name, extra in variants(a.constraint_weights).items():
+    for name, extra in variants(a.constraint_weights, a.gauges).items():
         by_lr = {}
         for lr in a.lrs:
             results = []
@@ -154,8 +166,9 @@ def run_task(task: str, a: argparse.Namespace, given: dict[str, str]) -> dict:
     plain = extras["plain_kd"]["train_runtime_mean"]
     others = [name for name in table if name != "plain_kd"]
     ratios = {f"{name}/train_runtime_ratio": extras[name]["train_runtime_mean"] / plain for name in others}
-    ratios["opdf/kd_step_time_ratio_interleaved"] = kd_step_time_ratio(teacher_dir, task)
-    ratios["opdf/latency_ratio_contracted"] = latency_ratio(Path(a.work_dir, task, f"opdf-lr{best_lr['opdf']:g}-seed0"),
+    opdf = f"opdf_{a.gauges[0]}"
+    ratios[f"{opdf}/kd_step_time_ratio_interleaved"] = kd_step_time_ratio(teacher_dir, task, a.gauges[0])
+    ratios[f"{opdf}/latency_ratio_contracted"] = latency_ratio(Path(a.work_dir, task, f"{opdf}-lr{best_lr[opdf]:g}-seed0"),
                                                             Path(a.work_dir, task, f"plain_kd-lr{best_lr['plain_kd']:g}-seed0"),
                                                             task=task)
     return {

@@ -68,7 +68,7 @@ def test_round_trip_random_shapes(shape, rows, cols, center):
 
 def test_auxiliary_tensors_are_isometries():
     w = torch.randn(48, 40, dtype=torch.float64)
-    dec = mpo_decompose(w, [4, 3, 4], [2, 5, 4])
+    dec = mpo_decompose(w, [4, 3, 4], [2, 5, 4], gauge="center")
     left, right = dec.cores[0].reshape(-1, dec.cores[0].shape[-1]), dec.cores[2].reshape(dec.cores[2].shape[0], -1)
     torch.testing.assert_close(left.T @ left, torch.eye(left.shape[1], dtype=torch.float64))
     torch.testing.assert_close(right @ right.T, torch.eye(right.shape[0], dtype=torch.float64))

@@ -17,6 +17,7 @@ The ``mpo_constraint`` loss term (``extra_loss_terms=["mpo_constraint=0.01"]``) 
 from . import card as _card  # noqa: F401  (registers the card section)
 from .losses import MPOConstraintLoss, default_layer_map
 from .decomposition import (
+    GAUGES,
     MPODecomposition,
     auto_factors,
     check_factors,
@@ -35,6 +36,7 @@ from .model import (
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
+    "GAUGES",
     "MPOConfig",
     "MPOConstraintLoss",
     "MPODecomposition",

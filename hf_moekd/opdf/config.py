@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .decomposition import check_gauge
+
 # BERT-family attention (Q/K/V, output) and feed-forward linears; "output.dense" also covers "attention.output.dense".
 DEFAULT_TARGET_MODULES = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
@@ -26,3 +28,12 @@ class MPOConfig:
         metadata={"help": "Truncate every bond to this dimension (None: exact decomposition, the OPDF setting)."},
     )
     num_cores: int = field(default=5, metadata={"help": "Number of cores of automatic factorisations."})
+    gauge: str = field(
+        default="official",
+        metadata={"help": "How the weight's scale is spread over the cores: 'official' (the OPDF code's symmetric "
+                  "square-root gauge: the outer cores carry the scale, the singleton middle cores are identities) or "
+                  "'center' (all scale in the central tensor, orthonormal auxiliary tensors)."},
+    )
+
+    def __post_init__(self) -> None:
+        check_gauge(self.gauge)

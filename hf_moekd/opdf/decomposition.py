@@ -4,11 +4,20 @@ A matrix ``W`` of shape ``(I, J)`` with ``I = i_1 ... i_n`` and ``J = j_1 ... j_
 ``(i_1, ..., i_n, j_1, ..., j_n)``, its axes interleaved to ``(i_1, j_1, ..., i_n, j_n)``, and written as a chain
 of cores ``T_k[r_{k-1}, i_k, j_k, r_k]`` with ``r_0 = r_n = 1``. Without truncation the decomposition is exact.
 
-The cores are in *mixed-canonical* form around the central tensor ``T_c`` (``c = n // 2`` by default): the cores
-left of it are left-isometries, the cores right of it right-isometries, and all singular values end up in the
-central tensor (the MPOP / OPDF convention "central tensor = information, auxiliary tensors = bases"). Singular
-vectors are sign-fixed, so equal weights always give equal cores; that is what makes cores of two models
-comparable at all (see `hf_moekd.opdf.losses`).
+An MPO is defined only up to invertible matrices on its bonds (the *gauge*); `mpo_decompose` offers two:
+
+- ``gauge="official"`` (default), the symmetric square-root gauge of the official OPDF code
+  (``compress_tools/Matrix2MPO.py``, ``MPO.matrix2mpo``): at every bond ``k`` the cores left of it contract to
+  ``U_k sqrt(S_k)`` and the cores right of it to ``sqrt(S_k) V_k^T``, where ``U_k S_k V_k^T`` is the SVD of ``W``
+  unfolded at that bond. The outer cores carry the scale; with OPDF's singleton middle factors
+  (``[64, 1, 1, 1, 48]``) every bond splits ``W`` the same way and the middle cores are identities (the official
+  code gets +-1 on the diagonal from unfixed SVD signs; here signs are fixed, so they are +1).
+- ``gauge="center"``: *mixed-canonical* form around the central tensor ``T_c`` (``c = n // 2`` by default): the
+  cores left of it are left-isometries, the cores right of it right-isometries, and all singular values end up in
+  the central tensor (the MPOP convention "central tensor = information, auxiliary tensors = bases").
+
+Singular vectors are sign-fixed, so equal weights always give equal cores; that is what makes cores of two models
+comparable at all (see `hf_moekd.opdf.losses`), provided both use the same gauge.
 """
 from __future__ import annotations
 
@@ -20,7 +29,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["MPODecomposition", "auto_factors", "check_factors", "mpo_contract", "mpo_decompose"]
+GAUGES = ("official", "center")
+"""`mpo_decompose` gauges: the official OPDF symmetric square-root gauge, or all scale in the central tensor."""
+
+__all__ = ["GAUGES", "MPODecomposition", "auto_factors", "check_factors", "check_gauge", "mpo_contract", "mpo_decompose"]
 
 
 @dataclass
@@ -31,7 +43,9 @@ class MPODecomposition:
     truncation_error: float = 0.0
     """Relative Frobenius error ``||W - contract(cores)|| / ||W||`` caused by `max_bond` (0.0 without truncation)."""
     center: int = 0
-    """Index of the central tensor (the orthogonality centre); the other cores are the auxiliary tensors."""
+    """Index of the central tensor; the other cores are the auxiliary tensors."""
+    gauge: str = "official"
+    """How the scale is spread over the cores (one of `GAUGES`, see the module docstring)."""
 
     @property
     def bond_dims(self) -> list[int]:
@@ -87,12 +101,21 @@ def _svd(mat: Tensor, max_bond: int | None, fix: str) -> tuple[Tensor, Tensor, T
     return u, s, vh, cut
 
 
+def check_gauge(gauge: str) -> str:
+    """`gauge` if it is one of `GAUGES`, else one clear error."""
+    if gauge not in GAUGES:
+        raise ValueError(f"gauge must be one of {list(GAUGES)} ('official': OPDF's symmetric square-root gauge, "
+                         f"'center': all scale in the central tensor), got {gauge!r}.")
+    return gauge
+
+
 def mpo_decompose(
     weight: Tensor,
     row_factors: Sequence[int],
     col_factors: Sequence[int],
     max_bond: int | None = None,
     center: int | None = None,
+    gauge: str = "official",
 ) -> MPODecomposition:
     """Decompose `weight` (``[prod(row_factors), prod(col_factors)]``) into an MPO by sequential SVDs.
 
@@ -101,6 +124,10 @@ def mpo_decompose(
         row_factors, col_factors: ``i_1..i_n`` and ``j_1..j_n``; the same length, products equal to the shape.
         max_bond: keep at most this many singular values at each bond (best truncation at each SVD step).
         center: index of the central tensor (default ``n // 2``).
+        gauge: ``"official"`` (OPDF's symmetric square-root gauge: outer cores carry the scale, singleton middle
+            cores are identities) or ``"center"`` (all scale in the central tensor, isometric auxiliary tensors).
+            With `max_bond`, the ``"official"`` gauge is that of the truncated matrix (the official code instead
+            slices its gauged cores; without truncation, OPDF's setting, the two agree).
 
     SVDs run in float64; the cores are returned in the weight's dtype and on its device.
     """
@@ -111,10 +138,34 @@ def mpo_decompose(
         raise ValueError(f"center must index one of the {n} cores, got {center}.")
     if max_bond is not None and max_bond < 1:
         raise ValueError(f"max_bond must be >= 1 (or None for an exact decomposition), got {max_bond}.")
-    dims = [i * j for i, j in zip(rows, cols)]
+    check_gauge(gauge)
     w = weight.detach().to(torch.float64)
     interleave = [a for k in range(n) for a in (k, n + k)]
-    rest = w.reshape(*rows, *cols).permute(interleave).reshape(1, -1)
+    mpo_order = w.reshape(*rows, *cols).permute(interleave)  # (i_1, j_1, ..., i_n, j_n)
+    dims = [i * j for i, j in zip(rows, cols)]
+    truncated = False
+    if gauge == "center" or max_bond is not None:
+        cores64, truncated = _mixed_canonical(mpo_order, rows, cols, center, max_bond)
+        bonds = [core.shape[0] for core in cores64] + [1]
+    else:  # the exact bonds: min(left, right) dimension at each cut, as the official compute_rank
+        bonds = [min(math.prod(dims[:k]), math.prod(dims[k:])) for k in range(n + 1)]
+    error = 0.0
+    if truncated:
+        error = (torch.linalg.matrix_norm(w - mpo_contract(cores64)) / torch.linalg.matrix_norm(w).clamp_min(1e-300)).item()
+    if gauge == "official":
+        target = mpo_contract(cores64).reshape(*rows, *cols).permute(interleave) if truncated else mpo_order
+        cores64 = _square_root_gauge(target, rows, cols, bonds)
+    cores = [core.to(weight.dtype).contiguous() for core in cores64]
+    return MPODecomposition(cores=cores, truncation_error=error, center=center, gauge=gauge)
+
+
+def _mixed_canonical(
+    mpo_order: Tensor, rows: list[int], cols: list[int], center: int, max_bond: int | None,
+) -> tuple[list[Tensor], bool]:
+    """Cores with all scale in core `center` (left-/right-isometries around it); whether a bond was truncated."""
+    n = len(rows)
+    dims = [i * j for i, j in zip(rows, cols)]
+    rest = mpo_order.reshape(1, -1)
     truncated = False
 
     left, rank = [], 1  # left sweep: left-isometries T_0..T_{c-1}
@@ -122,7 +173,7 @@ def mpo_decompose(
         mat = rest.reshape(rank * dims[k], -1)
         if dims[k] == 1 and rank <= mat.shape[1] and (max_bond is None or rank <= max_bond):
             # rows of `rest` are already orthogonal (s * vh of the previous SVD): its SVD is the identity
-            left.append(torch.eye(rank, dtype=w.dtype, device=w.device).reshape(rank, 1, 1, rank))
+            left.append(torch.eye(rank, dtype=rest.dtype, device=rest.device).reshape(rank, 1, 1, rank))
             continue
         u, s, vh, cut = _svd(mat, max_bond, fix="u")
         truncated |= cut
@@ -133,19 +184,47 @@ def mpo_decompose(
     for k in range(n - 1, center, -1):
         mat = rest.reshape(-1, dims[k] * rank_r)
         if dims[k] == 1 and rank_r <= mat.shape[0] and (max_bond is None or rank_r <= max_bond):
-            right.append(torch.eye(rank_r, dtype=w.dtype, device=w.device).reshape(rank_r, 1, 1, rank_r))
+            right.append(torch.eye(rank_r, dtype=rest.dtype, device=rest.device).reshape(rank_r, 1, 1, rank_r))
             continue
         u, s, vh, cut = _svd(mat, max_bond, fix="v")
         truncated |= cut
         right.append(vh.reshape(-1, rows[k], cols[k], rank_r))
         rank_r, rest = s.numel(), u * s
 
-    cores64 = left + [rest.reshape(rank, rows[center], cols[center], rank_r)] + right[::-1]
-    error = 0.0
-    if truncated:
-        error = (torch.linalg.matrix_norm(w - mpo_contract(cores64)) / torch.linalg.matrix_norm(w).clamp_min(1e-300)).item()
-    cores = [core.to(weight.dtype).contiguous() for core in cores64]
-    return MPODecomposition(cores=cores, truncation_error=error, center=center)
+    return left + [rest.reshape(rank, rows[center], cols[center], rank_r)] + right[::-1], truncated
+
+
+def _square_root_gauge(mpo_order: Tensor, rows: list[int], cols: list[int], bonds: list[int]) -> list[Tensor]:
+    """Cores in the official OPDF gauge: the cores left of bond k contract to ``U_k sqrt(S_k)`` (SVD of the
+    matrix unfolded at bond k, its first ``bonds[k]`` singular values), so core k is
+    ``pinv(U_k sqrt(S_k)) [U_{k+1} sqrt(S_{k+1})]``. Exact whenever every unfolding has rank <= its bond.
+
+    Bonds that cut the matrix at the same place (singleton factors between them) share one SVD, so their cores
+    are exactly the identity (masked to the non-zero singular values)."""
+    n = len(rows)
+    dims = [i * j for i, j in zip(rows, cols)]
+    flat = mpo_order.reshape(-1)
+    svds: dict[int, tuple[Tensor, Tensor]] = {}
+    halves: list[tuple[int, Tensor, Tensor]] = [(1, flat.new_ones(1, 1), flat.new_ones(1, 1))]  # (cut, U sqrt(S), U / sqrt(S))
+    for k in range(1, n):
+        cut = math.prod(dims[:k])
+        if cut not in svds:
+            u, s, _, _ = _svd(flat.reshape(cut, -1), None, fix="u")
+            svds[cut] = (u, s)
+        u, s = (t[..., :bonds[k]] for t in svds[cut])
+        root = s.sqrt()
+        keep = s > s[0] * max(cut, flat.numel() // cut) * torch.finfo(s.dtype).eps  # numerically non-zero
+        halves.append((cut, u * root, u * torch.where(keep, 1 / root.clamp_min(1e-300), 0)))
+    halves.append((flat.numel(), flat[:, None], flat[:, None]))
+    cores = []
+    for k in range(n):
+        (cut, _, inverse), (next_cut, nxt, _) = halves[k], halves[k + 1]
+        if next_cut == cut and 0 < k < n - 1 and bonds[k] == bonds[k + 1]:  # same unfolding: identity on kept directions
+            core = torch.diag((inverse.abs().sum(0) > 0).to(flat.dtype))
+        else:
+            core = inverse.mT @ nxt.reshape(cut, -1)
+        cores.append(core.reshape(bonds[k], rows[k], cols[k], bonds[k + 1]))
+    return cores
 
 
 @lru_cache(maxsize=256)

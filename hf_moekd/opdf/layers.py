@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .decomposition import auto_factors, mpo_contract, mpo_decompose
+from .decomposition import auto_factors, check_gauge, mpo_contract, mpo_decompose
 
 __all__ = ["MPOLinear"]
 
@@ -32,6 +32,7 @@ class MPOLinear(nn.Module):
         max_bond: int | None = None,
         truncation_error: float = 0.0,
         requires_grad: bool = True,
+        gauge: str = "official",
     ) -> None:
         super().__init__()
         self.cores = nn.ParameterList([nn.Parameter(c.detach().clone(), requires_grad=requires_grad) for c in cores])
@@ -41,6 +42,9 @@ class MPOLinear(nn.Module):
         self.central_index = central_index
         self.max_bond = max_bond
         self.truncation_error = truncation_error
+        self.gauge = check_gauge(gauge)
+        """The gauge the cores were decomposed in (see `mpo_decompose`); the tensor constraint decomposes the
+        teacher in the same one."""
 
     @classmethod
     def from_linear(
@@ -51,15 +55,17 @@ class MPOLinear(nn.Module):
         max_bond: int | None = None,
         num_cores: int = 5,
         center: int | None = None,
+        gauge: str = "official",
     ) -> "MPOLinear":
         """Decompose `linear.weight` (``[out, in]``); missing factors come from `auto_factors` (``num_cores`` cores,
-        or as many as the given factor list). `center` picks the central tensor (default: the middle core)."""
+        or as many as the given factor list). `center` picks the central tensor (default: the middle core), `gauge`
+        how the scale is spread over the cores (``"official"`` or ``"center"``, see `mpo_decompose`)."""
         n = len(row_factors or col_factors or [None] * num_cores)
         row_factors = list(row_factors) if row_factors is not None else auto_factors(linear.out_features, n)
         col_factors = list(col_factors) if col_factors is not None else auto_factors(linear.in_features, n)
-        dec = mpo_decompose(linear.weight, row_factors, col_factors, max_bond=max_bond, center=center)
+        dec = mpo_decompose(linear.weight, row_factors, col_factors, max_bond=max_bond, center=center, gauge=gauge)
         return cls(dec.cores, linear.bias, row_factors, col_factors, dec.center, max_bond, dec.truncation_error,
-                   requires_grad=linear.weight.requires_grad)
+                   requires_grad=linear.weight.requires_grad, gauge=dec.gauge)
 
     @property
     def auxiliary_indices(self) -> list[int]:
@@ -110,4 +116,4 @@ class MPOLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"row_factors={self.row_factors}, col_factors={self.col_factors}, bonds={self.bond_dims}, "
-                f"central_index={self.central_index}")
+                f"central_index={self.central_index}, gauge={self.gauge!r}")

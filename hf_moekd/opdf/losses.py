@@ -2,18 +2,22 @@
 
 For every student `MPOLinear` in block ``i``, the linear of the same relative name in teacher block
 ``layer_map[i]`` (default ``2i + 1``, clipped to the teacher's depth) is MPO-decomposed with the student's
-factorisation, bond dimensions and central index; the loss is the mean, over all (layer, auxiliary core) pairs, of
-the MSE between the student's auxiliary core and the teacher's. Central tensors are not constrained.
+factorisation, bond dimensions, central index and gauge. With ``reduction="sum"`` (default, as ``loss_layer_fn`` of
+the official ``run_glue_mpo_laterloss.py``: cores 0, 1, 3, 4 of 5) the MSEs between the student's auxiliary cores and
+the teacher's are summed per layer and the layers averaged; ``reduction="mean"`` averages over all (layer, auxiliary
+core) pairs instead (1/4 of the sum with 5 cores). Central tensors are not constrained.
 
 Unlike the official OPDF code (which reads cores through ``state_dict()``, i.e. detached, so the term has no
 gradient), the student's cores are read as live parameters: the constraint trains them.
 
 Gauge note: an MPO is only defined up to invertible matrices on its bonds, so cores of two matrices are comparable
-only when both come from the same canonical decomposition of related weights. `mpo_decompose` fixes the gauge
-(mixed-canonical around the central tensor, sign-fixed singular vectors), and the constraint is meaningful when the
+only when both come from the same canonical decomposition of related weights. `mpo_decompose` fixes the gauge with
+sign-fixed singular vectors, and the teacher is decomposed in the student layer's gauge. The gauge changes what is
+compared: with ``"official"`` (default) the outer cores carry the weight's scale and the singleton middle cores are
+identities; with ``"center"`` the auxiliary cores are pure (isometric) bases. The constraint is meaningful when the
 student is initialised from the mapped teacher layers, as in OPDF (e.g.
-``hf_moekd.model_utils.students.student_from_teacher_layers(teacher, [1, 3, 5, ...])`` before `overparameterize`): then the
-term starts at 0 and measures how far training moves the student's auxiliary tensors from the teacher's.
+``hf_moekd.model_utils.students.student_from_teacher_layers(teacher, [1, 3, 5, ...])`` before `overparameterize`): then
+the term starts at 0 and measures how far training moves the student's auxiliary tensors from the teacher's.
 """
 from __future__ import annotations
 
@@ -28,7 +32,9 @@ from .decomposition import mpo_decompose
 from .layers import MPOLinear
 from .model import mpo_modules
 
-__all__ = ["MPOConstraintLoss", "default_layer_map"]
+__all__ = ["MPOConstraintLoss", "REDUCTIONS", "default_layer_map"]
+
+REDUCTIONS = ("sum", "mean")
 
 
 def default_layer_map(student_layers: int, teacher_layers: int) -> dict[int, int]:
@@ -38,7 +44,7 @@ def default_layer_map(student_layers: int, teacher_layers: int) -> dict[int, int
 
 @register_loss("mpo_constraint")
 class MPOConstraintLoss(LossTerm):
-    """Mean MSE between the student's and the (mapped) teacher's auxiliary MPO tensors.
+    """MSE between the student's and the (mapped) teacher's auxiliary MPO tensors, summed over a layer's cores.
 
     Args:
         layer_map: student block -> teacher block (0-based); student blocks left out are not constrained.
@@ -46,6 +52,9 @@ class MPOConstraintLoss(LossTerm):
             records it), so the constraint starts at 0 and pulls each block back toward its own origin; for other
             students `default_layer_map` (2i + 1). `MPOLinear` layers outside the blocks pair with the teacher module of
             the same name.
+        reduction: ``"sum"`` (default, the official code): per layer the sum of its auxiliary cores' MSEs, averaged
+            over layers; ``"mean"``: the average over all (layer, auxiliary core) pairs (1/(n-1) of the sum with n
+            cores). E.g. ``--extra_loss_terms 'mpo_constraint=1e-4,reduction=mean'``.
 
     The value is data independent; it is returned so that it sums to exactly this regulariser over the micro-batches
     and processes of an optimizer step.
@@ -55,8 +64,12 @@ class MPOConstraintLoss(LossTerm):
     card_method = "opdf"
 
     def __init__(self, student: nn.Module | None = None, teacher: nn.Module | None = None, *,
-                 layer_map: dict[int, int] | None = None) -> None:
+                 layer_map: dict[int, int] | None = None, reduction: str = "sum") -> None:
         super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"mpo_constraint reduction must be one of {list(REDUCTIONS)} ('sum': over each layer's "
+                             f"auxiliary cores, as the official code; 'mean': over all cores), got {reduction!r}.")
+        self.reduction = reduction
         if student is None or teacher is None:
             raise ValueError("mpo_constraint needs the teacher model (its weights), not only precomputed logits.")
         student, teacher = unwrap(student), unwrap(teacher)
@@ -102,7 +115,8 @@ class MPOConstraintLoss(LossTerm):
                 f"Teacher {t_name} has weight shape {tuple(weight.shape)} but student {name} has "
                 f"{(layer.out_features, layer.in_features)}: the MPO constraint needs teacher and student linears of the same shape."
             )
-        dec = mpo_decompose(weight, layer.row_factors, layer.col_factors, max_bond=layer.max_bond, center=layer.central_index)
+        dec = mpo_decompose(weight, layer.row_factors, layer.col_factors, max_bond=layer.max_bond,
+                            center=layer.central_index, gauge=layer.gauge)
         aux = layer.auxiliary_indices
         for k in aux:
             if dec.cores[k].shape != layer.cores[k].shape:
@@ -112,12 +126,15 @@ class MPOConstraintLoss(LossTerm):
         self._layers.append((name, layer, aux))
 
     def regulariser(self) -> torch.Tensor:
-        """Mean over (layer, auxiliary core) pairs of MSE(student core, teacher core); differentiable in the student."""
-        losses = [
-            F.mse_loss(layer.cores[k].float(), getattr(self, f"teacher_{idx}_{k}").to(layer.cores[k].device).float())
-            for idx, (_, layer, aux) in enumerate(self._layers) for k in aux
+        """MSE(student core, teacher core) reduced by `reduction` (layers averaged); differentiable in the student."""
+        per_layer = [
+            torch.stack([F.mse_loss(layer.cores[k].float(),
+                                    getattr(self, f"teacher_{idx}_{k}").to(layer.cores[k].device).float()) for k in aux])
+            for idx, (_, layer, aux) in enumerate(self._layers)
         ]
-        return torch.stack(losses).mean()
+        if self.reduction == "mean":
+            return torch.cat(per_layer).mean()
+        return torch.stack([losses.sum() for losses in per_layer]).mean()
 
     def forward(self, batch: DistillationBatch) -> torch.Tensor:
         # The trainer divides by the optimizer step's example count: scale by this micro-batch's so the

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import DEFAULT_TARGET_MODULES, MPOConfig
+from .decomposition import check_gauge
 from .layers import MPOLinear
 
 __all__ = ["DEFAULT_TARGET_MODULES", "MPOConfig", "OverparameterizedReport", "contract_overparameterized", "mpo_modules",
@@ -63,18 +64,22 @@ def overparameterize(
     max_bond: int | None = None,
     *,
     num_cores: int = 5,
+    gauge: str | None = None,
     config: MPOConfig | None = None,
 ) -> OverparameterizedReport:
     """Replace, in place, the `nn.Linear` modules matching `target_modules` by `MPOLinear` (see `MPOConfig`).
 
     Without truncation the model computes the same function (up to float rounding) with ~3x more trainable
     parameters in the replaced layers. Call `contract_overparameterized` before `save_pretrained` to get a stock
-    checkpoint.
+    checkpoint. `gauge`: ``"official"`` (default: OPDF's symmetric square-root gauge) or ``"center"`` (all scale in
+    the central tensor), see `mpo_decompose`.
     """
     if config is not None:
-        if target_modules is not None or factors is not None or max_bond is not None:
-            raise ValueError("Pass either config=MPOConfig(...) or target_modules/factors/max_bond, not both.")
+        if target_modules is not None or factors is not None or max_bond is not None or gauge is not None:
+            raise ValueError("Pass either config=MPOConfig(...) or target_modules/factors/max_bond/gauge, not both.")
         target_modules, factors, max_bond, num_cores = config.target_modules, config.factors, config.max_bond, config.num_cores
+        gauge = config.gauge
+    gauge = check_gauge("official" if gauge is None else gauge)
     targets = DEFAULT_TARGET_MODULES if target_modules is None else target_modules
     factors = factors or {}
     linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
@@ -92,7 +97,7 @@ def overparameterize(
         if id(linear.weight) in tied:
             raise ValueError(f"{name}.weight is tied to another parameter; an MPO layer would untie it. Exclude {name!r}.")
         layer = MPOLinear.from_linear(linear, factors.get(linear.out_features), factors.get(linear.in_features),
-                                      max_bond=max_bond, num_cores=num_cores)
+                                      max_bond=max_bond, num_cores=num_cores, gauge=gauge)
         worst = max(worst, layer.truncation_error)
         _set_module(model, name, layer)
     return OverparameterizedReport(chosen, before, _num_params(model), worst)

@@ -37,10 +37,16 @@ class ModelArguments:
         metadata={"help": "Train the student's linears as MPO tensor products (OPDF); they are contracted back to "
                   "plain nn.Linear before saving, so the checkpoint is a stock one."},
     )
+    mpo_gauge: str = field(
+        default="official",
+        metadata={"help": "With --mpo_overparameterize: 'official' (the OPDF code's symmetric square-root gauge: the "
+                  "outer cores carry the scale) or 'center' (all scale in the central tensor)."},
+    )
 
     def card_facts(self) -> dict[str, Any]:
         """What the model card says of this recipe (keyword arguments of `training_facts`)."""
-        names = ("student_layers", "student_config_overrides", "moe_experts", "mpo_overparameterize")
+        names = ("student_layers", "student_config_overrides", "moe_experts", "mpo_overparameterize",
+                 *(("mpo_gauge",) if self.mpo_overparameterize else ()))
         return {"methods": ["opdf"] if self.mpo_overparameterize else [],
                 "student_init": None if self.student_config_overrides else self.model_name_or_path,
                 "recipe": {n: v for n in names if (v := getattr(self, n))}}

@@ -43,7 +43,7 @@ def build_model(model_args: ModelArguments, auto_class: type, allow_pickle: bool
         if model_args.moe_experts:
             model = minimoe_from_dense(model, num_ffn_experts=model_args.moe_experts)
         if model_args.mpo_overparameterize:
-            overparameterize(model)
+            overparameterize(model, gauge=model_args.mpo_gauge)
     if surgery:
         model.name_or_path = ""  # its weights are no checkpoint's (peft adapters then name no base model)
     if load_processor is not None:
