@@ -169,7 +169,7 @@ def test_example_script_runs_the_comparison(tmp_path, monkeypatch, capsys):
                       "--measure_speed", "false", "--controls", "false", "--output_dir", str(tmp_path / "o"),
                       monkeypatch=monkeypatch)
     out = capsys.readouterr().out
-    assert code == 0 and "| weighted_average + KD (OneS) |" in out and "fine-tune, no KD" not in out
+    assert code == 0 and "| svd + KD (OneS) |" in out and "fine-tune, no KD" not in out
     assert (tmp_path / "o" / "model.safetensors").is_file()
 
 
