@@ -37,6 +37,14 @@ def flags(name: str) -> set[str]:
     ({"strategy": "average", "rank": 4}, "strategy 'average' does not take option(s) ['rank']; it takes none"),
     ({"strategy": "svd", "top_k": 2}, "strategy 'svd' does not take option(s) ['top_k']; it takes ['rank', 'svd_method']"),
     ({"strategy": "top_experts", "svd_method": "joint"}, "does not take option(s) ['svd_method']; it takes ['top_k']"),
+    ({"strategy": "top_kg", "granularity": "neuron"}, "unknown granularity 'neuron'; choose one of ['unit', 'weight']"),
+    ({"strategy": "top_kg", "units": 0}, "gathering units must be an integer >= 1, got 0"),
+    ({"strategy": "top_kg", "granularity": "weight", "keep_fraction": 0.0},
+     "gathering keep_fraction must be a number in (0, 1], got 0.0"),
+    ({"strategy": "top_kg", "keep_fraction": 0.5}, "top_kg keep_fraction is for granularity 'weight'"),
+    ({"strategy": "top_kg", "granularity": "weight", "units": 2}, "top_kg units is for granularity 'unit'"),
+    ({"strategy": "svd", "granularity": "unit"}, "does not take option(s) ['granularity']; it takes ['rank', 'svd_method']"),
+    ({"strategy": "top_kg", "rank": 4}, "it takes ['granularity', 'units', 'keep_fraction']"),
 ])
 def test_bad_settings_give_one_line(settings, message):
     with pytest.raises(ValueError) as err:
@@ -50,7 +58,7 @@ def test_bad_settings_give_one_line(settings, message):
 def test_default_strategy_and_one_name_per_setting():
     assert GatheringConfig().strategy == DEFAULT_STRATEGY == "weighted_average"
     assert GatheringConfig(rank=4).strategy == "svd"  # a rank alone means SVD-KG, in the API as on the command line
-    assert OneSArguments().gatherings == [DEFAULT_STRATEGY]
+    assert OneSArguments().gatherings == ["svd"]  # the OneS study's default is SVD-KG, the paper's method
     assert GatheringConfig(strategy="top_experts", top_k=1).strategy_options() == {"k": 1}
     with pytest.raises(TypeError, match=r"unknown gathering setting\(s\) \['k'\]"):
         gather_experts(mixtral(), "top_experts", k=1, progress=False)
@@ -64,6 +72,10 @@ def test_default_strategy_and_one_name_per_setting():
     ("top_experts-k1", GatheringConfig("top_experts", top_k=1)),
     ("svd-r8-joint", GatheringConfig("svd", rank=8, svd_method="joint")),
     ("average+align", GatheringConfig("average", align=True)),
+    ("top_kg", GatheringConfig("top_kg")),
+    ("top_kg-u4-unit", GatheringConfig("top_kg", granularity="unit", units=4)),
+    ("top_kg-f0.25-weight+align", GatheringConfig("top_kg", granularity="weight", keep_fraction=0.25, align=True)),
+    ("top_kg-f0.00001-weight", GatheringConfig("top_kg", granularity="weight", keep_fraction=1e-5)),
 ])
 def test_variant_strings_are_gathering_configs(spec, config):
     assert GatheringConfig.from_string(spec) == config and config.to_string() == spec
@@ -73,6 +85,8 @@ def test_variant_strings_are_gathering_configs(spec, config):
     ("svd+nope", r"only suffix is '\+align'"), ("median", "unknown gathering strategy"),
     ("average-r4", r"does not take option\(s\) \['rank'\]"), ("svd-rx", "cannot read 'rx'"), ("svd-r", "cannot read 'r'"),
     ("svd-r0", "rank must be an integer >= 1"), ("svd-r4-r8", "cannot read 'r8'"),
+    ("top_kg-fx-weight", "cannot read 'fx'"), ("top_kg-u2.5", "cannot read 'u2.5'"), ("top_kg-weight-unit", "cannot read 'unit'"),
+    ("top_kg-f0.5", "keep_fraction is for granularity 'weight'"), ("svd-weight", r"does not take option\(s\) \['granularity'\]"),
 ])
 def test_bad_variant_strings(spec, message):
     with pytest.raises(ValueError, match=f"^gathering {re.escape(repr(spec))}: .*{message}"):
@@ -89,6 +103,11 @@ def test_gather_flags_are_the_api_names():
     args, gathering = parse_gather_arguments(ns)
     assert gathering == GatheringConfig(strategy="top_experts", top_k=1, align=True)
     assert (args.model_name_or_path, args.output_dir) == ("moe", "out")
+    ns = build_parser().parse_args(["gather", "moe", "out", "--strategy", "top_kg", "--granularity", "weight",
+                                    "--keep_fraction", "0.5"])
+    assert parse_gather_arguments(ns)[1] == GatheringConfig("top_kg", granularity="weight", keep_fraction=0.5)
+    ns = build_parser().parse_args(["gather", "moe", "out", "--strategy", "top_kg", "--units", "3"])
+    assert parse_gather_arguments(ns)[1].strategy_options() == {"units": 3}
     ns = build_parser().parse_args(["gather", "--model_name_or_path", "moe", "--output_dir", "out", "--rank", "4"])
     args, gathering = parse_gather_arguments(ns)
     assert (args.model_name_or_path, args.output_dir, gathering.strategy) == ("moe", "out", "svd")

@@ -170,9 +170,9 @@ def test_example_script_runs_the_comparison(tmp_path, monkeypatch, capsys):
                       monkeypatch=monkeypatch)
     captured = capsys.readouterr()
     out = captured.out
-    assert code == 0 and "| weighted_average + KD (OneS) |" in out and "fine-tune, no KD" not in out
+    assert code == 0 and "| svd + KD (OneS) |" in out and "fine-tune, no KD" not in out
     # issue 31.8: inside a seed, each model's epochs show as they pass
-    assert all(f"seed 1: {what}" in captured.err for what in ("dense", "V-MoE", "weighted_average + KD")), captured.err
+    assert all(f"seed 1: {what}" in captured.err for what in ("dense", "V-MoE", "svd + KD")), captured.err
     assert (tmp_path / "o" / "model.safetensors").is_file()
 
 

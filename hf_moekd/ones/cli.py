@@ -50,7 +50,8 @@ def add_gather_parser(subparsers: Any) -> argparse.ArgumentParser:
         "gather", parents=[flags],
         help="Merge a sparse MoE's experts into a dense twin model (OneS knowledge gathering).",
         description="Merge each sparse block's experts into one dense FFN and write the dense twin model. The merge "
-                    "flags (--strategy, --rank, --top_k, --svd_method, --align) are gather_experts' keyword arguments.",
+                    "flags (--strategy, --rank, --top_k, --svd_method, --granularity, --units, --keep_fraction, "
+                    "--align) are gather_experts' keyword arguments.",
         epilog="example: hf-moekd gather path/to/mixtral out/dense --strategy svd --rank 256 --overwrite_output_dir")
     p.add_argument("teacher", metavar="TEACHER", nargs="?", help="MoE checkpoint directory (or --model_name_or_path)")
     p.add_argument("output", metavar="OUTPUT", nargs="?", help="directory for the dense model (or --output_dir)")

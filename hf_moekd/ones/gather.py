@@ -287,7 +287,8 @@ def gather_experts(
             (the defaults: ``weighted_average``, or ``svd`` when ``rank`` is given).
         **settings: :class:`GatheringConfig` fields replacing the config's: ``strategy`` (a name in
             :data:`MERGE_STRATEGIES`), ``rank`` (SVD-KG rank per expert), ``top_k`` (experts kept by
-            ``top_experts``), ``svd_method``, ``align`` (match hidden units across experts before merging).
+            ``top_experts``), ``svd_method``, ``granularity``/``units``/``keep_fraction`` (``top_kg``), ``align``
+            (match hidden units across experts before merging).
         calibration_dataset: token batches (a tensor, a list of tensors or of dicts with ``input_ids`` and
             optional ``attention_mask``/``decoder_input_ids``, or a Dataset of such rows). When given, the
             MoE runs once on it to measure router usage (for ``weighted_average``/``top_experts``/``svd``

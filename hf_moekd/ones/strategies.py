@@ -16,8 +16,28 @@ Strategies (``usage`` = each expert's share of routed tokens, from calibration d
   FFN of E identical experts grows ~E^2 for ReLU/E^3 for SwiGLU, meant to be fixed by distillation).
 * ``top_experts``: the ``k`` most used experts, averaged with weights ``usage_e / sum_k usage``; without
   usage every expert counts the same (a warning says so) and the first ``k`` are taken. Called ``topk``
-  before (still accepted, with a FutureWarning): it keeps whole experts, which is not known to be the
-  paper's Top-KG, whose definition (arXiv 2201.10890 v4) we could not read; Top-KG is not implemented.
+  before (still accepted, with a FutureWarning): it keeps whole experts, which is not the paper's Top-KG.
+* ``top_kg`` (Top-KG under **our stated reading**: the paper's section defining Top-KG and SVD-KG, arXiv
+  2201.10890, is not readable offline; only its summaries are, "Top-KG and SVD-KG aim to select the most
+  crucial knowledge from each expert"). Both readings select per expert, then merge with the usage weights:
+
+  - ``granularity="unit"`` (default): expert ``e`` keeps its ``K_e`` most important hidden units, importance
+    :math:`s_{e,j} = w_e \prod_p \lVert [W^{in}_{p,e}[j,:], b^{in}_{p,e}[j]] \rVert \cdot
+    \lVert W^{out}_e[:, j] \rVert` (product over the in-projections: gate and up of a gated FFN, the one in
+    of a plain FFN; in-biases, if any, count as one more input weight). The kept units are concatenated into
+    one dense FFN, each expert's out-columns times :math:`w_e`, so every kept unit computes exactly what it
+    computed in its expert: :math:`\mathrm{dense}(x) = \sum_e w_e f_e^{K_e}(x)`, with :math:`f_e^{K_e}` the
+    expert restricted to its kept units (out-bias: the usage-weighted sum, once). ``units=None``: the dense
+    width ``I`` shared equally, ``K_e = I // E``, the remainder one unit each to the most used experts;
+    experts no calibration token was routed to (usage 0) get none. ``units=K``: ``K`` per (used) expert,
+    ``K * E <= I``, the rest of the width zero units. Ranking is within an expert, so :math:`w_e` only
+    decides the remainder and the out-scale. ``E = 1`` returns the expert unchanged.
+  - ``granularity="weight"``: each expert matrix keeps its ``round(keep_fraction * numel)`` (at least 1)
+    largest-magnitude entries (the rest zero), then the usage-weighted average; biases are averaged
+    unpruned. ``keep_fraction=None``: ``1 / E`` (the experts' kept weights add up to one matrix's).
+    ``keep_fraction=1`` is ``weighted_average``.
+
+  ``svd`` below follows the same reading (per expert: its top singular components).
 * ``svd`` (SVD-KG as described in the paper's abstract-level summaries: keep each expert's principal
   components and merge them into one matrix; the exact formula and rank are our choice, the paper's text
   not being available). Per projection, with :math:`W_e = U_e S_e V_e^\top`:
@@ -69,7 +89,7 @@ from torch import Tensor
 __all__ = [
     "ExpertWeights", "DenseFFN", "MERGE_STRATEGIES", "register_strategy", "get_strategy",
     "merge_experts", "align_experts", "validate_options", "SVD_METHODS", "DEFAULT_STRATEGY", "expert_spectra",
-    "default_svd_rank",
+    "default_svd_rank", "GRANULARITIES", "top_kg_importance", "check_top_kg_options",
 ]
 
 
@@ -161,7 +181,7 @@ class DenseFFN:
 
 MergeFn = Callable[..., DenseFFN]
 MERGE_STRATEGIES: dict[str, MergeFn] = {}
-DEFAULT_STRATEGY = "weighted_average"  # of merge_experts, gather_experts (GatheringConfig), hf-moekd gather, OneS
+DEFAULT_STRATEGY = "weighted_average"  # of merge_experts, gather_experts (GatheringConfig), hf-moekd gather
 
 
 def register_strategy(name: str) -> Callable[[MergeFn], MergeFn]:
@@ -189,19 +209,20 @@ def _weights(experts: ExpertWeights, usage: Tensor | None) -> Tensor:
     return usage / usage.sum()
 
 
-def _mix(t: Tensor, w: Tensor) -> Tensor:
-    """``sum_e w_e t[e]`` in float32, one expert at a time (no float32 copy of the whole stack)."""
+def _mix(t: Tensor, w: Tensor, each: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """``sum_e w_e each(t[e])`` in float32, one expert at a time (no float32 copy of the whole stack)."""
     out = torch.zeros(t.shape[1:], dtype=torch.float32, device=t.device)
     for e in range(t.shape[0]):
         if w[e] != 0:
-            out.add_(t[e].to(torch.float32), alpha=float(w[e]))
+            m = t[e].to(torch.float32)
+            out.add_(m if each is None else each(m), alpha=float(w[e]))
     return out
 
 
-def _combine(experts: ExpertWeights, w: Tensor) -> DenseFFN:
-    """``sum_e w_e * tensor_e`` for every tensor."""
+def _combine(experts: ExpertWeights, w: Tensor, each: Callable[[Tensor], Tensor] | None = None) -> DenseFFN:
+    """``sum_e w_e * tensor_e`` for every tensor; ``each`` transforms every expert's matrices (not biases) first."""
     return DenseFFN(
-        [_mix(x, w) for x in experts.in_proj], _mix(experts.out_proj, w),
+        [_mix(x, w, each) for x in experts.in_proj], _mix(experts.out_proj, w, each),
         None if experts.in_bias is None else [_mix(b, w) for b in experts.in_bias],
         None if experts.out_bias is None else _mix(experts.out_bias, w),
     )
@@ -245,8 +266,96 @@ def top_experts(experts: ExpertWeights, *, usage: Tensor | None = None, k: int =
 def topk(experts: ExpertWeights, *, usage: Tensor | None = None, k: int = 2) -> DenseFFN:
     """Former name of :func:`top_experts` (deprecated)."""
     warnings.warn("gathering strategy `topk` is renamed `top_experts` (it keeps the k most used whole experts; the "
-                  "paper's Top-KG is not implemented)", FutureWarning, stacklevel=2)
+                  "paper's Top-KG, as we read it, is `top_kg`)", FutureWarning, stacklevel=2)
     return top_experts(experts, usage=usage, k=k)
+
+
+# --------------------------------------------------------------------------- Top-KG
+GRANULARITIES = ("unit", "weight")  # what top_kg keeps from each expert (module docstring)
+
+
+def check_top_kg_options(granularity: str, units: int | None, keep_fraction: float | None) -> None:
+    """One error line for a bad ``top_kg`` setting (the checks that need no expert shapes)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown top_kg granularity {granularity!r}; choose one of {list(GRANULARITIES)}")
+    if units is not None and (isinstance(units, bool) or not isinstance(units, int) or units < 1):
+        raise ValueError(f"top_kg units must be an integer >= 1, got {units!r}")
+    if keep_fraction is not None and (isinstance(keep_fraction, bool) or not isinstance(keep_fraction, (int, float))
+                                      or not 0 < keep_fraction <= 1):
+        raise ValueError(f"top_kg keep_fraction must be a number in (0, 1], got {keep_fraction!r}")
+    if granularity == "unit" and keep_fraction is not None:
+        raise ValueError("top_kg keep_fraction is for granularity 'weight'; granularity 'unit' keeps `units` per expert")
+    if granularity == "weight" and units is not None:
+        raise ValueError("top_kg units is for granularity 'unit'; granularity 'weight' keeps `keep_fraction` of each matrix")
+
+
+def top_kg_importance(experts: ExpertWeights, usage: Tensor | None = None) -> Tensor:
+    """``[E, I]``: each hidden unit's importance, ``usage_e * prod_p ||in row (+ in bias)|| * ||out column||``
+    (one expert at a time in float32, as :func:`_mix`)."""
+    w = _weights(experts, usage)
+    scores = []
+    for e in range(experts.num_experts):
+        score = experts.out_proj[e].to(torch.float32).norm(dim=0)
+        for p, stack in enumerate(experts.in_proj):
+            rows = stack[e].to(torch.float32)
+            if experts.in_bias is not None:
+                rows = torch.cat([rows, experts.in_bias[p][e].to(torch.float32)[:, None]], dim=1)
+            score = score * rows.norm(dim=1)
+        scores.append(score * w[e])
+    return torch.stack(scores)
+
+
+def _units_per_expert(w: Tensor, width: int, units: int | None) -> list[int]:
+    """Hidden units each expert keeps: ``units`` per used expert, or ``width`` shared equally by the used experts
+    (usage > 0) with the remainder one each to the most used."""
+    used = torch.sort(w, descending=True, stable=True).indices[: int((w > 0).sum())].tolist()
+    if units is not None and units * len(used) > width:
+        fit = f"use units <= {width // len(used)}" if width >= len(used) else "leave units unset"
+        raise ValueError(f"top_kg units={units} x {len(used)} used experts = {units * len(used)} hidden units exceed "
+                         f"the dense width {width}: {fit} (None: {width} // {len(used)} each, the remainder to the "
+                         "most used experts)")
+    counts = [0] * len(w)
+    for rank, e in enumerate(used):
+        counts[e] = units if units is not None else width // len(used) + (rank < width % len(used))
+    return counts
+
+
+def _keep_largest(fraction: float) -> Callable[[Tensor], Tensor]:
+    """A matrix -> the matrix with only its ``round(fraction * numel)`` (>= 1) largest-magnitude entries."""
+
+    def keep(m: Tensor) -> Tensor:
+        flat = m.flatten()
+        idx = torch.topk(flat.abs(), max(1, round(fraction * flat.numel())), sorted=False).indices
+        return torch.zeros_like(flat).index_copy_(0, idx, flat[idx]).view_as(m)
+
+    return keep
+
+
+@register_strategy("top_kg")
+def top_kg(experts: ExpertWeights, *, usage: Tensor | None = None, granularity: str = "unit",
+           units: int | None = None, keep_fraction: float | None = None) -> DenseFFN:
+    """Top-KG, our stated reading (the paper's definition is not readable offline; module docstring):
+    ``granularity="unit"`` concatenates each expert's ``units`` most important hidden units, out-columns scaled by
+    usage (exact for the kept units); ``"weight"`` averages, usage-weighted, each expert's matrices with only their
+    largest ``keep_fraction`` of entries kept."""
+    check_top_kg_options(granularity, units, keep_fraction)
+    w = _weights(experts, usage)
+    if granularity == "weight":
+        return _combine(experts, w, _keep_largest(1 / experts.num_experts if keep_fraction is None else keep_fraction))
+    width = experts.intermediate_size
+    score = top_kg_importance(experts, usage)
+    kept = [(e, torch.sort(torch.sort(score[e], descending=True, stable=True).indices[:n]).values)
+            for e, n in enumerate(_units_per_expert(w, width, units)) if n]
+    rows = lambda t: torch.cat([t[e, idx].to(torch.float32) for e, idx in kept])  # noqa: E731
+    out = torch.cat([experts.out_proj[e][:, idx].to(torch.float32) * w[e] for e, idx in kept], dim=1)
+    ffn = DenseFFN([rows(t) for t in experts.in_proj], out,
+                   None if experts.in_bias is None else [rows(b) for b in experts.in_bias],
+                   None if experts.out_bias is None else _mix(experts.out_bias, w))
+    if (pad := width - out.shape[1]) > 0:  # zero units (units * E < I): they add nothing to the output
+        zeros = DenseFFN([t.new_zeros(pad, t.shape[1]) for t in ffn.in_proj], out.new_zeros(out.shape[0], pad),
+                         None if ffn.in_bias is None else [b.new_zeros(pad) for b in ffn.in_bias])
+        ffn = ffn.concat(zeros)
+    return ffn
 
 
 # --------------------------------------------------------------------------- SVD-KG
