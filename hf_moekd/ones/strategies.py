@@ -81,7 +81,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 from torch import Tensor
@@ -93,14 +93,32 @@ __all__ = [
 ]
 
 
+_FFN = TypeVar("_FFN", bound="FFNTensors")
+
+
 @dataclass
-class ExpertWeights:
-    """One layer's experts: ``in_proj`` list of ``[E, I, H]``, ``out_proj`` ``[E, H, I]``, optional biases."""
+class FFNTensors:
+    """The tensors of an FFN or of a stack of them: ``in_proj`` (one matrix, or gate and up), ``out_proj``, optional
+    biases."""
 
     in_proj: list[Tensor]
     out_proj: Tensor
     in_bias: list[Tensor] | None = None
     out_bias: Tensor | None = None
+
+    def map(self: _FFN, fn: Callable[[Tensor], Tensor]) -> _FFN:
+        """Apply ``fn`` to every tensor."""
+        return type(self)(
+            [fn(w) for w in self.in_proj], fn(self.out_proj),
+            None if self.in_bias is None else [fn(b) for b in self.in_bias],
+            None if self.out_bias is None else fn(self.out_bias),
+        )
+
+
+@dataclass
+class ExpertWeights(FFNTensors):
+    """One layer's experts: ``in_proj`` list of ``[E, I, H]``, ``out_proj`` ``[E, H, I]``, optional biases (every tensor
+    has the expert axis first)."""
 
     def __post_init__(self) -> None:
         e, h, i = self.out_proj.shape
@@ -124,14 +142,6 @@ class ExpertWeights:
     def intermediate_size(self) -> int:
         return self.out_proj.shape[2]
 
-    def map(self, fn: Callable[[Tensor], Tensor]) -> "ExpertWeights":
-        """Apply ``fn`` to every tensor (all keep their expert axis first)."""
-        return ExpertWeights(
-            [fn(w) for w in self.in_proj], fn(self.out_proj),
-            None if self.in_bias is None else [fn(b) for b in self.in_bias],
-            None if self.out_bias is None else fn(self.out_bias),
-        )
-
     def select(self, idx: Tensor) -> "ExpertWeights":
         return self.map(lambda t: t[idx])
 
@@ -147,13 +157,8 @@ class ExpertWeights:
 
 
 @dataclass
-class DenseFFN:
+class DenseFFN(FFNTensors):
     """A merged FFN: ``in_proj`` list of ``[I, H]``, ``out_proj`` ``[H, I]``, optional biases."""
-
-    in_proj: list[Tensor]
-    out_proj: Tensor
-    in_bias: list[Tensor] | None = None
-    out_bias: Tensor | None = None
 
     def scale_output(self, c: float) -> "DenseFFN":
         """Multiply the FFN's output by ``c`` (scales ``out_proj`` and ``out_bias``)."""
@@ -174,9 +179,7 @@ class DenseFFN:
         )
 
     def to(self, dtype: torch.dtype) -> "DenseFFN":
-        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-        return DenseFFN([cast(w) for w in self.in_proj], cast(self.out_proj),
-                        None if self.in_bias is None else [cast(b) for b in self.in_bias], cast(self.out_bias))
+        return self.map(lambda t: t.to(dtype))
 
 
 MergeFn = Callable[..., DenseFFN]
