@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=5)
     parser.add_argument("--kd_epochs", type=float, default=2)
     parser.add_argument("--gatherings", nargs="+", default=GATHERINGS, help="base variants; each also runs +align")
+    parser.add_argument("--result_name", default="ones", help="benchmarks/results/<name>.json (e.g. ones_top_kg for a "
+                        "run of other gatherings, keeping ones.json)")
     a = parser.parse_args()
     work = Path(a.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -79,7 +81,7 @@ def main() -> None:
         "best_ones_delta_vs_dense": ones_rows[best]["delta_vs_dense_mean"], "controls_acc": controls,
         "speedup_batch1": summary.get("speedup_batch1"), "speedup_batch64": summary.get("speedup_batch64"),
     }
-    write_result("ones", {"headline": headline, "summary": summary,
+    write_result(a.result_name, {"headline": headline, "summary": summary,
                           "per_seed": {k: mean_std(v) for k, v in merged.accuracy.items()},
                           "seeds": a.seeds, "args": merged.args, "table": merged.table()})
 
