@@ -13,11 +13,25 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import psutil
 from transformers import TrainerCallback as TrainerCallbackBase
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
+
+
+class RSSSampler(threading.Thread):
+    """The largest resident set size of this process seen while running (sampled every 5 ms), in MiB."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak, self.running, self.process = 0.0, True, psutil.Process()
+
+    def run(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss / 2**20)
+            time.sleep(0.005)
 
 
 def environment() -> dict[str, Any]:

@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
-from common import mean_std, write_result  # noqa: E402
+from common import RSSSampler, mean_std, write_result  # noqa: E402
 
 HEADLINE_VOCAB = 151936
 # (variant, vocab, seq) of every fresh-process run, in the order of one repetition
@@ -98,19 +97,6 @@ def build(variant: str, vocab: int, seq: int, steps: int, tmp: str, callbacks=()
                                   fused_lm_kd=variant != "ours_unfused", **train_args(tmp, steps))
     return DistillationTrainer(model=qwen3(vocab, seq, 0).train(), teacher_model=None if variant == "ours_cached"
                                else teacher, args=targs, train_dataset=data, callbacks=list(callbacks))
-
-
-class RSSSampler(threading.Thread):
-    """The largest resident set size of this process seen while running (sampled every 5 ms), in MiB."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.peak, self.running, self.process = 0.0, True, psutil.Process()
-
-    def run(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss / 2**20)
-            time.sleep(0.005)
 
 
 def single(a: argparse.Namespace) -> None:

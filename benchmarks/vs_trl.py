@@ -27,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -36,7 +35,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
-from common import DEFAULT_DATA, LockstepClock, lockstep, write_result  # noqa: E402
+from common import DEFAULT_DATA, LockstepClock, RSSSampler, lockstep, write_result  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from ones_lm import corpus_blocks  # noqa: E402
 from transformers import (  # noqa: E402
@@ -142,19 +141,6 @@ def peak_rss(a: argparse.Namespace, which: str) -> dict:
         out = Path(tmp, "rss.json")
         subprocess.run([sys.executable, *sys.argv, "--single", which, "--single_out", str(out)], check=True)
         return json.loads(out.read_text())
-
-
-class RSSSampler(threading.Thread):
-    """The largest resident set size of this process seen while running (sampled every 5 ms), in MiB."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.peak, self.running, self.process = 0.0, True, psutil.Process()
-
-    def run(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss / 2**20)
-            time.sleep(0.005)
 
 
 def single(a: argparse.Namespace) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .recipes import run
+from .utils.flags import add_renamed_flags, dataclass_values
 
 
 def _demo(ns: argparse.Namespace) -> None:
@@ -95,8 +96,7 @@ def add_distill_parser(sub: Any) -> argparse.ArgumentParser:
 def _distill(ns: argparse.Namespace) -> None:
     from .recipes.text import run_task
 
-    values = {k: v for k, v in vars(ns).items() if k not in ("command", "func", "parser")}
-    task, model_args, data_args, report, args = ns.parser.parse_dict(values)
+    task, model_args, data_args, report, args = ns.parser.parse_dict(dataclass_values(ns))
     run_task(task.task, model_args, data_args, args, report)
 
 
@@ -120,7 +120,6 @@ def add_evaluate_parser(sub: Any) -> argparse.ArgumentParser:
     from transformers import HfArgumentParser
 
     from .recipes.arguments import TASK_NAMES, DataArguments, TaskArguments
-    from .utils.flags import add_renamed_flags
 
     flags = HfArgumentParser((TaskArguments, DataArguments, EvaluateArguments), add_help=False)
     p = sub.add_parser(
@@ -144,8 +143,7 @@ def _evaluate(ns: argparse.Namespace) -> None:
     from .utils.outputs import markdown_table
 
     start = time.perf_counter()
-    values = {k: v for k, v in vars(ns).items() if k not in ("command", "func", "parser", "model_dir")}
-    task_args, data_args, args = ns.parser.parse_dict(values)
+    task_args, data_args, args = ns.parser.parse_dict(dataclass_values(ns, "model_dir"))
     task = get_task(task_args.task)
     model, tokenizer = load_for_task(ns.model_dir, task, args.allow_pickle_checkpoints)
     if args.plot_routing and not has_experts(model):

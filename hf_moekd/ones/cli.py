@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..utils.flags import add_renamed_flags
+from ..utils.flags import add_renamed_flags, dataclass_values
 from .config import GatheringConfig
 
 # former spellings (accepted with a FutureWarning until the next release) -> the flags named as distill / the API
@@ -85,7 +85,7 @@ def load_calibration(path: str, teacher: str, n: int, max_length: int) -> list:
 
 def parse_gather_arguments(ns: argparse.Namespace) -> tuple[GatherArguments, GatheringConfig]:
     """The dataclasses of a parsed `hf-moekd gather` command line (positional TEACHER / OUTPUT folded in)."""
-    values = {k: v for k, v in vars(ns).items() if k not in ("command", "func", "parser", "teacher", "output")}
+    values = dataclass_values(ns, "teacher", "output")
     pairs = (("TEACHER", ns.teacher, "model_name_or_path"), ("OUTPUT", ns.output, "output_dir"))
     for metavar, positional, name in pairs:
         if positional is not None and values[name] is not None and positional != values[name]:

@@ -15,7 +15,7 @@ from ..model_utils.students import parse_overrides, smaller_config, student_from
 from ..opdf import contract_overparameterized, overparameterize
 from .arguments import ModelArguments
 from ..utils.teachers import check_local_folder, resolve_model_path
-from ..utils.outputs import check_weights
+from ..utils.outputs import check_weights, checkpoint_format
 
 
 def build_model(model_args: ModelArguments, auto_class: type, allow_pickle: bool = False,
@@ -68,9 +68,8 @@ def _load(name: str, path: str, auto_class: type, allow_pickle: bool, **head_kwa
 
 
 def _config_only(path: str) -> bool:
-    folder = Path(path)
-    return (folder / "config.json").is_file() and not any(
-        next(folder.glob(pattern), None) for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth"))
+    """A local folder with a config.json and no weight files."""
+    return (Path(path) / "config.json").is_file() and checkpoint_format(path) is None
 
 
 def model_for_saving(model: PreTrainedModel, model_args: ModelArguments) -> PreTrainedModel:

@@ -1,4 +1,5 @@
-"""Former command-line flag spellings, still accepted for one release with a FutureWarning."""
+"""Subcommand flags: the dataclass values of a parsed subcommand (`dataclass_values`), and former flag spellings,
+still accepted for one release with a FutureWarning (`add_renamed_flags`)."""
 from __future__ import annotations
 
 import argparse
@@ -26,3 +27,13 @@ def add_renamed_flags(parser: argparse.ArgumentParser, renamed: dict[str, str]) 
         parser.add_argument(old, dest=target.dest, nargs=0 if switch else target.nargs, const=target.const,
                             type=target.type, default=argparse.SUPPRESS, help=argparse.SUPPRESS, action=_Renamed,
                             new=new)
+
+
+SUBCOMMAND_ENTRIES = ("command", "func", "parser")  # what the `hf-moekd` parser itself adds to the namespace
+
+
+def dataclass_values(ns: argparse.Namespace, *own: str) -> dict:
+    """The flags of a subcommand built from an `HfArgumentParser` (`ns.parser`), for its `parse_dict`: the namespace
+    without the entries of the top-level parser and the subcommand's `own` (positional) arguments."""
+    skip = {*SUBCOMMAND_ENTRIES, *own}
+    return {k: v for k, v in vars(ns).items() if k not in skip}

@@ -112,8 +112,7 @@ class TextClassificationTask(FileTask):
         if values and all(isinstance(v, float) for v in values) and any(v != int(v) for v in values):
             self.label_names = None  # regression
         else:
-            names = sorted({_label_text(v) for v in values},
-                           key=lambda n: (not n.lstrip("-").isdigit(), int(n) if n.lstrip("-").isdigit() else 0, n))
+            names = sorted({_label_text(v) for v in values}, key=label_order)
             if len(names) < 2:
                 raise ValueError(f"{where} has a single label {names}: classification needs at least two")
             self.label_names = tuple(names)
@@ -230,6 +229,12 @@ def _named_labels(data: Dataset, label: str, names: list[str] | None) -> Dataset
         return data
     named = data.map(lambda row: {"__name": names[row[label]]}, remove_columns=[label])
     return named.rename_column("__name", label)
+
+
+def label_order(name: str) -> tuple[bool, int, str]:
+    """Sort key of label names read from data: numbers by value first, then the other names alphabetically."""
+    number = name.lstrip("-").isdigit()
+    return not number, int(name) if number else 0, name
 
 
 def _label_text(value: Any) -> str:

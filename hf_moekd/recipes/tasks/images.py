@@ -14,7 +14,7 @@ from transformers import AutoModelForImageClassification, default_data_collator
 from ...data.images import image_pixels, quiet_progress, read_image_folder
 from ..readers import Source, data_sources, label_names_of, require_columns
 from .base import cap_splits
-from .files import FileTask, TextClassificationTask, _label_text
+from .files import FileTask, TextClassificationTask, _label_text, label_order
 
 if TYPE_CHECKING:
     from ..arguments import DataArguments
@@ -144,16 +144,10 @@ def _read(source: Source) -> Dataset:
 def _class_names(data: Dataset, label: str, where: str) -> tuple[str, ...]:
     """A ClassLabel's names in its order, else the label values sorted (numbers by value); at least two."""
     values = {_label_text(v) for v in data[label] if v is not None}
-    names = label_names_of(data, label) or sorted(values, key=_class_order)
+    names = label_names_of(data, label) or sorted(values, key=label_order)
     if len(names) < 2:
         raise ValueError(f"{where} has a single class {list(names)}: classification needs at least two")
     return tuple(names)
-
-
-def _class_order(name: str) -> tuple[bool, int, str]:
-    """Numbers by value first, then the other names alphabetically."""
-    number = name.lstrip("-").isdigit()
-    return not number, int(name) if number else 0, name
 
 
 __all__ = ["ImageClassificationTask", "ImagePixels"]
