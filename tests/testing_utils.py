@@ -192,3 +192,52 @@ def fresh_process_logits(checkpoint: Path, auto_class: str, inputs: dict[str, to
                           env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(workdir / "out.pt")
+
+
+# ---- one tiny checkpoint of every MoE family (tests/test_families.py) ----------------------------------------------
+TINY_MOE = dict(vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                intermediate_size=96, moe_intermediate_size=32, head_dim=16, max_position_embeddings=64,
+                num_experts=4, num_local_experts=4, n_routed_experts=4, moe_num_experts=4, num_experts_per_tok=2,
+                moe_k=2, pad_token_id=0, bos_token_id=1, eos_token_id=2, first_k_dense_replace=1, n_group=1,
+                topk_group=1, shared_expert_intermediate_size=48, moe_layer_start_index=1, n_shared_experts=1,
+                attn_layer_period=1, attn_layer_offset=0, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+                qk_nope_head_dim=8, v_head_dim=16, index_head_dim=16, index_n_heads=2)
+TINY_MOE_OVERRIDES: dict[str, dict] = {"beam": {"mlp_layer_types": ["dense", "sparse", "sparse"]}}
+
+
+def _with_attention(config) -> None:
+    """Hybrid families (linear attention / Mamba + attention): make the last layer a full-attention one, so the tiny
+    model has a KV cache to generate with."""
+    kinds = getattr(config, "layer_types", None)
+    if isinstance(kinds, list) and kinds and not any(k in ("full_attention", "attention") for k in kinds):
+        default = type(config)().layer_types or []
+        full = next((k for k in default if k in ("full_attention", "attention")), None)
+        if full is not None:
+            config.layer_types = [*kinds[:-1], full]
+
+
+def tiny_moe_lm(model_type: str, seed: int = 0, identical: bool = True, zero_router: bool = False):
+    """A tiny random MoE language model of `model_type` (experts all equal to expert 0 when `identical`; router,
+    router biases and shared-expert gates zero when `zero_router`: every token then gets the same routing weights)."""
+    import dataclasses
+
+    from hf_moekd.model_utils.moe_layout import moe_blocks
+    from hf_moekd.ones.families.targets import model_class
+
+    cls = tf.CONFIG_MAPPING[model_type]
+    names = {f.name for f in dataclasses.fields(cls)}
+    config = cls(**{k: v for k, v in {**TINY_MOE, **TINY_MOE_OVERRIDES.get(model_type, {})}.items() if k in names})
+    _with_attention(config)
+    torch.manual_seed(seed)
+    model = model_class(config, None, "AutoModelForCausalLM")(config).eval()
+    with torch.no_grad():
+        for prefix in moe_blocks(model):
+            block = model.get_submodule(prefix)
+            if identical:
+                for p in block.experts.parameters(recurse=False):
+                    p.copy_(p[0:1].expand_as(p))
+            if zero_router:
+                for n, p in [*block.named_parameters(), *block.named_buffers()]:
+                    if not n.startswith(("experts.", "shared_expert.", "shared_experts.", "shared_mlp.")) and p.is_floating_point():
+                        p.zero_()
+    return model

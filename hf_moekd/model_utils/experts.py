@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .capture import unwrap
+from .moe_layout import fused_experts_layout
 from ..models.minimoe.modeling_minimoe import MiniMoEExperts
 from ..models.vmoe.modeling_vmoe import VMoEExperts
 
@@ -135,11 +136,8 @@ def adapter_for(module: nn.Module) -> ExpertsAdapter | None:
         return VMoEAdapter(module)
     if isinstance(module, MiniMoEExperts):
         return MiniMoEAdapter(module) if module.num_experts > 1 else None
-    params = dict(module.named_parameters(recurse=False))
-    proj = params.get("gate_up_proj", params.get("up_proj"))
-    if proj is not None and proj.dim() == 3 and "down_proj" in params and hasattr(module, "num_experts"):
-        return FusedExpertsAdapter(module) if module.num_experts > 1 else None
-    return None
+    layout = fused_experts_layout(module)  # the same test gathering uses (moe_layout.moe_blocks)
+    return FusedExpertsAdapter(module) if layout is not None and layout.num_experts > 1 else None
 
 
 def find_experts(model: nn.Module) -> dict[str, ExpertsAdapter]:

@@ -34,8 +34,13 @@ from ..cards import CARD_KEY, run_facts, write_model_card
 from ..integrations.peft import is_adapter_folder, is_peft_model, load_adapter, merge_peft
 from ..utils.outputs import atomic_output_dir, checkpoint_format, refuse_pickle
 from .config import STRATEGY_ARGUMENTS, GatheringConfig, as_gathering_config
+from ..model_utils.moe_layout import MoEBlock
 from .families import BlockReader, MoEFamily, RoutingStats, get_family
-from .strategies import expert_spectra, get_strategy, merge_experts, validate_options
+from .families.stats import experts_call_stats, shared_gate_stats
+from .quantized import QuantizedNames, check_quantization
+from .families.targets import DenseTemplate, dense_template, model_class, moe_structure, place_block, shared_ffns
+from .families.readers import materialize
+from .strategies import STREAMING, expert_spectra, get_strategy, merge_experts, validate_options
 
 logger = logging.getLogger(__name__)
 __all__ = ["gather_experts", "collect_routing_stats"]
@@ -95,18 +100,18 @@ class _CheckpointSource:
             refuse_pickle(self.path, "allow_pickle=True (CLI: --allow_pickle_checkpoints)")
         else:
             raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {self.path}")
+        self.quantized = QuantizedNames(self.files, check_quantization(self.config))
         self._raw: dict[str, str] = {}
 
     def keys(self, family: MoEFamily) -> list[str]:
-        self._raw = {family.normalize(k): k for k in self.files}
+        self._raw = {family.normalize(k): k for k in self.quantized.visible}
         return list(self._raw)
 
     @contextmanager
     def reader(self) -> Iterator:
         """Accessor reading one tensor at a time; each shard is mapped only while a tensor is copied out."""
 
-        def get(name: str) -> Tensor:
-            raw = self._raw[name]
+        def stored(raw: str) -> Tensor:
             file = self.files[raw]
             with _open(file) as handle:
                 try:
@@ -114,20 +119,20 @@ class _CheckpointSource:
                 except Exception as err:  # noqa: BLE001
                     raise OSError(f"cannot read {raw!r} from {file}: {err}; the shard is truncated or corrupt, re-download it") from err
 
-        yield get
+        yield lambda name: self.quantized.read(self._raw[name], stored)
 
     def where(self, name: str | None = None) -> str:
         """The shard holding ``name`` (the checkpoint directory when unknown)."""
-        return str(self.files.get(self._raw.get(name, name), self.path)) if name else str(self.path)
+        raw = self._raw.get(name, name) if name else None
+        raw = f"{raw}_blocks" if raw in self.quantized.mxfp4 else raw
+        return str(self.files.get(raw, self.path)) if raw else str(self.path)
 
     def arch(self) -> str | None:
         return (self.config.architectures or [None])[0]
 
     def live_model(self, family: MoEFamily) -> torch.nn.Module:
-        import transformers
-
         logger.info("loading %s once to collect routing statistics", self.path)
-        return getattr(transformers, family.auto_class).from_pretrained(self.path)
+        return model_class(self.config, self.arch(), family.auto_class).from_pretrained(self.path)
 
 
 def _open(file: Path):
@@ -195,18 +200,26 @@ def _batches(data: Any, input_name: str) -> Iterator[dict[str, Tensor]]:
 
 
 def collect_routing_stats(model: torch.nn.Module, family: MoEFamily, blocks: Iterable[str], data: Any) -> dict[str, RoutingStats]:
-    """Run ``model`` on calibration batches with forward hooks on each block's router; per-block statistics.
+    """Run ``model`` on calibration batches with hooks on each block's experts (or router); per-block statistics.
 
+    The routing is read where the experts receive it (``experts(hidden, top_k_index, top_k_weights)``), so every
+    family's own router counts as it routes. A sigmoid shared-expert gate (``shared_expert_gate``) is hooked too.
     Tokens where a batch's ``attention_mask`` is 0 are left out. Encoder-decoders get
     ``decoder_input_ids = input_ids`` unless the batch has its own.
     """
     config, stats, handles, state = model.config, {}, [], {"mask": None}
-    router_fn = family.router_stats(config)
     for block in blocks:
-        st = stats[block] = RoutingStats(config.num_experts)
-        for sub, fn in {family.router: router_fn, **family.extra_hooks}.items():
-            module = model.get_submodule(f"{block}.{sub}")
-            handles.append(module.register_forward_hook(lambda m, i, o, fn=fn, st=st: fn(o, state["mask"], st)))
+        module = model.get_submodule(block)
+        st = stats[block] = RoutingStats(_num_experts(module, config))
+        if family.router_stats is not None:
+            sub, fn = family.router_stats
+            handles.append(module.get_submodule(sub).register_forward_hook(
+                lambda m, a, o, fn=fn, st=st: fn(a, {}, o, state["mask"], st)))
+        else:
+            handles.append(module.experts.register_forward_pre_hook(
+                lambda m, a, k, st=st: experts_call_stats(a, k, None, state["mask"], st), with_kwargs=True))
+        if isinstance(gate := getattr(module, "shared_expert_gate", None), torch.nn.Module):
+            handles.append(gate.register_forward_hook(lambda m, a, o, st=st: shared_gate_stats(a, {}, o, state["mask"], st)))
     was_training, device = model.training, next(model.parameters()).device
     model.eval()
     try:
@@ -225,20 +238,24 @@ def collect_routing_stats(model: torch.nn.Module, family: MoEFamily, blocks: Ite
     return stats
 
 
-# --------------------------------------------------------------------------- main entry point
-def _dense_template(family: MoEFamily, config, arch: str | None):
-    """(dense config, class or Auto class to build it, expected tensor shapes, tied {target: source})."""
-    import transformers
+def _num_experts(block: torch.nn.Module, config) -> int:
+    experts = block.experts
+    return int(getattr(experts, "num_experts", None) or len(list(experts.children())) or config.num_experts)
 
-    dense_config = family.dense_config(config)
-    name = arch.replace(*family.class_prefix, 1) if arch and arch.startswith(family.class_prefix[0]) else None
-    cls = getattr(transformers, name, None) if name else None
-    cls = cls or getattr(transformers, family.auto_class)
-    with torch.device("meta"):
-        meta = cls.from_config(dense_config) if hasattr(cls, "from_config") else cls(dense_config)
-    dense_config.architectures = [type(meta).__name__]
-    expected = {k: v.shape for k, v in meta.state_dict().items()}
-    return dense_config, type(meta), expected, dict(getattr(meta, "all_tied_weights_keys", None) or {})
+
+# --------------------------------------------------------------------------- main entry point
+def _block_finder(prefixes: Iterable[str]):
+    """name -> the sparse block holding it (None for non-block tensors)."""
+    known = set(prefixes)
+
+    def block_of(name: str) -> str | None:
+        parts = name.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            if (head := ".".join(parts[:i])) in known:
+                return head
+        return None
+
+    return block_of
 
 
 def _unit_of(name: str) -> tuple[str, int]:
@@ -247,11 +264,14 @@ def _unit_of(name: str) -> tuple[str, int]:
     return (m.group(1), int(m.group(2))) if m else ("", -1)
 
 
+_FFN_LEAF = re.compile(r"\.(gate_proj|up_proj|down_proj|gate_up_proj|fc1|fc2|wi|wo)\.(weight|bias)$")
+
+
 def _fit(name: str, t: Tensor, shape: torch.Size) -> Tensor:
     """Zero-pad an FFN tensor to the dense width (exact: padded units have zero weights)."""
     if t.shape == shape:
         return t
-    if t.dim() != len(shape) or any(a > b for a, b in zip(t.shape, shape)) or ".mlp." not in name:
+    if t.dim() != len(shape) or any(a > b for a, b in zip(t.shape, shape)) or not _FFN_LEAF.search(name):
         raise ValueError(f"shape mismatch for {name}: gathered {tuple(t.shape)}, dense model expects {tuple(shape)}")
     out = t.new_zeros(shape)
     out[tuple(slice(0, n) for n in t.shape)] = t
@@ -312,6 +332,8 @@ def gather_experts(
     model_or_path, aux_dir = _merged_adapters(model_or_path, allow_pickle)  # aux_dir: tokenizer files come from it
     if allow_pickle and not isinstance(model_or_path, torch.nn.Module) and checkpoint_format(model_or_path) == "pickle":
         aux_dir, model_or_path = Path(model_or_path), _load_pickled(model_or_path)
+    if not isinstance(model_or_path, torch.nn.Module) and checkpoint_format(model_or_path) == "safetensors":
+        model_or_path, aux_dir = _whole_if_not_streamed(Path(model_or_path), aux_dir)
     is_live = isinstance(model_or_path, torch.nn.Module)
     source = _LiveSource(model_or_path) if is_live else _CheckpointSource(model_or_path)
     moe_config = source.config
@@ -321,10 +343,13 @@ def gather_experts(
         options.setdefault("k", family.top_k(moe_config))
     validate_options(strategy, options)
 
-    dense_config, make_dense, expected, tied = _dense_template(family, moe_config, source.arch())
+    moe, moe_blocks = moe_structure(moe_config, source.arch(), family, model_or_path if is_live else None)
+    template = dense_template(family, moe_config, source.arch(), moe, moe_blocks)
+    dense_config, make_dense, expected, tied = template.config, template.cls, template.expected, template.tied
     names = source.keys(family)
     name_set = set(names)
-    blocks = sorted({b for n in names if (b := family.block_of(n))})
+    block_of = _block_finder(moe_blocks)
+    blocks = sorted({b for n in names if (b := block_of(n))})
     stats: dict[str, RoutingStats] = {}
     if calibration_dataset is not None:
         model = source.live_model(family)
@@ -358,14 +383,14 @@ def gather_experts(
             with source.reader() as get:
                 by_block: dict[str, list[str]] = defaultdict(list)
                 for n in units[unit]:
-                    if (b := family.block_of(n)) is not None:
+                    if (b := block_of(n)) is not None:
                         by_block[b].append(n[len(b) + 1:])
                     else:
                         emit(family.dense_name(n), get(n))
                 for block, rel in by_block.items():
                     reader = BlockReader(block, rel, lambda r, b=block: get(f"{b}.{r}"), source.where())
-                    for n, t in _gather_block(family, moe_config, reader, stats.get(block), strategy, align, options,
-                                                 spectra).items():
+                    for n, t in _gather_block(family, moe_config, moe_blocks[block], reader, stats.get(block), moe,
+                                              template, strategy, align, options, spectra).items():
                         emit(family.dense_name(n), t)
 
         _fill_missing(expected, produced, tied, sink, source, dtype=(dtypes or [torch.float32])[0])
@@ -419,35 +444,59 @@ def _write_card(tmp: Path, name: str, source: str | os.PathLike | None, hyperpar
     write_model_card(tmp, facts, model_id=name)
 
 
+def _whole_if_not_streamed(path: Path, aux_dir: Path | None) -> tuple[Any, Path | None]:
+    """(the MoE loaded whole, its folder) for families whose checkpoints cannot be streamed; else as given."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    family = get_family(config.model_type)
+    if family.streamed:
+        return path, aux_dir
+    arch = (config.architectures or [None])[0]
+    logger.info("%s checkpoints need transformers' weight conversions: loading %s whole", config.model_type, path)
+    return model_class(config, arch, family.auto_class).from_pretrained(path), path
+
+
 def _load_pickled(path: str | os.PathLike) -> torch.nn.Module:
     """A whole MoE from pickle weights, with the class its config names (else the family's Auto class)."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(path)
     arch = (config.architectures or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    cls = cls or getattr(transformers, get_family(config.model_type).auto_class)
+    cls = model_class(config, arch, get_family(config.model_type).auto_class)
     return cls.from_pretrained(path, use_safetensors=False)
 
 
-def _gather_block(family: MoEFamily, config, reader: BlockReader, st: RoutingStats | None, strategy: str,
-                  align: bool, options: dict, spectra: dict | None = None) -> dict[str, Tensor]:
-    experts = family.read_experts(reader, config)
+def _gather_block(family: MoEFamily, config, block: MoEBlock, reader: BlockReader, st: RoutingStats | None,
+                  moe: torch.nn.Module, template: DenseTemplate, strategy: str, align: bool, options: dict,
+                  spectra: dict | None = None) -> dict[str, Tensor]:
+    experts = family.reader()(reader, config, block.layout)
+    if align or strategy not in STREAMING or spectra is not None:
+        experts = experts.map(materialize)
     if spectra is not None:
         spectra[reader.prefix] = expert_spectra(experts)
     dtype = experts.out_proj.dtype
     ffn = merge_experts(experts, strategy, usage=None if st is None else st.usage, align=align, **options)
-    if not family.renormalized(config) and st is not None and st.tokens:
-        ffn = ffn.scale_output(st.routed_mass / st.tokens)
+    routed = family.routed_sum(config)
+    if routed is None and st is not None and st.tokens:
+        routed = st.routed_mass / st.tokens
+    one_expert = family.target == "one_expert"
+    # the dense model's own weight on the gathered FFN: 1, or (one expert) the router's renormalised 1 x its scale
+    own = family.own_weight(config) if one_expert else 1.0
+    if routed is not None and routed != own:
+        ffn = ffn.scale_output(routed / own)
+    if not one_expert and block.layout is not None:
+        for shared in shared_ffns(block, reader, st, moe):
+            ffn = ffn.concat(shared)
     if family.fold is not None:
         ffn = family.fold(ffn, reader, st, config)
-    return family.write_dense(reader.prefix, ffn.to(dtype))
+    return place_block(family, block, ffn.to(dtype), reader, template)
 
 
 def _warn_unscaled(family: MoEFamily, config, have_stats: bool) -> None:
-    if not family.renormalized(config) and not have_stats:
-        warnings.warn(f"{config.model_type}: a token's routing weights do not sum to 1 (top-k probabilities are not "
-                      "renormalised), so the MoE output is scaled by the routed probability mass; without "
+    if family.routed_sum(config) is None and not have_stats:
+        warnings.warn(f"{config.model_type}: a token's routing weights do not sum to a constant (top-k probabilities "
+                      "are not renormalised), so the MoE output is scaled by the routed probability mass; without "
                       "calibration_dataset the dense FFN is not rescaled for it", stacklevel=3)
 
 

@@ -184,6 +184,8 @@ class DenseFFN(FFNTensors):
 
 MergeFn = Callable[..., DenseFFN]
 MERGE_STRATEGIES: dict[str, MergeFn] = {}
+STREAMING = frozenset({"average", "sum", "weighted_average", "top_experts"})
+"""Strategies that read the experts one at a time (a layer of per-expert checkpoint tensors is never held whole)."""
 DEFAULT_STRATEGY = "weighted_average"  # of merge_experts, gather_experts (GatheringConfig), hf-moekd gather
 
 

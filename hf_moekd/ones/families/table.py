@@ -1,0 +1,190 @@
+"""The registry's entries: one per MoE ``model_type`` of transformers (plus the project's V-MoE).
+
+An entry states the dense target and how a token's routing weights add up; structure (where the experts, router
+and shared experts are) and checkpoint naming come from the model and transformers' conversion table. Every entry
+is driven through the same checks by ``tests/test_families.py`` (tiny checkpoint, gather, stock load, logits).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from transformers import PretrainedConfig
+
+from ..strategies import DenseFFN
+from ..vit import dense_vit_config
+from .readers import fused_reader, plain_reader
+from .registry import MoEFamily, register_family, router_scale
+from .stats import switch_router_stats
+
+Fields = Callable[[PretrainedConfig, int], dict[str, Any]]
+
+
+# --------------------------------------------------------------------------- routing sums
+def renormalised(c: PretrainedConfig) -> float:
+    """Top-k weights renormalised (or a softmax over the top-k logits): they sum to 1."""
+    return 1.0
+
+
+def if_norm_topk(c: PretrainedConfig) -> float | None:
+    """1 with ``norm_topk_prob=True``, times ``routed_scaling_factor`` where the config has one; else varies."""
+    return router_scale(c) if getattr(c, "norm_topk_prob", False) else None
+
+
+def varies(c: PretrainedConfig) -> None:
+    """Top-k probabilities not renormalised: the sum varies per token (the FFN gets its calibration mean)."""
+    return None
+
+
+# --------------------------------------------------------------------------- dense config fields
+def widest(c: PretrainedConfig, width: int, name: str = "intermediate_size") -> int:
+    """The dense width: the gathered FFN's or the MoE's own dense layers', whichever is wider (narrower ones are
+    zero-padded, exactly)."""
+    return max(width, getattr(c, name, 0) or 0)
+
+
+def all_dense(**fields: Callable[[PretrainedConfig], Any]) -> Fields:
+    """``configured`` targets: the given config fields (functions of the MoE config) plus the dense width."""
+    return lambda c, w: {**{k: f(c) for k, f in fields.items()}, "intermediate_size": widest(c, w)}
+
+
+def twin_fields(**extra: Callable[[PretrainedConfig], Any]) -> Fields:
+    """``twin`` targets: the dense width plus fields the twin's defaults would get wrong."""
+    return lambda c, w: {"intermediate_size": widest(c, w), **{k: f(c) for k, f in extra.items()}}
+
+
+_layers = lambda c: c.num_hidden_layers  # noqa: E731
+_head_dim = lambda c: getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads  # noqa: E731
+
+
+def _qwen3_layer_types(c: PretrainedConfig) -> list[str]:
+    kind = "full_attention" if c.sliding_window is None else "sliding_attention"  # Qwen3-MoE: one mask for all layers
+    return [kind] * c.num_hidden_layers
+
+
+def _t5_fields(c: PretrainedConfig, width: int) -> dict[str, Any]:
+    if c.tie_word_embeddings is False:
+        raise ValueError("this SwitchTransformers model has an untied lm_head, but T5 in transformers 5 always ties "
+                         "lm_head to the shared embedding, so no exact T5 twin exists")
+    if "-" in c.dense_act_fn:
+        raise ValueError(f"Switch dense_act_fn {c.dense_act_fn!r} has no T5 feed_forward_proj equivalent")
+    out = {"feed_forward_proj": c.dense_act_fn, "tie_word_embeddings": True}
+    if getattr(c, "decoder_start_token_id", None) is not None:
+        out["decoder_start_token_id"] = c.decoder_start_token_id
+    return out
+
+
+def mlp_writer(in_names: list, out_name: str, bias: bool = False):
+    """Dense FFN tensor names for custom placements; ``{block}`` = the sparse block, ``{parent}`` = its parent."""
+
+    def write(block: str, ffn: DenseFFN) -> dict:
+        fmt = lambda n: n.format(block=block, parent=block.rsplit(".", 1)[0])  # noqa: E731
+        out = {f"{fmt(n)}.weight": w for n, w in zip(in_names, ffn.in_proj)}
+        out[f"{fmt(out_name)}.weight"] = ffn.out_proj
+        if bias and ffn.in_bias is not None:
+            out.update({f"{fmt(n)}.bias": b for n, b in zip(in_names, ffn.in_bias)})
+        if bias and ffn.out_bias is not None:
+            out[f"{fmt(out_name)}.bias"] = ffn.out_bias
+        return out
+
+    return write
+
+
+# --------------------------------------------------------------------------- twins
+register_family(MoEFamily(
+    "mixtral", "twin", "mistral", renormalised,
+    twin_fields(head_dim=_head_dim, sliding_window=lambda c: c.sliding_window),
+    notes="Mistral's defaults differ (sliding_window 4096): head_dim and sliding_window are carried over"))
+register_family(MoEFamily(
+    "qwen2_moe", "twin", "qwen2", if_norm_topk,
+    twin_fields(layer_types=lambda c: list(c.layer_types),
+                sliding_window=lambda c: c.sliding_window if c.use_sliding_window else None),
+    notes="the gated shared expert is folded with its gate's calibration mean (exact only when that gate is "
+          "constant); q/k/v biases zero-filled when qkv_bias=False"))
+register_family(MoEFamily(
+    "qwen3_moe", "twin", "qwen3", if_norm_topk,
+    twin_fields(layer_types=_qwen3_layer_types, head_dim=_head_dim, sliding_window=lambda c: c.sliding_window)))
+register_family(MoEFamily("granitemoe", "twin", "granite", renormalised, twin_fields()))
+
+# --------------------------------------------------------------------------- configured dense
+for _t in ("deepseek_v2", "deepseek_v3", "glm4_moe", "dots1"):
+    register_family(MoEFamily(_t, "configured", routed_sum=if_norm_topk,
+                              dense_fields=all_dense(first_k_dense_replace=_layers),
+                              notes="first_k_dense_replace = every layer; shared experts folded (exact)"))
+register_family(MoEFamily("ernie4_5_moe", "configured", routed_sum=renormalised,
+                          dense_fields=all_dense(moe_layer_start_index=_layers),
+                          notes="moe_layer_start_index past the last layer; shared experts folded (exact)"))
+for _t in ("exaone_moe", "glm4_moe_lite"):
+    register_family(MoEFamily(_t, "configured", routed_sum=if_norm_topk,
+                              dense_fields=all_dense(mlp_layer_types=lambda c: ["dense"] * c.num_hidden_layers),
+                              notes="every mlp_layer_type dense; shared experts folded (exact)"))
+register_family(MoEFamily("jamba", "configured", routed_sum=varies, dense_fields=all_dense(num_experts=lambda c: 1),
+                          notes="num_experts = 1 makes every feed-forward a plain MLP"))
+
+# --------------------------------------------------------------------------- one expert inside the MoE's own class
+for _t, _sum, _notes in (
+    ("gpt_oss", renormalised, "interleaved gate/up with clamp and biases kept as they are"),
+    ("olmoe", if_norm_topk, "no dense twin: OLMoE is pre-norm with q/k RMSNorm over full projections; olmo has no "
+                            "q/k norm, olmo2/olmo3 are post-norm"),
+    ("minimax", renormalised, "lightning-attention hybrid: no dense twin"),
+    *((t, varies, "") for t in ("afmoe", "aria_text", "cohere2_moe", "flex_olmo", "flint",
+                                "granitemoe_swa", "granitemoeshared", "hunyuan_v1_moe", "inkling_text", "kolibri1",
+                                "laguna", "mellum", "minimax_m2", "qwen3_next", "qwen3_5_moe_text", "hy_v3")),
+):
+    register_family(MoEFamily(_t, routed_sum=_sum, notes=_notes))
+for _t in ("axk1", "axk2", "deepseek_v32", "glm_moe_dsa", "hy_v4", "nemotron_h", "solar_open"):
+    register_family(MoEFamily(_t, routed_sum=varies, copies=2,
+                              notes="two copies of the gathered expert: the group router scores the top two per group"))
+for _t in ("beam", "minimax_m3_vl_text"):
+    register_family(MoEFamily(_t, routed_sum=varies, scale_outside=True, copies=2 if _t == "beam" else 1,
+                              notes="routed_scaling_factor applied after the experts' sum, kept by the block"))
+for _t in ("bailing_hybrid", "kimi_linear", "deepseek_v4", "inkling2_text"):
+    register_family(MoEFamily(_t, routed_sum=varies, streamed=False, copies=2 if _t in ("bailing_hybrid", "kimi_linear") else 1,
+                              notes="checkpoint naming needs transformers' conversions: loaded whole, not streamed"))
+register_family(MoEFamily("phimoe", routed_sum=varies, exact=False, copies=2, copy_router=True,
+                          notes="sparsemixer routing: the weights vary per token and equal logits are degenerate (nan): "
+                                "two copies keep the first two router rows; identical experts are not reproduced exactly"))
+
+# --------------------------------------------------------------------------- non-fused experts
+register_family(MoEFamily(
+    "switch_transformers", "twin", "t5", varies, _t5_fields, auto_class="AutoModelForSeq2SeqLM",
+    read_experts=plain_reader("experts.expert_{e}", "wi", "wo"),
+    write_dense=mlp_writer(["{parent}.DenseReluDense.wi"], "{parent}.DenseReluDense.wo"),
+    router_stats=("router", switch_router_stats), dense_renames=((r"\.mlp\.(wi|wo)\.", r".DenseReluDense.\1."),),
+    notes="top-1 output scaled by the router probability (0 over expert_capacity): the FFN gets its calibration "
+          "mean, exact when that probability is constant"))
+register_family(MoEFamily(
+    "vmoe", "twin", "dense_vit", lambda c: 1.0 if c.normalize_topk_weights else None,
+    make_config=dense_vit_config, auto_class="AutoModelForImageClassification",
+    read_experts=fused_reader("experts.w_in", "experts.w_out", "experts.b_in", "experts.b_out"),
+    write_dense=mlp_writer(["{block}.fc1"], "{block}.fc2", bias=True),
+    dense_renames=((r"^vmoe\.", "dense_vit."),), input_name="pixel_values",
+    notes="the output ships DenseViT's code (auto_map): loads with trust_remote_code=True without hf_moekd"))
+
+__all__ = ["renormalised", "if_norm_topk", "varies", "all_dense", "twin_fields", "widest", "mlp_writer"]
+
+# --------------------------------------------------------------------------- refused, with the reason
+for _t, _why in (
+    ("doge", "Doge's CDMoE experts are single hidden units retrieved by product keys from embedding tables and added "
+             "to a dense MLP: there is no expert FFN to gather (its dense MLP already is the dense part)"),
+    ("jetmoe", "JetMoE routes attention heads too (mixture of attention heads): a dense attention that reproduces the "
+               "routed heads would need an attention merge, which gathering FFN experts does not do"),
+    ("llama4_text", "Llama-4 multiplies the experts' *input* by the router's sigmoid score: a token-dependent input "
+                    "scale that no dense FFN (and no one-expert Llama-4, whose router score is constant) reproduces"),
+    ("longcat_flash", "not verified here: LongCat-Flash mixes zero-computation (identity) experts into the routing, "
+                      "and its tiny test model did not finish building on this machine"),
+    ("granitemoehybrid", "not verified here: the tiny test model's hybrid layer_types could not be given an attention "
+                         "layer, so the gathered checkpoint was not checked"),
+    ("qwen4_exp_text", "not verified here: the tiny test model has no full-attention layer to generate with (its "
+                       "indexed-attention layers need a setting this test does not know)"),
+    ("lfm2_moe", "not verified here: a tiny Lfm2MoeConfig fails to build (layer_types); the gathered checkpoint was "
+                 "not checked"),
+    ("mimo_v2_flash", "not verified here: a tiny MiMo-V2-Flash config fails in its attention (head sizes); the "
+                      "gathered checkpoint was not checked"),
+    ("gemma4_text", "not verified here: Gemma-4 configs are per layer (per_layer_config) and a tiny MoE one could not "
+                    "be built by this test; the gathered checkpoint was not checked"),
+    ("dots3_note_text", "not verified here: dots3 configs are per layer (per_layer_config) and a tiny one could not be "
+                        "built by this test; the gathered checkpoint was not checked"),
+    ("zaya", "not verified here: a tiny Zaya config fails its own architecture validation; the gathered checkpoint "
+             "was not checked"),
+):
+    register_family(MoEFamily(_t, unsupported=_why))
