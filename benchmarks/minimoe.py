@@ -1,19 +1,28 @@
 #!/usr/bin/env python
-"""MiniMoE vs dense students of the same per-token FLOPs, at two sizes, with the same two-stage budget.
+"""MiniMoE vs dense students of the same per-token FLOPs, with the same two-stage budget.
 
-Teacher per task: all-MiniLM-L6-v2 fine-tuned (benchmarks/common.py's recipe). Students, randomly initialised as in
-the official code (`--student_init teacher_layers`: from all-MiniLM-L6-v2's blocks 0,2,4 instead, written to
-results/minimoe_teacher_layers.json, for budgets where random students do not learn): dense BERT (3L-384H and
-4L-192H by default) and its MiniMoE twin (`--moe_experts 4`: four top-1 FFN experts, each the size of the dense
-FFN, so the same FLOPs per token plus a router). For every student:
+Teacher per task: all-MiniLM-L6-v2 fine-tuned (benchmarks/common.py's recipe). Two settings (`--student_init`):
+
+* `teacher_layers` (default; results/minimoe.json): both students start from all-MiniLM-L6-v2's blocks 0,2,4
+  (3L-384H only), a fair dense start: the MiniMoE student's experts are copies of those blocks' FFNs with the
+  routing weight accounted for (`minimoe_from_dense(distinct_init="copy")`), so at step 0 it computes exactly what
+  the dense student computes. `--kinds ... minimoe_moefy` adds the MiniMoE student with the official `moefy`
+  partition instead (the start used before issue 29: FFN output about a third of the dense one's).
+* `random` (the official recipe: both students from random init, MiniMoE experts moefied from a random wide FFN;
+  results/minimoe_random.json): for budgets where random students learn (at 10,000 stage-1 sentences they do not).
+
+Students: dense BERT (3L-384H; `--sizes` adds 4L-192H in the random setting) and its MiniMoE twin
+(`--moe_experts 4`: four top-1 FFN experts, each the size of the dense FFN, so the same FLOPs per token plus a
+router). For every student:
 stage 1 (task-agnostic, examples/run_task_agnostic.py): MiniLMv2 Q-Q/K-K/V-V relations of the teacher's last layer
 on a fixed subset of the unlabelled corpus (GLUE + CoNLL train sentences), seed 0; stage 2 (task-specific,
 examples/run_glue.py / run_conll.py): (CE + T^2 soft CE)/2 with T = 2 from the task's teacher (logits cached once
 per task), three seeds. Reports dev scores (CoNLL: test entity F1), parameters, FLOPs per token and the CPU latency
 ratio MiniMoE / dense at batch 1 and 32 (interleaved, median). Every run is cached in --work_dir (resumable).
 
-    python benchmarks/minimoe.py --data_dir ../shared/data
+    python benchmarks/minimoe.py --data_dir ../shared/data --tasks sst2 conll --train_samples 4000 --lrs 1e-4 3e-4
     python benchmarks/minimoe.py --tasks stsb --train_samples 5749 --epochs 3   # one task; the others are kept
+    python benchmarks/minimoe.py --student_init random --sizes 3L-384H 4L-192H   # the official setting
 """
 from __future__ import annotations
 
@@ -36,7 +45,12 @@ SIZES = {  # student_config_overrides of MiniLM-L6's config (hidden 384, 12 head
     "4L-192H": "num_hidden_layers=4,hidden_size=192,num_attention_heads=6,intermediate_size=768",
 }
 TEACHER_LAYERS = {"3L-384H": "0,2,4"}  # --student_init teacher_layers: the teacher's blocks a student starts from
-KINDS = {"dense": [], "minimoe": ["--moe_experts", "4"]}
+# Student kinds. "minimoe": the recipe's default expert start ("copy" from the teacher's blocks: the dense student's
+# function at step 0; "moefy" from a random student, as the official code); "minimoe_moefy": the official moefy
+# partition from the teacher's blocks too (hf_moekd's start before issue 29).
+KINDS = {"dense": [], "minimoe": ["--moe_experts", "4"],
+         "minimoe_moefy": ["--moe_experts", "4", "--moe_expert_init", "moefy"]}
+RESULT_NAMES = {"teacher_layers": "minimoe", "random": "minimoe_random"}
 
 
 def student_start(size: str, init: str) -> list[str]:
@@ -70,7 +84,7 @@ def ffn_breakdown(minimoe_dir: Path, dense_dir: Path, tokens: int = 64, repeats:
 
 
 def init_suffix(a: argparse.Namespace) -> str:
-    """Run-folder and result-name suffix of the student initialisation ("" for the official random init)."""
+    """Run-folder suffix of the student initialisation ("" for the official random init)."""
     return "" if a.student_init == "random" else f"_{a.student_init}"
 
 
@@ -105,11 +119,14 @@ def main() -> None:
     parser.add_argument("--data_dir", default=str(DEFAULT_DATA), help="folder holding glue/ and conll2003/")
     parser.add_argument("--work_dir", default=str(REPO / "runs" / "minimoe"))
     parser.add_argument("--tasks", nargs="+", default=list(METRICS), choices=list(METRICS))
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=["3L-384H"], choices=list(SIZES))
+    parser.add_argument("--kinds", nargs="+", default=["dense", "minimoe"], choices=list(KINDS),
+                        help="students; dense is always run (the paired deltas are against it)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--student_init", default="random", choices=["random", "teacher_layers"],
-                        help="random (the official recipe) or the teacher's blocks 0,2,4 (3L-384H only; MiniMoE "
-                             "experts then moefied from them), for budgets where random students do not learn")
+    parser.add_argument("--student_init", default="teacher_layers", choices=["teacher_layers", "random"],
+                        help="teacher_layers: both students from the teacher's blocks 0,2,4 (3L-384H only), the "
+                             "MiniMoE experts copies of their FFNs (the dense student's function at step 0); random: "
+                             "the official recipe, both from random init (MiniMoE experts moefied)")
     parser.add_argument("--stage1_samples", type=int, default=10000, help="corpus sentences of stage 1")
     parser.add_argument("--stage1_epochs", type=float, default=1)
     parser.add_argument("--stage1_lr", type=float, default=5e-4)
@@ -121,9 +138,13 @@ def main() -> None:
                         help="reuse a fine-tuned teacher, e.g. sst2=runs/opdf/sst2/teacher")
     a = parser.parse_args()
     given = dict(t.split("=", 1) for t in a.teacher)
+    kinds = ["dense", *(k for k in a.kinds if k != "dense")]
+    if a.student_init == "random" and "minimoe_moefy" in kinds:
+        raise SystemExit("--kinds minimoe_moefy is the teacher_layers setting's variant (a random MiniMoE student is "
+                         "moefied already)")
 
     table, teachers, models = {}, {}, {}
-    starts = {(size, kind): stage1(size, kind, a) for size in a.sizes for kind in KINDS}
+    starts = {(size, kind): stage1(size, kind, a) for size in a.sizes for kind in kinds}
     for (size, kind), path in starts.items():
         config = AutoConfig.from_pretrained(path)
         models[f"{kind}-{size}"] = {"flops_per_token": flops_per_token(config),
@@ -163,13 +184,20 @@ def main() -> None:
     gaps = {}
     for task in a.tasks:
         for size in a.sizes:
-            moe, dense = table[f"{task}/minimoe-{size}"]["values"], table[f"{task}/dense-{size}"]["values"]
-            gaps[f"{task}/{size}"] = mean_std([m - d for m, d in zip(moe, dense)])
-    settings = {"sizes": {s: SIZES[s] for s in a.sizes}, "student_init": a.student_init, "experts": 4,
+            dense = table[f"{task}/dense-{size}"]["values"]
+            for kind in kinds[1:]:  # "<task>/<size>" for minimoe (the file's earlier key), "/<kind>" for the others
+                moe = table[f"{task}/{kind}-{size}"]["values"]
+                key = f"{task}/{size}" + ("" if kind == "minimoe" else f"/{kind}")
+                gaps[key] = mean_std([m - d for m, d in zip(moe, dense)])
+            if {"minimoe", "minimoe_moefy"} <= set(kinds):  # the fair start's own effect, paired by seed
+                fair, moefy = (table[f"{task}/{k}-{size}"]["values"] for k in ("minimoe", "minimoe_moefy"))
+                gaps[f"{task}/{size}/minimoe_copy_minus_moefy"] = mean_std([f - m for f, m in zip(fair, moefy)])
+    settings = {"sizes": {s: SIZES[s] for s in a.sizes}, "student_init": a.student_init, "experts": 4, "kinds": kinds,
+                "minimoe_expert_init": "copy" if a.student_init == "teacher_layers" else "moefy",
                 "stage1_samples": a.stage1_samples, "stage1_epochs": a.stage1_epochs, "stage1_lr": a.stage1_lr,
                 "train_samples": a.train_samples, "epochs": a.epochs, "lrs": a.lrs, "seeds": a.seeds, "batch_size": 32,
                 "alpha": 0.5, "temperature": 2}
-    payload = previous_tasks(f"minimoe{init_suffix(a)}", a.tasks)
+    payload = previous_tasks(RESULT_NAMES[a.student_init], a.tasks, a.student_init)
     for section, values in (("table", table), ("minimoe_minus_dense_paired", gaps), ("teachers", teachers),
                             ("metric", {t: METRICS[t] for t in a.tasks}),
                             ("settings_by_task", {t: settings for t in a.tasks}),
@@ -178,26 +206,32 @@ def main() -> None:
     if latency:  # else the previous file's latency is kept
         payload["latency_ratio_minimoe_over_dense"], payload["ffn_microseconds_batch1"] = latency, breakdown
     headline = {k: round(v["mean"], 4) for k, v in payload["table"].items()}
-    headline.update({f"{k}/minimoe_minus_dense": round(v["mean"], 4)
+    headline.update({f"{k}/minimoe_minus_dense" if k.count("/") == 1 else k: round(v["mean"], 4)
                      for k, v in payload["minimoe_minus_dense_paired"].items()})
     headline.update({f"latency_ratio/{s}/{b}": round(r, 3)
                      for s, v in payload.get("latency_ratio_minimoe_over_dense", {}).items() for b, r in v.items()})
-    write_result(f"minimoe{init_suffix(a)}", {"headline": headline, **payload, "models": models})
+    headline.update(payload.pop("latency_headline"))
+    write_result(RESULT_NAMES[a.student_init], {"headline": headline, **payload, "models": models})
 
 
 TASK_SECTIONS = ("table", "minimoe_minus_dense_paired", "teachers", "metric", "settings_by_task", "command_by_task")
 
 
-def previous_tasks(name: str, redo: list[str]) -> dict:
-    """The previous result file's tasks that this run does not redo (each with its settings and command), and its
-    latency measurements."""
+def previous_tasks(name: str, redo: list[str], student_init: str) -> dict:
+    """The previous result file's tasks that this run does not redo and that were measured in the same
+    `student_init` setting (each with its settings and command), and its latency measurements."""
     previous = previous_result(name)
-    if "settings" in previous:  # files written before settings were kept per task
-        previous["settings_by_task"] = {t: {**previous["settings"], "seeds": previous["seeds"]}
-                                        for t in previous.get("metric", {})}
+    if "settings" in previous:  # files written before settings were kept per task (all in the random setting)
+        previous["settings_by_task"] = {
+            t: {"student_init": "random", **previous["settings"], "seeds": previous["seeds"]}
+            for t in previous.get("metric", {})}
         previous["command_by_task"] = {t: previous["command"] for t in previous.get("metric", {})}
-    kept = kept_tasks(previous, TASK_SECTIONS, redo)
-    kept.update({k: previous[k] for k in ("latency_ratio_minimoe_over_dense", "ffn_microseconds_batch1") if k in previous})
+    other = [t for t, s in previous.get("settings_by_task", {}).items() if s.get("student_init") != student_init]
+    kept = kept_tasks(previous, TASK_SECTIONS, [*redo, *other])
+    kept.update({k: previous[k] for k in ("latency_ratio_minimoe_over_dense", "ffn_microseconds_batch1", "latency")
+                 if k in previous})  # "latency": benchmarks/minimoe_latency.py's section, with its headline keys
+    kept["latency_headline"] = {k: v for k, v in previous.get("headline", {}).items()
+                                if k.startswith(("latency_ratio_b", "latency_floor"))}
     return kept
 
 

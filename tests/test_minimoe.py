@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
 
@@ -148,23 +149,68 @@ def test_load_balancing_loss_hand_computed():
     assert load_balancing_loss([logits, uniform], mask).item() == pytest.approx((expected + 1) / 2, abs=1e-6)
 
 
-def test_model_aux_loss_matches_routing_and_ignores_padding():
+def test_model_aux_loss_over_every_token_as_official_and_real_tokens_as_option():
+    """Issue 29.4: the official `feed_forward` averages `me` and `ce` over the whole padded batch (padding included);
+    `router_aux_loss_tokens="real"` keeps the earlier real-tokens-only loss."""
     model = tiny_model(num_attention_experts=2).eval()
+    assert model.config.router_aux_loss_tokens == "all"
     inputs = batch()
     out = model(**inputs)
-    recomputed = load_balancing_loss(out.router_logits + out.attention_router_logits, inputs["attention_mask"])
-    torch.testing.assert_close(out.aux_loss, recomputed)
+    routers = out.router_logits + out.attention_router_logits
+    torch.testing.assert_close(out.aux_loss, load_balancing_loss(routers))
+    assert not torch.allclose(out.aux_loss, load_balancing_loss(routers, inputs["attention_mask"]))
     changed = {k: v.clone() for k, v in inputs.items()}
     changed["input_ids"][1, 5:] = 7  # different padding content, same real tokens
-    torch.testing.assert_close(model(**changed).aux_loss, out.aux_loss)
+    assert not torch.allclose(model(**changed).aux_loss, out.aux_loss)  # padding tokens count
+    real = tiny_model(num_attention_experts=2, router_aux_loss_tokens="real").eval()
+    real_out = real(**inputs)
+    real_routers = real_out.router_logits + real_out.attention_router_logits
+    torch.testing.assert_close(real_out.aux_loss, load_balancing_loss(real_routers, inputs["attention_mask"]))
+    torch.testing.assert_close(real(**changed).aux_loss, real_out.aux_loss)  # padding ignored
     # Known routing: zero gates -> uniform probabilities, every token to expert 0 -> loss exactly 1 per router.
     for layer in model.minimoe.encoder.layer:
-        layer.ffn.router.gate.weight.data.zero_()
-        layer.attention.router.gate.weight.data.zero_()
+        for router in (layer.ffn.router, layer.attention.router):
+            router.gate.weight.data.zero_()
+            router.gate.bias.data.zero_()
     out = model(**inputs, labels=torch.tensor([0, 1, 2]))
     assert out.aux_loss.item() == pytest.approx(1.0)
     task = F.cross_entropy(out.logits, torch.tensor([0, 1, 2]))
     assert out.loss.item() == pytest.approx(task.item() + 0.01 * 1.0, abs=1e-6)
+
+
+def test_router_has_a_bias_and_the_official_init():
+    """Issue 29.4: official `GateLinear(hidden, E)` has a bias and, after `moefy`, nn.Linear's default init
+    (weight and bias U(-1/sqrt(hidden), 1/sqrt(hidden))); `router_bias=False, router_init="normal"` is the earlier
+    bias-free N(0, initializer_range) router."""
+    config = tiny_config(hidden_size=256, num_attention_heads=4, num_hidden_layers=1)
+    torch.manual_seed(0)
+    gate = MiniMoEModel(config).encoder.layer[0].ffn.router.gate
+    bound = 1 / math.sqrt(256)
+    assert gate.bias is not None and gate.bias.shape == (4,)
+    assert gate.weight.abs().max() <= bound and gate.weight.abs().max() > 0.95 * bound
+    assert gate.bias.abs().max() <= bound and gate.bias.abs().min() > 0  # not the zero bias of the BERT init
+    assert gate.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)  # uniform, not N(0, 0.02)
+    torch.manual_seed(0)
+    old = MiniMoEModel(tiny_config(hidden_size=256, num_attention_heads=4, num_hidden_layers=1, router_bias=False,
+                                   router_init="normal")).encoder.layer[0].ffn.router.gate
+    assert old.bias is None and old.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    torch.manual_seed(0)
+    normal = MiniMoEModel(tiny_config(router_init="normal")).encoder.layer[0].ffn.router.gate
+    assert torch.equal(normal.bias, torch.zeros(4))
+
+
+def test_checkpoint_saved_without_router_bias_loads_with_a_zero_bias(tmp_path):
+    old = tiny_model(router_bias=False).eval()
+    old.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["router_bias"], config["router_init"], config["router_aux_loss_tokens"]  # a file from before issue 29
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = MiniMoEForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert loaded.config.router_bias
+    for layer in loaded.minimoe.encoder.layer:
+        assert torch.equal(layer.ffn.router.gate.bias, torch.zeros(4))
+    inputs = batch()
+    torch.testing.assert_close(loaded(**inputs).logits, old(**inputs).logits, rtol=0, atol=0)
 
 
 def test_router_noise_only_in_training():
@@ -367,6 +413,8 @@ def test_regression_head_uses_mse():
         ({"hidden_size": 30}, "hidden_size \\(30\\) must be divisible by num_attention_heads \\(4\\)"),
         ({"num_attention_experts": 3}, "num_attention_heads \\(4\\) must be divisible by num_attention_experts"),
         ({"expert_shared_fraction": 1.5}, "expert_shared_fraction must be in \\[0, 1\\]"),
+        ({"router_aux_loss_tokens": "padding"}, "router_aux_loss_tokens must be 'all'"),
+        ({"router_init": "xavier"}, "router_init must be 'uniform'"),
     ],
 )
 def test_bad_configs_raise_clear_errors(overrides, message):
@@ -457,10 +505,66 @@ def test_dense_conversion_is_exact_with_identical_experts(dense_cls, moe_cls):
     torch.testing.assert_close(moe(**inputs)[key], dense(**inputs)[key], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("dense_cls", "moe_cls"),
+    [
+        (BertForSequenceClassification, MiniMoEForSequenceClassification),
+        (BertForTokenClassification, MiniMoEForTokenClassification),
+        (BertModel, MiniMoEModel),
+    ],
+)
+def test_dense_conversion_computes_the_dense_function_at_step_0(dense_cls, moe_cls):
+    """Issue 29.4 (fair start): by default every expert is the dense FFN with its output layer times E and the router
+    starts uniform, so the gated MoE layer (gate probability 1/E, scale_expert_output_by_gate=True as the paper)
+    outputs exactly the dense FFN's output; the official moefy start does not (about 1/3 of it on MiniLM)."""
+    dense = _bert(dense_cls)
+    moe = minimoe_from_dense(dense)
+    assert moe.config.scale_expert_output_by_gate and moe.config.expert_shared_fraction == 1.0
+    inputs = batch()
+    key = "last_hidden_state" if dense_cls is BertModel else "logits"
+    torch.testing.assert_close(moe(**inputs)[key], dense(**inputs)[key], rtol=1e-5, atol=1e-5)
+    base = dense if dense_cls is BertModel else dense.bert
+    hidden = torch.randn(3, 7, 32)
+    for dense_layer, moe_layer in zip(base.encoder.layer, moe.base_model.encoder.layer):
+        expected = dense_layer.output.dense(dense_layer.intermediate(hidden))
+        output, logits = moe_layer.ffn(hidden)
+        torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits.softmax(-1), torch.full_like(logits, 1 / 4))
+    first = base.encoder.layer[0]
+    expected = first.output.dense(first.intermediate(hidden))
+    # Training mode without router noise: still exact; with the noise, within the bound of the docstring.
+    quiet = minimoe_from_dense(dense, router_noise=0.0).train()
+    torch.testing.assert_close(quiet.base_model.encoder.layer[0].ffn(hidden)[0], expected, rtol=1e-5, atol=1e-5)
+    noisy = minimoe_from_dense(dense, router_noise=0.1).train()
+    ratio = noisy.base_model.encoder.layer[0].ffn(hidden)[0].norm(dim=-1) / expected.norm(dim=-1)
+    bound = math.exp(0.2) / (math.exp(0.2) + 3)
+    assert ratio.min() >= 1 - 1e-5 and ratio.max() <= 4 * bound + 1e-5 and ratio.max() > 1.01
+    # Gradient reaches every router (through the gate probability), so routing can learn from the copies.
+    noisy(**inputs)[key].pow(2).sum().backward()
+    for layer in noisy.base_model.encoder.layer:
+        assert layer.ffn.router.gate.weight.grad.abs().sum() > 0 and layer.ffn.router.gate.bias.grad.abs().sum() > 0
+    # The earlier start is an explicit option and does not reproduce the dense FFN.
+    moefy = minimoe_from_dense(dense, distinct_init="moefy")
+    assert not torch.allclose(moefy.base_model.encoder.layer[0].ffn(hidden)[0], expected, atol=1e-3)
+    with pytest.raises(ValueError, match="expert_shared_fraction must be None or 1.0"):
+        minimoe_from_dense(dense, expert_shared_fraction=2 / 3)
+
+
+def test_dense_conversion_copy_keeps_the_function_without_gate_scaling_and_with_one_expert():
+    dense = _bert(BertForSequenceClassification)
+    inputs = batch()
+    for overrides in ({"scale_expert_output_by_gate": False}, {"num_ffn_experts": 1}, {"num_ffn_experts": 3}):
+        moe = minimoe_from_dense(dense, **overrides)
+        torch.testing.assert_close(moe(**inputs).logits, dense(**inputs).logits, rtol=1e-5, atol=1e-5)
+    experts = minimoe_from_dense(dense, num_ffn_experts=3).minimoe.encoder.layer[0].ffn.experts
+    torch.testing.assert_close(experts.w_out[2], 3 * dense.bert.encoder.layer[0].output.dense.weight)
+    assert torch.equal(experts.w_in[1], dense.bert.encoder.layer[0].intermediate.dense.weight)
+
+
 def test_dense_conversion_shared_neurons_and_determinism():
     dense = _bert(BertForSequenceClassification)
-    moe = minimoe_from_dense(dense, scale_expert_output_by_gate=False, seed=1)
-    again = minimoe_from_dense(dense, scale_expert_output_by_gate=False, seed=1)
+    moe = minimoe_from_dense(dense, scale_expert_output_by_gate=False, seed=1, distinct_init="moefy")
+    again = minimoe_from_dense(dense, scale_expert_output_by_gate=False, seed=1, distinct_init="moefy")
     for (name, a), b in zip(moe.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
     shared = round(2 / 3 * 37)
@@ -483,7 +587,7 @@ def test_dense_conversion_shared_neurons_and_determinism():
     inputs = batch()
     torch.testing.assert_close(noisy(**inputs).logits, dense(**inputs).logits, rtol=0, atol=1e-3)  # approximately
     with pytest.raises(ValueError, match="distinct_init"):
-        minimoe_from_dense(dense, distinct_init="copy")
+        minimoe_from_dense(dense, distinct_init="split")
 
 
 def _near_identical_fraction(experts, a: int, b: int) -> float:
@@ -498,7 +602,7 @@ def test_experts_from_dense_are_distinct_beyond_the_shared_neurons():
     dense = _bert(BertForSequenceClassification)
     for layer in dense.bert.encoder.layer:  # a trained-looking FFN: larger than the init scale
         layer.intermediate.dense.weight.data.normal_(0, 0.5)
-    moe = minimoe_from_dense(dense, expert_shared_fraction=2 / 3)
+    moe = minimoe_from_dense(dense, expert_shared_fraction=2 / 3, distinct_init="moefy")
     assert _near_identical_fraction(moe.minimoe.encoder.layer[0].ffn.experts, 0, 1) <= 0.70
     near_copies = minimoe_from_dense(dense, expert_shared_fraction=2 / 3, distinct_init="noise")
     assert _near_identical_fraction(near_copies.minimoe.encoder.layer[0].ffn.experts, 0, 1) == 1.0
@@ -506,3 +610,31 @@ def test_experts_from_dense_are_distinct_beyond_the_shared_neurons():
 
     with pytest.raises(TypeError, match="supports BertModel"):
         minimoe_from_dense(moe)
+
+
+def test_recipe_expert_start_copy_from_trained_blocks_moefy_from_random():
+    """`--moe_experts`: a student from a checkpoint's blocks starts as the dense student's function (copies), a
+    random student (--student_config_overrides) is moefied as the official recipe; --moe_expert_init overrides."""
+    from hf_moekd.recipes import ModelArguments, build_model
+
+    def experts(**kwargs):
+        model, _ = build_model(ModelArguments(**kwargs), AutoModelForSequenceClassification, num_labels=2)
+        return model, model.minimoe.encoder.layer[0].ffn.experts
+
+    dense, _ = build_model(ModelArguments(student_layers="0"), AutoModelForSequenceClassification, num_labels=2)
+    fair, fair_experts = experts(student_layers="0", moe_experts=2)
+    assert torch.equal(fair_experts.w_in[0], fair_experts.w_in[1])
+    torch.testing.assert_close(fair_experts.w_in[0], dense.bert.encoder.layer[0].intermediate.dense.weight)
+    ids = torch.randint(1000, 2000, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(fair.eval().minimoe(input_ids=ids).last_hidden_state,
+                                   dense.eval().bert(input_ids=ids).last_hidden_state, rtol=1e-5, atol=1e-5)
+    _, moefied = experts(student_layers="0", moe_experts=2, moe_expert_init="moefy")
+    assert not torch.equal(moefied.w_in[0], moefied.w_in[1])
+    overrides = "hidden_size=32,num_hidden_layers=1,num_attention_heads=4,intermediate_size=48"
+    _, random_experts = experts(student_config_overrides=overrides, moe_experts=2)
+    shared = round(2 / 3 * 48)
+    assert torch.equal(random_experts.w_in[0, :shared], random_experts.w_in[1, :shared])
+    assert not torch.equal(random_experts.w_in[0, shared:], random_experts.w_in[1, shared:])
+    with pytest.raises(ValueError, match="--moe_expert_init needs --moe_experts"):
+        experts(student_layers="0", moe_expert_init="copy")

@@ -103,3 +103,44 @@ def test_stage1_resume_last_matches_uninterrupted(data_dir, tmp_path, monkeypatc
     assert all(torch.equal(resumed[k], expected[k]) for k in expected)
     final_state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert {"step": 1, "resume_marker": 1.0} in final_state["log_history"], "the run did not resume from checkpoint-1"
+
+
+def test_relation_dropout_on_the_student_relations_as_official(tmp_path):
+    """Issue 29.4: the official student drops out its relation probabilities (nn.Dropout(attention_probs_dropout_prob),
+    then log(p + 1e-7)); default p = the student's attention dropout, `relation_dropout=0` the earlier exact term."""
+    from transformers import BertConfig, BertModel
+
+    from hf_moekd.distillation import DistillationTrainer
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=50, hidden_size=32, num_attention_heads=4, intermediate_size=48, max_position_embeddings=32,
+                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    teacher = BertModel(BertConfig(num_hidden_layers=3, **small)).eval()
+    ids = torch.randint(1, 50, (4, 12))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def trainer(student, **overrides):
+        args = DistillationArguments(output_dir=str(tmp_path), task_agnostic=True, attention_relation_weight=1.0,
+                                     relation_heads=4, report_to=[], use_cpu=True, **overrides)
+        return DistillationTrainer(model=student, teacher_model=teacher, args=args)
+
+    dropping = BertModel(BertConfig(num_hidden_layers=2, **{**small, "attention_probs_dropout_prob": 0.1}))
+    assert trainer(dropping).loss_terms["attention_relation"].dropout == 0.1  # default: the student's own
+    assert trainer(dropping, relation_dropout=0.0).loss_terms["attention_relation"].dropout == 0.0
+    with pytest.raises(ValueError, match="relation_dropout must be in"):
+        trainer(dropping, relation_dropout=1.0)
+
+    student = BertModel(BertConfig(num_hidden_layers=2, **small)).train()  # no dropout inside the student itself
+    exact = trainer(student, relation_dropout=0.0)
+    first, second = (exact.compute_loss(student, inputs).item() for _ in range(2))
+    assert first == second
+    dropped = trainer(student, relation_dropout=0.3)
+    same_qkv = exact.loss_terms["attention_relation"].qkv.state_dict()
+    dropped.loss_terms["attention_relation"].qkv.load_state_dict(same_qkv)
+    values = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        values.append(dropped.compute_loss(student, inputs).item())
+    assert values[0] == values[1] and values[0] != values[2]  # random, reproducible under a seed
+    # A dropped probability is read as log(1e-7): the official loss is far above the exact one.
+    assert min(values) > first + 1.0

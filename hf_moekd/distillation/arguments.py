@@ -13,7 +13,8 @@ from ..utils.teachers import resolve_model_path
 _DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # transformers' named device maps
 LOSS_FIELDS = ("alpha", "temperature", "kd_divergence", "jsd_beta", "kd_chunk_size", "hidden_loss_weight",
                "hidden_layer_map", "attention_relation_weight", "relation_heads", "relation_teacher_layer",
-               "relation_student_layer", "relation_student_source", "extra_loss_terms", "fused_lm_kd")
+               "relation_student_layer", "relation_student_source", "relation_dropout", "extra_loss_terms",
+               "fused_lm_kd")
 """The fields that define the training loss (its terms, their weights and settings): `loss_settings`."""
 
 
@@ -99,6 +100,12 @@ class DistillationArguments(TrainingArguments):
                   "Q/K/V linears over the hidden states of relation_student_layer, so every block learns) or 'block' "
                   "(MiniLMv2: that block's own Q/K/V projections)."},
     )
+    relation_dropout: float | None = field(
+        default=None,
+        metadata={"help": "Dropout on the student's relation probabilities in training, as the official MiniMoE "
+                  "student (nn.Dropout(attention_probs_dropout_prob) on its Q-Q/K-K/V-V probabilities, then "
+                  "log(p + 1e-7)). Default: the student's attention_probs_dropout_prob; 0 disables it."},
+    )
     teacher_logits_cache: str | None = field(
         default=None,
         metadata={"help": "Folder for the teacher's logits on the training set: computed once before training (keyed on "
@@ -183,6 +190,9 @@ class DistillationArguments(TrainingArguments):
         if self.relation_student_source not in ("final_hidden", "block"):
             raise ValueError(f"relation_student_source must be 'final_hidden' or 'block', got "
                              f"{self.relation_student_source!r}.")
+        if self.relation_dropout is not None and not 0.0 <= self.relation_dropout < 1.0:
+            raise ValueError(f"relation_dropout must be in [0, 1) or None (the student's attention dropout), got "
+                             f"{self.relation_dropout}.")
         if self.hidden_layer_map != "uniform":
             self.parsed_layer_map()  # validate early
         if self.task_agnostic and not self.loss_weights():

@@ -451,15 +451,24 @@ class AttentionRelationKD(LossTerm):
     states block `relation_student_layer` returns, so every block of the student, its last FFN included, gets a
     gradient; "block" reads the Q/K/V projections of that student block itself (MiniLMv2's form; the block's own
     FFN then gets none). Per example: mean over relation heads and real query tokens.
+
+    `dropout` (`relation_dropout`; None = the student config's `attention_probs_dropout_prob`): while the student
+    trains, the student's relation probabilities go through dropout and the KL reads `log(p + 1e-7)`, as the
+    official student (GeneZC/MiniMoE models/moebert_minilm.py: `nn.Dropout(attention_probs_dropout_prob)` line 40,
+    applied to the Q-Q/K-K/V-V probabilities lines 72-76, `torch.log(s + 1e-7)` in `loss_fn` lines 150-152).
+    0 keeps the exact log-softmax without dropout (hf_moekd before issue 29). The teacher's relations never drop.
     """
 
     needs_teacher_forward = True
     arguments = {"heads": "relation_heads", "teacher_layer": "relation_teacher_layer",
-                 "student_layer": "relation_student_layer", "student_source": "relation_student_source"}
-    card_settings = ("relation_heads", "relation_teacher_layer", "relation_student_layer", "relation_student_source")
+                 "student_layer": "relation_student_layer", "student_source": "relation_student_source",
+                 "dropout": "relation_dropout"}
+    card_settings = ("relation_heads", "relation_teacher_layer", "relation_student_layer", "relation_student_source",
+                     "relation_dropout")
 
     def __init__(self, student: nn.Module | None = None, teacher: nn.Module | None = None, *, heads: int = 32,
-                 teacher_layer: int = -1, student_layer: int = -1, student_source: str = "final_hidden") -> None:
+                 teacher_layer: int = -1, student_layer: int = -1, student_source: str = "final_hidden",
+                 dropout: float | None = None) -> None:
         super().__init__()
         if student is None or teacher is None:
             raise ValueError("attention_relation needs a teacher model, not only precomputed logits.")
@@ -469,6 +478,12 @@ class AttentionRelationKD(LossTerm):
         self.heads = heads
         self.layers = {"student": student_layer, "teacher": teacher_layer}
         self.source = student_source
+        if dropout is None:
+            dropout = getattr(student.config, "attention_probs_dropout_prob", 0.0) or 0.0
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"attention_relation dropout must be in [0, 1), got {dropout}.")
+        self.dropout = float(dropout)
+        self.student_training = False
         self.stores: dict[str, dict[str, torch.Tensor]] = {}
         if self.source == "final_hidden":
             hidden = student.config.hidden_size
@@ -476,6 +491,8 @@ class AttentionRelationKD(LossTerm):
 
     def capture(self, role: str, model: nn.Module) -> ContextManager:
         self.stores[role] = {}
+        if role == "student":
+            self.student_training = model.training
         if role == "student" and self.source == "final_hidden":
             return capture_block_output(model, self.layers[role], self.stores[role])
         return capture_qkv(model, self.layers[role], self.stores[role])
@@ -491,6 +508,8 @@ class AttentionRelationKD(LossTerm):
         total = 0.0
         for kind in ("q", "k", "v"):
             log_s = relation_log_probs(student[kind], heads, mask)
+            if self.dropout and self.student_training:  # official: dropout on the probabilities, then log(p + 1e-7)
+                log_s = torch.log(F.dropout(log_s.exp(), self.dropout, training=True) + 1e-7)
             log_t = relation_log_probs(teacher[kind], heads, mask)
             kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean(1)  # [B, L]
             total = total + ((kl * mask).sum(1) / mask.sum(1).clamp_min(1)).sum()

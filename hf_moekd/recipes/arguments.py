@@ -32,6 +32,15 @@ class ModelArguments:
         metadata={"help": "Turn the (dense BERT-like) student into a MiniMoE student with this many top-1 FFN experts "
                   "(hf_moekd.models.minimoe.minimoe_from_dense); 0 keeps it dense."},
     )
+    moe_expert_init: str | None = field(
+        default=None,
+        metadata={"help": "With --moe_experts: how the experts start (minimoe_from_dense's distinct_init). 'copy': "
+                  "every expert the dense FFN (output layer times E, router at zero), so the student computes the "
+                  "dense student's function at step 0; 'moefy': the official partition (2/3 shared neurons, the "
+                  "rest split among experts or fresh); 'noise': near-copies. Default: 'copy' for a student with "
+                  "trained weights, 'moefy' for a randomly initialised one (--student_config_overrides or a "
+                  "config-only folder: the official recipe)."},
+    )
     mpo_overparameterize: bool = field(
         default=False,
         metadata={"help": "Train the student's linears as MPO tensor products (OPDF); they are contracted back to "
@@ -45,7 +54,8 @@ class ModelArguments:
 
     def card_facts(self) -> dict[str, Any]:
         """What the model card says of this recipe (keyword arguments of `training_facts`)."""
-        names = ("student_layers", "student_config_overrides", "moe_experts", "mpo_overparameterize",
+        names = ("student_layers", "student_config_overrides", "moe_experts", "moe_expert_init",
+                 "mpo_overparameterize",
                  *(("mpo_gauge",) if self.mpo_overparameterize else ()))
         return {"methods": ["opdf"] if self.mpo_overparameterize else [],
                 "student_init": None if self.student_config_overrides else self.model_name_or_path,

@@ -41,7 +41,11 @@ def build_model(model_args: ModelArguments, auto_class: type, allow_pickle: bool
             config = smaller_config(model.config, **parse_overrides(model_args.student_config_overrides))
             model = auto_class.from_config(config)
         if model_args.moe_experts:
-            model = minimoe_from_dense(model, num_ffn_experts=model_args.moe_experts)
+            random_start = bool(model_args.student_config_overrides) or _config_only(path)
+            expert_init = model_args.moe_expert_init or ("moefy" if random_start else "copy")
+            model = minimoe_from_dense(model, num_ffn_experts=model_args.moe_experts, distinct_init=expert_init)
+        elif model_args.moe_expert_init:
+            raise ValueError("--moe_expert_init needs --moe_experts.")
         if model_args.mpo_overparameterize:
             overparameterize(model, gauge=model_args.mpo_gauge)
     if surgery:

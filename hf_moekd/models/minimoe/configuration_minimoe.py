@@ -28,6 +28,18 @@ class MiniMoEConfig(PreTrainedConfig):
         official code (`gates += noises`, noises in `[1 - eps, 1 + eps]`: the constant 1 does not change the
         softmax); "multiplicative" multiplies the logits by `U(1 - eps, 1 + eps)` (hf_moekd before 0.2).
     router_aux_loss_coef (`float`, defaults to 0.01): weight of the load-balancing loss added to the task loss.
+    router_aux_loss_tokens (`str`, defaults to "all"): the tokens the load-balancing loss averages over. "all" (the
+        official code: `feed_forward` reshapes the whole `[batch, seq]` block, padding included, before `me` / `ce`,
+        GeneZC/MiniMoE modules/modeling_moebert_gate.py lines 455-476); "real" only the tokens with attention_mask 1
+        (hf_moekd before issue 29).
+    router_bias (`bool`, defaults to True): the router gate is `Linear(hidden, E)` with a bias, as the official
+        `GateLinear(nn.Linear)` (bias=True; modules/modeling_moebert_gate.py lines 325-343). False: no bias (hf_moekd
+        before issue 29). A checkpoint saved without a router bias loads with a zero bias (the same function).
+    router_init (`str`, defaults to "uniform"): initialisation of a fresh router. "uniform" is the official one:
+        `GateLinear.moefy` ends with `nn.Linear.reset_parameters()` (modules/modeling_moebert_gate.py line 343, called
+        after the student is built, run_distillation_bert.py lines 266-271), i.e. weight and bias
+        `U(-1/sqrt(hidden), 1/sqrt(hidden))` (kaiming_uniform with a=sqrt(5)); "normal": weight `N(0,
+        initializer_range)`, zero bias (the BERT init; hf_moekd before issue 29).
     expert_shared_fraction (`float`, defaults to 2/3): fraction of each expert's neurons identical across experts at
         initialisation (the rest are independent).
     scale_expert_output_by_gate (`bool`, defaults to True): multiply an expert's output by its gate probability (as in
@@ -56,6 +68,9 @@ class MiniMoEConfig(PreTrainedConfig):
     router_noise: float | int | None = None
     router_noise_type: str = "additive"
     router_aux_loss_coef: float | int = 0.01
+    router_aux_loss_tokens: str = "all"
+    router_bias: bool = True
+    router_init: str = "uniform"
     expert_shared_fraction: float | int = 2 / 3
     scale_expert_output_by_gate: bool = True
 
@@ -93,6 +108,11 @@ class MiniMoEConfig(PreTrainedConfig):
 
         if self.router_noise_type not in ("additive", "multiplicative"):
             raise ValueError(f"router_noise_type must be 'additive' or 'multiplicative', got {self.router_noise_type!r}.")
+        if self.router_aux_loss_tokens not in ("all", "real"):
+            raise ValueError(f"router_aux_loss_tokens must be 'all' (official: padding included) or 'real', got "
+                             f"{self.router_aux_loss_tokens!r}.")
+        if self.router_init not in ("uniform", "normal"):
+            raise ValueError(f"router_init must be 'uniform' (official) or 'normal', got {self.router_init!r}.")
 
     @property
     def router_noise_eps(self) -> float:

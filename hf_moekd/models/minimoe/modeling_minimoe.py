@@ -7,10 +7,11 @@ Design (see `MiniMoEConfig` for the knobs):
 * Parameter names follow BERT (`embeddings.*`, `encoder.layer.N.attention.self.{query,key,value}`,
   `attention.output.{dense,LayerNorm}`, `output.LayerNorm`, `pooler.dense`, `classifier`), so dense BERT weights copy
   over by name; only the FFN differs (`encoder.layer.N.ffn.router.gate`, `encoder.layer.N.ffn.experts.*`).
-* Router: `gate = Linear(hidden, E, bias=False)`; in training only, uniform noise `U(-eps, eps)` is added to the
-  logits (as the official code; `router_noise_type="multiplicative"` multiplies by `U(1 - eps, 1 + eps)`); softmax;
-  top-1. The returned `router_logits` are the (noisy) logits used for routing, so the
-  balancing loss can be recomputed from them exactly.
+* Router: `gate = Linear(hidden, E)` with a bias and PyTorch's default Linear init, as the official `GateLinear`
+  (`router_bias=False` / `router_init="normal"` for the earlier bias-free, N(0, initializer_range) router); in
+  training only, uniform noise `U(-eps, eps)` is added to the logits (as the official code;
+  `router_noise_type="multiplicative"` multiplies by `U(1 - eps, 1 + eps)`); softmax; top-1. The returned
+  `router_logits` are the (noisy) logits used for routing, so the balancing loss can be recomputed from them exactly.
 * FFN experts are stored fused (`w_in [E, I, H]`, `b_in [E, I]`, `w_out [E, H, I]`, `b_out [E, H]`); tokens are
   grouped per expert, so each token goes through exactly one expert (the FLOPs of one dense FFN, plus the router).
 * Attention experts (`num_attention_experts = A > 1`): expert `a` is head group `a` (heads `a*H/A .. (a+1)*H/A - 1`)
@@ -21,7 +22,8 @@ Design (see `MiniMoEConfig` for the knobs):
 * `scale_expert_output_by_gate` (default True, as in the paper) multiplies the expert output (before dropout,
   residual and LayerNorm) by its gate probability. With False and identical experts, MiniMoE equals the dense model.
 * `aux_loss` = mean over all routers (FFN routers of every layer, then attention routers if A > 1) of
-  `E * sum_e mean_prob_e * token_fraction_e` over real (attention_mask = 1) tokens.
+  `E * sum_e mean_prob_e * token_fraction_e` over every token of the batch, padding included, as the official
+  `feed_forward` (`router_aux_loss_tokens="real"`: only tokens with attention_mask 1).
 
 This file is copied next to saved checkpoints for `trust_remote_code=True` loading: it imports only torch,
 transformers and `.configuration_minimoe`.
@@ -29,6 +31,7 @@ transformers and `.configuration_minimoe`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -77,7 +80,9 @@ def load_balancing_loss(
 ) -> torch.Tensor:
     """Mean over routers of `E * sum_e mean_prob_e * token_fraction_e`, over tokens with `attention_mask` = 1.
 
-    Each entry of `router_logits` is `[batch, seq, E]`; `attention_mask` is `[batch, seq]` (None = all real).
+    Each entry of `router_logits` is `[batch, seq, E]`; `attention_mask` is `[batch, seq]` (None = every token, as
+    the official code, which averages over the whole padded batch: GeneZC/MiniMoE modules/modeling_moebert_gate.py
+    lines 456 and 472-476; the models pass None unless `router_aux_loss_tokens="real"`).
     The loss is 1 for perfectly balanced routing and E when every token goes to one expert with probability 1.
     """
     losses = []
@@ -127,13 +132,18 @@ class MiniMoEEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(embeddings))
 
 
+class MiniMoEGate(nn.Linear):
+    """The router's gate `Linear(hidden, E)`; its own class so `_init_weights` can give it the official init."""
+
+
 class MiniMoERouter(nn.Module):
     """Top-1 router: gate logits (plus uniform noise `U(-eps, eps)` in training, or times `U(1 - eps, 1 + eps)` with
     `noise_type="multiplicative"`), softmax, argmax."""
 
-    def __init__(self, hidden_size: int, num_experts: int, noise: float, noise_type: str = "additive"):
+    def __init__(self, hidden_size: int, num_experts: int, noise: float, noise_type: str = "additive",
+                 bias: bool = True):
         super().__init__()
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.gate = MiniMoEGate(hidden_size, num_experts, bias=bias)
         self.noise = noise
         self.noise_type = noise_type
 
@@ -230,7 +240,8 @@ class MiniMoEAttention(nn.Module):
         self.num_experts = config.num_attention_experts
         self.scale_by_gate = config.scale_expert_output_by_gate
         self.router = (
-            MiniMoERouter(config.hidden_size, self.num_experts, config.router_noise_eps, config.router_noise_type)
+            MiniMoERouter(config.hidden_size, self.num_experts, config.router_noise_eps, config.router_noise_type,
+                          config.router_bias)
             if self.num_experts > 1
             else None
         )
@@ -331,7 +342,8 @@ class MiniMoESparseFFN(nn.Module):
         self.num_experts = config.num_ffn_experts
         self.scale_by_gate = config.scale_expert_output_by_gate
         self.router = (
-            MiniMoERouter(config.hidden_size, self.num_experts, config.router_noise_eps, config.router_noise_type)
+            MiniMoERouter(config.hidden_size, self.num_experts, config.router_noise_eps, config.router_noise_type,
+                          config.router_bias)
             if self.num_experts > 1
             else None
         )
@@ -444,6 +456,17 @@ class MiniMoEPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, MiniMoEEmbeddings):
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+        elif isinstance(module, MiniMoEGate):  # super() gave it the BERT init (normal weight, zero bias)
+            weight, bias = module.weight, module.bias
+            if bias is not None and getattr(weight, "_is_hf_initialized", False):
+                init.zeros_(bias)  # a checkpoint saved without a router bias: zero keeps its function
+            elif self.config.router_init == "uniform":
+                # Official GateLinear.moefy -> nn.Linear.reset_parameters() (GeneZC/MiniMoE
+                # modules/modeling_moebert_gate.py line 343): weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+                bound = 1.0 / math.sqrt(weight.shape[1])
+                init.uniform_(weight, -bound, bound)
+                if bias is not None:
+                    init.uniform_(bias, -bound, bound)
         elif isinstance(module, MiniMoEExperts):
             shared = round(self.config.expert_shared_fraction * module.w_in.shape[1])
             # (parameter, neuron dim): the first `shared` neurons are copied from expert 0 to every expert.
@@ -505,7 +528,8 @@ class MiniMoEModel(MiniMoEPreTrainedModel):
         )
         routers = ffn_logits + attention_logits
         if routers:
-            aux_loss = load_balancing_loss(routers, attention_mask)
+            tokens = attention_mask if self.config.router_aux_loss_tokens == "real" else None
+            aux_loss = load_balancing_loss(routers, tokens)
         else:
             aux_loss = hidden_states.new_zeros((), dtype=torch.float32)
         output = MiniMoEModelOutput(
