@@ -64,11 +64,17 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 
+def _moe_blocks(frequency: int | None) -> str:
+    return "MoE in every block" if frequency in (None, 1) else f"MoE in one block of every {frequency}"
+
+
 def print_report(report: M2MReport) -> None:
     args, summary = report.args, report.summary()
     print(f"\nm2mKD on {args['dataset']}: ViT teacher ({report.teacher.get('run_id', '')[:8]}) cut into "
           f"{args['num_modules']} modules -> V-MoE student ({args['num_hidden_layers']} blocks, width "
-          f"{args['hidden_size']}, {args['num_experts']} experts, top-{args['num_experts_per_tok']}); seeds {args['seeds']}; "
+          f"{args['hidden_size']}, {args['num_experts']} experts, top-{args['num_experts_per_tok']}, "
+          f"{_moe_blocks(args.get('moe_layer_frequency'))}); meta model from {args.get('meta_init', 'scratch')}; "
+          f"module gate loss {'on' if args.get('module_gate_loss') else 'off'}; seeds {args['seeds']}; "
           f"budget matched by {args['budget']}")
     if summary["meta_iid"] is not None:
         paths = ", ".join(f"{100 * a:.1f}" for a in summary["teacher_path_iid"])

@@ -14,6 +14,14 @@ its modules). With `budget="forwards"` a module pass counts as a full one (conse
 the end-to-end baseline trains `num_modules * module_epochs + finetune_epochs` epochs; with `budget="blocks"` it
 counts as the module's share of the student's blocks and the baseline trains `module_epochs + finetune_epochs`.
 Both counts are reported. The teacher and meta model forward passes of m2mKD are not part of the student budget.
+
+The defaults follow the official recipe (kamanphoebe/m2mKD, commit 067fa1f): the meta model is trained from scratch
+(`meta_init="scratch"`, its PT phase: 300 epochs, 3x a module's 100, hence `meta_epochs` = 3 x `module_epochs`
+here), the V-MoE student has experts in every block (`moe_layer_frequency=1`; TRAIN-MOE.md line 53 `--moe_pos 0 1
+2` in each 3-block module and line 70 `--moe_pos 0 1 ... 11`, vmoe.py lines 158-166: a block is a `MoeBlock` iff its
+index is in `moe_pos`), and a module's m2mKD loss has no gate loss (`module_gate_loss=False`; see `M2MConfig`).
+This project's settings before issue 29 remain options: `meta_init="teacher"`, `moe_layer_frequency=2`,
+`module_gate_loss=True`.
 """
 from __future__ import annotations
 
@@ -67,9 +75,9 @@ class M2MArguments(ImageArguments, M2MConfig):
     num_hidden_layers: int = field(default=8, metadata={"help": "Blocks of the V-MoE student (a multiple of num_modules)."})
     num_attention_heads: int = field(default=2, metadata={"help": "Attention heads of the student."})
     intermediate_size: int = field(default=32, metadata={"help": "FFN width of the student's dense MLPs and of each expert."})
-    moe_layer_frequency: int = field(default=2, metadata={"help": "Student block i is MoE iff i + 1 is a multiple of it (2: every other block, 1: all)."})
+    moe_layer_frequency: int = field(default=1, metadata={"help": "Student block i is MoE iff i + 1 is a multiple of it (1: every block, the official m2mKD V-MoE; 2: every other block, the V-MoE paper's and this project's former setting)."})
     teacher_epochs: float = field(default=20, metadata={"help": "Training epochs of the teacher."})
-    meta_epochs: float = field(default=5, metadata={"help": "Training epochs of the meta model (0: use it as initialised)."})
+    meta_epochs: float = field(default=6, metadata={"help": "Training epochs of the meta model (0: use it as initialised); official: 3x module_epochs (PT 300, m2mKD 100 epochs)."})
     module_epochs: float = field(default=2, metadata={"help": "m2mKD epochs of each student module."})
     finetune_epochs: float = field(default=12, metadata={"help": "End-to-end epochs of the assembled student."})
     baseline: bool = field(default=True, metadata={"help": "Also train the student end to end only, on the same budget of student forward passes."})
@@ -271,7 +279,7 @@ class M2MRun:
             set_seed(seed)
             student = VMoEForImageClassification(self.student_config)
             meta = split_model(self.models["meta"], args.num_modules)
-            path = student_path(meta, student, index)
+            path = student_path(meta, student, index, gate_loss=args.module_gate_loss)
             fitted = self.fit(path, args.module_epochs, seed, teacher=teacher_path(meta, self.models["teacher"], index))
             record["results"] = {**fitted, "module_blocks": len(path.module.blocks),
                                  "student_path_iid": accuracy(path, self.data["test"])}
@@ -283,7 +291,8 @@ class M2MRun:
                           metadata={"format": "pt"})
                 (tmp / "all_results.json").write_text(json.dumps({**record["results"], "m2m": record}, indent=2))
 
-        settings = args.settings(*DATA, *STUDENT, "module_epochs", "alpha", "temperature", "kd_scale", index=index, seed=seed, **deps)
+        settings = args.settings(*DATA, *STUDENT, "module_epochs", "alpha", "temperature", "kd_scale",
+                                 "module_gate_loss", index=index, seed=seed, **deps)
         return self.stage(folder, settings, make, build)
 
     def student(self, seed: int, modules: list[dict], build: bool = True) -> dict:
