@@ -83,12 +83,14 @@ def main() -> None:
     parser.add_argument("--budget", choices=["forwards", "blocks"], default="forwards",
                         help="forwards: a module pass counts as a full student forward pass; blocks: as its share")
     parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--result_name", default="m2mkd",
+                        help="benchmarks/results/<name>.json (another name keeps m2mkd.json, e.g. for an ablation)")
     a = parser.parse_args()
 
     start = time.time()
     report = run_m2mkd(bench_args(a))
     print_report(report)
-    write_result("m2mkd", {"headline": headline(report, time.time() - start), "summary": report.summary(),
+    write_result(a.result_name, {"headline": headline(report, time.time() - start), "summary": report.summary(),
                            "table": report.table(), "args": report.args,
                            "stages": {"teacher": report.teacher, "meta": report.meta, "modules": report.modules,
                                       "student": report.student, "baseline": report.baseline}})

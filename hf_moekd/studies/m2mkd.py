@@ -26,6 +26,7 @@ This project's settings before issue 29 remain options: `meta_init="teacher"`, `
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from contextlib import contextmanager
@@ -50,7 +51,9 @@ from ..utils.outputs import atomic_output_dir
 from ..m2mkd.config import M2MConfig
 from ..m2mkd.modules import assemble, build_meta, check_num_modules, module_state, split_model
 from ..m2mkd.path import student_path, teacher_path
-from ..m2mkd.report import M2MReport
+from ..m2mkd.report import M2MReport, poor_teacher_paths
+
+logger = logging.getLogger(__name__)
 
 PHASES = ("all", "prepare", "module", "assemble")
 MODULE_FILE = "module.safetensors"
@@ -269,6 +272,12 @@ class M2MRun:
                                  teacher=teacher_record["run_id"])
         record = self.stage(folder, settings, make, build)
         self.load("meta", folder).requires_grad_(False)
+        if poor := poor_teacher_paths(record["results"]["iid"], record["results"]["teacher_path_iid"]):
+            logger.warning("m2mKD: the teacher's modules %s do not fit the meta model (meta model %.1f%%, teacher paths "
+                           "%s%%): their KD targets are poor. A teacher trained outside a meta model from scratch "
+                           "gives this; meta_init='teacher' shares the teacher's stem and head.", poor,
+                           100 * record["results"]["iid"],
+                           [round(100 * a, 1) for a in record["results"]["teacher_path_iid"]])
         return record
 
     def module(self, index: int, seed: int, deps: dict[str, str], build: bool) -> dict:
