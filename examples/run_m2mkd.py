@@ -12,8 +12,11 @@ One process per module (in parallel, or on machines that share the output folder
     for i in 0 1 2 3; do python examples/run_m2mkd.py --output_dir out/m2mkd --phase module --module_index $i & done; wait
     python examples/run_m2mkd.py --output_dir out/m2mkd --phase assemble         # assembly, fine-tune, baseline, table
 
-The student is saved to <output_dir>/seed<S>/student and loads with AutoModelForImageClassification (hf_moekd
-imported). Fashion-MNIST: --dataset fashion_mnist --patch_size 7 (see benchmarks/m2mkd.py for larger settings).
+The defaults follow the official m2mKD recipe: the meta model trained from scratch, experts in every student block,
+no gate loss in the module phase; this project's former setting is `--meta_init teacher --moe_layer_frequency 2
+--module_gate_loss`. The student is saved to <output_dir>/seed<S>/student and loads with
+AutoModelForImageClassification (hf_moekd imported). Fashion-MNIST: --dataset fashion_mnist --patch_size 7 (see
+benchmarks/m2mkd.py for larger settings).
 """
 from __future__ import annotations
 

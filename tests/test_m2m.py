@@ -14,10 +14,13 @@ from transformers import AutoModelForImageClassification, AutoModelForSequenceCl
 
 from hf_moekd.distillation import DistillationArguments, DistillationTrainer
 from hf_moekd.data.images import rotate_images
+from hf_moekd.m2mkd.config import M2MConfig
 from hf_moekd.m2mkd.modules import Segment, Stitch, assemble, build_meta, module_state, run_segments, split_model
 from hf_moekd.m2mkd.path import M2MPath, student_path, teacher_path
+from hf_moekd.m2mkd.report import poor_teacher_paths
 from hf_moekd.studies.m2mkd import MODULE_FILE, STITCH_PREFIX, M2MArguments, M2MRun, image_configs, run_m2mkd
 from hf_moekd.models.minimoe import MiniMoEConfig, MiniMoEForSequenceClassification
+from hf_moekd.models.dense_vit import DenseViTForImageClassification
 from hf_moekd.models.vmoe import VMoEForImageClassification
 
 LABELS = torch.tensor([0, 4, 9])
@@ -124,6 +127,81 @@ def test_m2m_loss_differs_for_another_module(tmp_path):
     student = perturbed(copy.deepcopy(teacher))  # same width, other weights
     for loss, self_loss, _ in _m2m_losses(teacher, student, {"pixel_values": pixels()}, LABELS, 2, tmp_path):
         assert not torch.equal(loss, self_loss)
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_module_phase_has_no_gate_loss_by_default(index, tmp_path):
+    """Issue 29.5: the official module loss (m2mKD deep_incubation/losses.py `m2mKDLoss.forward`) is
+    (1 - a) CE + a KL only; `gate_loss=True` keeps the student's load-balancing loss (the former behaviour)."""
+    teacher = perturbed(tiny_model(False))
+    meta = split_model(perturbed(build_meta(teacher, 2)), 2)
+    student = tiny_student(router_aux_loss_coef=0.5, router_jitter=0.0)
+    reference = teacher_path(meta, teacher, index)
+    inputs, labels = {"pixel_values": pixels()}, LABELS
+    batch = {**inputs, "labels": labels}
+    losses = {}
+    for gate_loss in (False, True):
+        path = student_path(meta, student, index, **({"gate_loss": True} if gate_loss else {})).train()
+        trainer = trainer_for(path, reference, tmp_path)
+        assert ("router_aux" in trainer.loss_terms) == gate_loss
+        with torch.no_grad():  # training mode (the distillation loss); no dropout, no router jitter: deterministic
+            out, t = path(**inputs), reference(**inputs).logits
+            losses[gate_loss] = trainer.compute_loss(path, batch)
+            own_loss = F.cross_entropy(out.logits, labels) + gate_loss * 0.5 * out.aux_loss
+            assert torch.allclose(path(**batch).loss, own_loss)
+        pure_kd = 0.5 * F.cross_entropy(out.logits, labels) + 0.5 * F.kl_div(
+            F.log_softmax(out.logits, -1), F.log_softmax(t, -1), reduction="batchmean", log_target=True)
+        assert out.aux_loss > 0.1  # a gate loss term would show: 0.5 * aux_loss
+        torch.testing.assert_close(losses[gate_loss], pure_kd + gate_loss * 0.5 * out.aux_loss, rtol=1e-5, atol=1e-6)
+    assert student.config.router_aux_loss_coef == 0.5  # the student keeps its own setting (fine-tune, saving)
+
+
+def test_official_recipe_is_the_default():
+    """Issue 29.5, kamanphoebe/m2mKD TRAIN-MOE.md: meta model pre-trained from scratch (PT phase, 300 epochs = 3x
+    the 100 of a module's m2mKD phase), experts in every student block, no gate loss in the module phase."""
+    config, args = M2MConfig(), M2MArguments()
+    assert (config.meta_init, config.module_gate_loss) == ("scratch", False)
+    assert (args.meta_init, args.module_gate_loss, args.moe_layer_frequency) == ("scratch", False, 1)
+    assert args.meta_epochs == 3 * args.module_epochs
+    _, student = image_configs(args, 8)
+    assert student.moe_layers == list(range(args.num_hidden_layers))
+    assert image_configs(M2MArguments(moe_layer_frequency=2), 8)[1].moe_layers == [1, 3, 5, 7]  # the former setting
+    teacher = perturbed(tiny_model(False))
+    torch.manual_seed(0)
+    meta = build_meta(teacher, 2)  # fresh: nothing copied from the teacher
+    stem = "dense_vit.embeddings.patch_embeddings.projection.weight"
+    assert stem in meta.state_dict() and not torch.equal(meta.state_dict()[stem], teacher.state_dict()[stem])
+    torch.manual_seed(0)
+    assert torch.equal(meta.state_dict()[stem], build_meta(teacher, 2, init="scratch").state_dict()[stem])
+    assert torch.equal(build_meta(teacher, 2, init="teacher").state_dict()[stem], teacher.state_dict()[stem])
+
+
+def test_teacher_modules_that_do_not_fit_the_meta_model_are_flagged():
+    """Measured (issue 29): a meta model from scratch with a teacher trained outside it: teacher paths 4.4, 75.2,
+    76.9, 3.4 % (meta model 78.3 %); from the teacher: 83.5-84.2 % (meta 84.3 %)."""
+    assert poor_teacher_paths(0.7832, [0.0442, 0.7518, 0.7694, 0.0342]) == [0, 3]
+    assert poor_teacher_paths(0.8434, [0.8348, 0.8354, 0.8374, 0.842]) == []
+
+
+@pytest.mark.parametrize("gate_loss", [False, True])
+def test_module_stage_follows_module_gate_loss(gate_loss, tmp_path, monkeypatch):
+    """The pipeline's module stage trains the path `module_gate_loss` asks for, and records the setting."""
+    args = M2MArguments(**TINY_RUN, module_gate_loss=gate_loss, output_dir=str(tmp_path))
+    run = M2MRun(args, progress=False)
+    torch.manual_seed(0)
+    run.models["teacher"] = DenseViTForImageClassification(run.teacher_config).eval()
+    run.models["meta"] = build_meta(run.models["teacher"], args.num_modules).eval().requires_grad_(False)
+    seen = []
+
+    def fit(self, model, epochs, seed, teacher=None):
+        seen.append((model.gate_loss, model.config.router_aux_loss_coef))
+        return {"train_forwards": 0, "train_seconds": 0.0}
+
+    monkeypatch.setattr(M2MRun, "fit", fit)
+    record = run.module(0, 0, {}, build=True)
+    coef = run.student_config.router_aux_loss_coef
+    assert coef > 0 and seen == [(gate_loss, coef if gate_loss else 0.0)]
+    assert record["settings"]["module_gate_loss"] is gate_loss
 
 
 @pytest.mark.parametrize("index", [0, 1])

@@ -118,11 +118,13 @@ class Stitch(nn.Module):
         return hidden if self.proj is None else self.proj(self.norm(hidden))
 
 
-def build_meta(teacher: PreTrainedModel, num_modules: int, init: str = "teacher") -> PreTrainedModel:
+def build_meta(teacher: PreTrainedModel, num_modules: int, init: str = "scratch") -> PreTrainedModel:
     """The shallow meta model: the teacher's architecture (stem, width, head) with one block per module.
 
-    `init="teacher"` copies the teacher's stem, head and the first block of each teacher module; `"scratch"` is a
-    fresh initialisation (seed with `set_seed` first). Train it on the task before use (it is trainable).
+    `init="scratch"` (default, official) is a fresh initialisation (seed with `set_seed` first): the official recipe
+    pre-trains the meta model from scratch in its own phase (kamanphoebe/m2mKD TRAIN-MOE.md lines 22-26, `--phase PT
+    --divided_depths 1 1 1 1 --epochs 300`; see `M2MConfig`). `init="teacher"` copies the teacher's stem, head and
+    the first block of each teacher module. Train it on the task before use (it is trainable).
     """
     layout = layout_of(teacher)
     if teacher.config.model_type != layout.dense_type:

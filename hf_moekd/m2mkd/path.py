@@ -5,9 +5,14 @@
 Module 0 embeds the inputs itself (no pre-stitch is applied) and module N - 1 ends in its own head (no post-stitch).
 The meta model is frozen and stays in eval mode. The student path trains module i and its two stitches; the
 teacher path is frozen as a whole and needs no stitch: the meta model has the teacher's width.
+
+A path's loss has no gate (load-balancing) term unless asked (`gate_loss=True`): the official module phase
+(kamanphoebe/m2mKD deep_incubation/losses.py, `m2mKDLoss.forward`, lines 139-169) is the task loss plus the KD term
+only. The routers' balancing loss is still computed and returned as `aux_loss`, for monitoring.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,8 +27,8 @@ from .modules import Segment, Stitch, run_segments
 
 @dataclass
 class M2MPathOutput(ModelOutput):
-    """`loss` (with labels): cross-entropy + `router_aux_loss_coef * aux_loss`; `aux_loss`: the load-balancing loss of
-    the module's MoE layers (None without routers)."""
+    """`loss` (with labels): cross-entropy, plus `router_aux_loss_coef * aux_loss` for a path built with
+    `gate_loss=True`; `aux_loss`: the load-balancing loss of the module's MoE layers (None without routers)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -32,9 +37,15 @@ class M2MPathOutput(ModelOutput):
 
 class M2MPath(nn.Module):
     """Meta modules before `module.index`, `pre`, `module`, `post`, meta modules after it; callable like a classifier
-    (`pixel_values` or `input_ids`/`attention_mask`/`token_type_ids`, optional `labels`)."""
+    (`pixel_values` or `input_ids`/`attention_mask`/`token_type_ids`, optional `labels`).
 
-    def __init__(self, meta: Sequence[Segment], module: Segment, pre: Stitch, post: Stitch):
+    `gate_loss`: keep the module's load-balancing loss in the path's loss, with the weight of its config's
+    `router_aux_loss_coef` (False: none, as the official m2mKD). The path's `config` (what a trainer reads, e.g.
+    `DistillationTrainer`'s automatic `router_aux` term) is a copy of the module's with `router_aux_loss_coef` 0
+    when `gate_loss` is False; the student's own config is not changed.
+    """
+
+    def __init__(self, meta: Sequence[Segment], module: Segment, pre: Stitch, post: Stitch, gate_loss: bool = False):
         super().__init__()
         i, width = module.index, meta[0].hidden_size
         if len(meta) != module.num_modules or meta[i].index != i:
@@ -55,7 +66,11 @@ class M2MPath(nn.Module):
         self.before.requires_grad_(False)
         self.after.requires_grad_(False)
         self.pre, self.module, self.post = pre, module, post
+        self.gate_loss = gate_loss
         self.config = module.config  # router_aux_loss_coef and labels, read by the trainer
+        if not gate_loss and getattr(module.config, "router_aux_loss_coef", 0.0):
+            self.config = copy.deepcopy(module.config)
+            self.config.router_aux_loss_coef = 0.0
 
     def train(self, mode: bool = True) -> M2MPath:
         super().train(mode)
@@ -79,17 +94,18 @@ class M2MPath(nn.Module):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(hidden.float(), labels)
-            if aux is not None:
+            if aux is not None and self.gate_loss:
                 loss = loss + getattr(self.config, "router_aux_loss_coef", 0.0) * aux
         return M2MPathOutput(loss=loss, logits=hidden, aux_loss=aux)
 
 
-def student_path(meta: Sequence[Segment], student: PreTrainedModel, index: int) -> M2MPath:
-    """The path that trains module `index` of `student`, with fresh stitches between the two widths."""
+def student_path(meta: Sequence[Segment], student: PreTrainedModel, index: int, gate_loss: bool = False) -> M2MPath:
+    """The path that trains module `index` of `student`, with fresh stitches between the two widths; its loss keeps
+    the student's load-balancing loss only with `gate_loss=True` (see `M2MPath`)."""
     module = Segment(student, index, len(meta))
     width, own = meta[0].hidden_size, module.hidden_size
     return M2MPath(meta, module, Stitch(own if module.is_first else width, own),
-                   Stitch(own, own if module.is_last else width))
+                   Stitch(own, own if module.is_last else width), gate_loss=gate_loss)
 
 
 def teacher_path(meta: Sequence[Segment], teacher: PreTrainedModel, index: int) -> M2MPath:

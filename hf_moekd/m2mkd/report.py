@@ -59,20 +59,41 @@ class M2MReport:
         return "\n".join(lines)
 
 
+def poor_teacher_paths(meta_iid: float, teacher_path_iid: list[float]) -> list[int]:
+    """The modules whose teacher path (the meta model with the teacher's module i) reaches less than half the meta
+    model's accuracy: that teacher module does not fit the meta model, so its KD targets are poor.
+
+    Expected with a meta model trained from scratch and a teacher trained outside it, for the first module (the
+    teacher's stem) and the last (its head). The official recipe incubates the teacher's modules inside its meta
+    model first (Deep Incubation's MT and FT phases, kamanphoebe/m2mKD TRAIN-MOE.md lines 28-43), which this project
+    does not implement; `meta_init="teacher"` makes the meta model share the teacher's stem and head instead.
+    """
+    return [i for i, acc in enumerate(teacher_path_iid) if acc < 0.5 * meta_iid]
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
+
+
+def _moe_blocks(frequency: int | None) -> str:
+    return "MoE in every block" if frequency in (None, 1) else f"MoE in one block of every {frequency}"
 
 
 def print_report(report: M2MReport) -> None:
     args, summary = report.args, report.summary()
     print(f"\nm2mKD on {args['dataset']}: ViT teacher ({report.teacher.get('run_id', '')[:8]}) cut into "
           f"{args['num_modules']} modules -> V-MoE student ({args['num_hidden_layers']} blocks, width "
-          f"{args['hidden_size']}, {args['num_experts']} experts, top-{args['num_experts_per_tok']}); seeds {args['seeds']}; "
+          f"{args['hidden_size']}, {args['num_experts']} experts, top-{args['num_experts_per_tok']}, "
+          f"{_moe_blocks(args.get('moe_layer_frequency'))}); meta model from {args.get('meta_init', 'scratch')}; "
+          f"module gate loss {'on' if args.get('module_gate_loss') else 'off'}; seeds {args['seeds']}; "
           f"budget matched by {args['budget']}")
     if summary["meta_iid"] is not None:
         paths = ", ".join(f"{100 * a:.1f}" for a in summary["teacher_path_iid"])
         print(f"meta model {100 * summary['meta_iid']:.2f}%; teacher paths (meta + teacher module i): {paths}")
+        if poor := poor_teacher_paths(summary["meta_iid"], summary["teacher_path_iid"]):
+            print(f"teacher modules {poor} do not fit the meta model (teacher path below half the meta model's "
+                  "accuracy): their KD targets are poor; see hf_moekd.m2mkd.report.poor_teacher_paths")
     for seed, accs in summary["student_path_iid"].items():
         print(f"[seed {seed}] student paths (meta + student module i): {', '.join(f'{100 * a:.1f}' for a in accs)}")
     if report.student or report.baseline:
@@ -81,4 +102,4 @@ def print_report(report: M2MReport) -> None:
         print(f"m2mKD - end to end, {metric}: {mean:+.2f} ± {std:.2f} points (paired by seed)")
 
 
-__all__ = ["M2MReport", "print_report"]
+__all__ = ["M2MReport", "poor_teacher_paths", "print_report"]

@@ -14,10 +14,19 @@ its modules). With `budget="forwards"` a module pass counts as a full one (conse
 the end-to-end baseline trains `num_modules * module_epochs + finetune_epochs` epochs; with `budget="blocks"` it
 counts as the module's share of the student's blocks and the baseline trains `module_epochs + finetune_epochs`.
 Both counts are reported. The teacher and meta model forward passes of m2mKD are not part of the student budget.
+
+The defaults follow the official recipe (kamanphoebe/m2mKD, commit 067fa1f): the meta model is trained from scratch
+(`meta_init="scratch"`, its PT phase: 300 epochs, 3x a module's 100, hence `meta_epochs` = 3 x `module_epochs`
+here), the V-MoE student has experts in every block (`moe_layer_frequency=1`; TRAIN-MOE.md line 53 `--moe_pos 0 1
+2` in each 3-block module and line 70 `--moe_pos 0 1 ... 11`, vmoe.py lines 158-166: a block is a `MoeBlock` iff its
+index is in `moe_pos`), and a module's m2mKD loss has no gate loss (`module_gate_loss=False`; see `M2MConfig`).
+This project's settings before issue 29 remain options: `meta_init="teacher"`, `moe_layer_frequency=2`,
+`module_gate_loss=True`.
 """
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from contextlib import contextmanager
@@ -42,7 +51,9 @@ from ..utils.outputs import atomic_output_dir
 from ..m2mkd.config import M2MConfig
 from ..m2mkd.modules import assemble, build_meta, check_num_modules, module_state, split_model
 from ..m2mkd.path import student_path, teacher_path
-from ..m2mkd.report import M2MReport
+from ..m2mkd.report import M2MReport, poor_teacher_paths
+
+logger = logging.getLogger(__name__)
 
 PHASES = ("all", "prepare", "module", "assemble")
 MODULE_FILE = "module.safetensors"
@@ -67,9 +78,9 @@ class M2MArguments(ImageArguments, M2MConfig):
     num_hidden_layers: int = field(default=8, metadata={"help": "Blocks of the V-MoE student (a multiple of num_modules)."})
     num_attention_heads: int = field(default=2, metadata={"help": "Attention heads of the student."})
     intermediate_size: int = field(default=32, metadata={"help": "FFN width of the student's dense MLPs and of each expert."})
-    moe_layer_frequency: int = field(default=2, metadata={"help": "Student block i is MoE iff i + 1 is a multiple of it (2: every other block, 1: all)."})
+    moe_layer_frequency: int = field(default=1, metadata={"help": "Student block i is MoE iff i + 1 is a multiple of it (1: every block, the official m2mKD V-MoE; 2: every other block, the V-MoE paper's and this project's former setting)."})
     teacher_epochs: float = field(default=20, metadata={"help": "Training epochs of the teacher."})
-    meta_epochs: float = field(default=5, metadata={"help": "Training epochs of the meta model (0: use it as initialised)."})
+    meta_epochs: float = field(default=6, metadata={"help": "Training epochs of the meta model (0: use it as initialised); official: 3x module_epochs (PT 300, m2mKD 100 epochs)."})
     module_epochs: float = field(default=2, metadata={"help": "m2mKD epochs of each student module."})
     finetune_epochs: float = field(default=12, metadata={"help": "End-to-end epochs of the assembled student."})
     baseline: bool = field(default=True, metadata={"help": "Also train the student end to end only, on the same budget of student forward passes."})
@@ -261,6 +272,12 @@ class M2MRun:
                                  teacher=teacher_record["run_id"])
         record = self.stage(folder, settings, make, build)
         self.load("meta", folder).requires_grad_(False)
+        if poor := poor_teacher_paths(record["results"]["iid"], record["results"]["teacher_path_iid"]):
+            logger.warning("m2mKD: the teacher's modules %s do not fit the meta model (meta model %.1f%%, teacher paths "
+                           "%s%%): their KD targets are poor. A teacher trained outside a meta model from scratch "
+                           "gives this; meta_init='teacher' shares the teacher's stem and head.", poor,
+                           100 * record["results"]["iid"],
+                           [round(100 * a, 1) for a in record["results"]["teacher_path_iid"]])
         return record
 
     def module(self, index: int, seed: int, deps: dict[str, str], build: bool) -> dict:
@@ -271,7 +288,7 @@ class M2MRun:
             set_seed(seed)
             student = VMoEForImageClassification(self.student_config)
             meta = split_model(self.models["meta"], args.num_modules)
-            path = student_path(meta, student, index)
+            path = student_path(meta, student, index, gate_loss=args.module_gate_loss)
             fitted = self.fit(path, args.module_epochs, seed, teacher=teacher_path(meta, self.models["teacher"], index))
             record["results"] = {**fitted, "module_blocks": len(path.module.blocks),
                                  "student_path_iid": accuracy(path, self.data["test"])}
@@ -283,7 +300,8 @@ class M2MRun:
                           metadata={"format": "pt"})
                 (tmp / "all_results.json").write_text(json.dumps({**record["results"], "m2m": record}, indent=2))
 
-        settings = args.settings(*DATA, *STUDENT, "module_epochs", "alpha", "temperature", "kd_scale", index=index, seed=seed, **deps)
+        settings = args.settings(*DATA, *STUDENT, "module_epochs", "alpha", "temperature", "kd_scale",
+                                 "module_gate_loss", index=index, seed=seed, **deps)
         return self.stage(folder, settings, make, build)
 
     def student(self, seed: int, modules: list[dict], build: bool = True) -> dict:
