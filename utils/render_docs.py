@@ -507,7 +507,11 @@ FAMILY_COLUMNS: list[FamilyColumn] = [
 
 
 def family_cell(value: Any) -> str:
-    if value is None or value == "":
+    import enum
+
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if value is None or value == "" or callable(value):  # a field computed per config says nothing on its own
         return "–"
     if isinstance(value, bool):
         return "yes" if value else "no"
@@ -522,7 +526,7 @@ def family_table(families: dict[str, Any] | None = None, columns: list[FamilyCol
         from hf_moekd.ones.families import FAMILIES as families
     columns = FAMILY_COLUMNS if columns is None else columns
     cells = [[get(f) for _, get in columns] for f in sorted(families.values(), key=lambda f: f.model_type)]
-    shown = [i for i in range(len(columns)) if any(row[i] not in (None, "") for row in cells)]
+    shown = [i for i in range(len(columns)) if any(family_cell(row[i]) != "–" for row in cells)]
     lines = ["| " + " | ".join(columns[i][0] for i in shown) + " |", "|" + "|".join("---" for _ in shown) + "|"]
     lines += ["| " + " | ".join(family_cell(row[i]) for i in shown) + " |" for row in cells]
     return "\n".join(lines)
