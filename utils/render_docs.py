@@ -476,6 +476,8 @@ def _attr(name: str) -> Callable[[Any], Any]:
 
 
 def _dense_target(family: Any) -> Any:
+    if getattr(family, "unsupported", None):
+        return None  # refused: no dense model is built
     for name in ("dense_target", "dense_model_type", "dense"):
         if getattr(family, name, None):
             return getattr(family, name)
