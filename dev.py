@@ -43,7 +43,7 @@ def ensure_env() -> None:
         return
     pip = [str(PYTHON), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     print("[dev] installing hf_moekd and its pinned dependencies (first run: a few minutes)", flush=True)
-    subprocess.run([*pip, "-c", "constraints.txt", "-e", ".[dev]"], cwd=ROOT, check=True)
+    subprocess.run([*pip, "-c", "constraints.txt", "-e", ".[dev,docs]"], cwd=ROOT, check=True)
     subprocess.run([*pip, "--no-deps", *NO_DEPS], cwd=ROOT, check=True)
     STAMP.write_text(key)
 

@@ -57,8 +57,8 @@ class DistillationArguments(TrainingArguments):
     kd_chunk_size: int = field(
         default=128,
         metadata={"help": "Token positions per chunk of the KD divergence on token-level logits (LMs): bounds the "
-                  "float32 softmax copies to chunk x vocab instead of batch x sequence x vocab (benchmarks/lm_kd_memory.py: "
-                  "vocab 32,000, 4 x 512 tokens: 446 MiB above the logits at 128, 1,254 MiB unchunked). The fused LM path "
+                  "float32 softmax copies to chunk x vocab instead of batch x sequence x vocab (peak memory against the unchunked "
+                  "loss: benchmarks/lm_kd_memory.py, docs/results/lm_kd_memory.md). The fused LM path "
                   "(fused_lm_kd) takes at most 2**24 // vocab positions per chunk (110 at vocab 151,936)."},
     )
     fused_lm_kd: bool = field(

@@ -121,7 +121,8 @@ def mpo_decompose(
 
     Args:
         weight: the matrix; for an ``nn.Linear`` pass ``linear.weight`` as stored (``[out_features, in_features]``).
-        row_factors, col_factors: ``i_1..i_n`` and ``j_1..j_n``; the same length, products equal to the shape.
+        row_factors: ``i_1..i_n``, whose product is the number of rows.
+        col_factors: ``j_1..j_n`` (as many as ``row_factors``), whose product is the number of columns.
         max_bond: keep at most this many singular values at each bond (best truncation at each SVD step).
         center: index of the central tensor (default ``n // 2``).
         gauge: ``"official"`` (OPDF's symmetric square-root gauge: outer cores carry the scale, singleton middle

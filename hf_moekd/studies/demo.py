@@ -3,7 +3,7 @@
 Trains a dense ViT baseline and a V-MoE teacher (8 experts, top-2, every other block), gathers the teacher's
 experts into a dense OneS model (SVD-KG), distils it from the teacher (logits + hidden states), prints the
 comparison table (with the controls and the dense-vs-MoE inference speedup) and saves the OneS model, which
-reloads with `AutoModelForImageClassification.from_pretrained`. About 5 minutes on 2 CPU cores.
+reloads with `AutoModelForImageClassification.from_pretrained`. A few minutes on 2 free CPU cores.
 """
 from __future__ import annotations
 
