@@ -5,7 +5,7 @@ For each E, writes a one-layer DeepSeek-V3-shaped checkpoint (hidden 7168, fine-
 shared expert, bf16, published per-expert naming ``mlp.experts.{e}.gate_proj.weight``, 4 GB shards; 16 attention
 heads and a 1024-token vocabulary keep the rest small) to --work_dir, then runs
 ``gather_experts(path, "weighted_average", output_dir=...)`` in a fresh process and records its peak resident memory
-(``ru_maxrss``) and the time spent merging the sparse block; time per expert is the marginal one between
+(``VmHWM``) and the time spent merging the sparse block; time per expert is the marginal one between
 consecutive E (the block's fixed work, its shared expert and the written FFN, cancels out). The tensors hold a constant pattern, not
 random numbers (the weighted average reads and adds every value either way; writing 22 GB of random numbers would
 take longer than the measurement). The layer's experts are 0.66 GiB at E = 8 and 21 GiB at E = 256, so memory that
@@ -30,7 +30,7 @@ from common import REPO, write_result
 HIDDEN, EXPERT_WIDTH, SHARD_BYTES = 7168, 2048, 4 * 2**30
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import torch
 from hf_moekd.ones import gather as g
 torch.set_num_threads(int(sys.argv[3]))
@@ -44,8 +44,10 @@ g._gather_block = timed
 start = time.perf_counter()
 g.gather_experts(sys.argv[1], "weighted_average", output_dir=sys.argv[2], overwrite=True, progress=False,
                  return_model=False)
+# VmHWM, not ru_maxrss: ru_maxrss survives fork + exec and would report the parent's (checkpoint writer's) peak
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({"seconds": time.perf_counter() - start, "block_seconds": sum(block_seconds),
-                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+                  "peak_rss_gib": hwm / 2**20}))
 """
 
 

@@ -163,14 +163,14 @@ def test_family_table_shows_whatever_fields_the_registry_entries_expose():
     @dataclass
     class New(Old):
         how: str = "twin"
-        exact: str = "yes"
+        exactness: str = "yes"
         shared_experts: bool = False
         quantised: object = None
 
     old = render_docs.family_table({"a": Old("a", ("AMoe", "A")), "b": Old("b", ("BMoe", ""), unsupported="no twin")})
     assert old.splitlines()[0] == "| `model_type` | MoE | dense target | Auto class | notes |"
     assert "| `b` | BMoe | – | `AutoModelForCausalLM` | refused: no twin |" in old
-    new = render_docs.family_table({"a": New("a", ("AMoe", "A"), exact="with norm_topk_prob", shared_experts=True,
+    new = render_docs.family_table({"a": New("a", ("AMoe", "A"), exactness="with norm_topk_prob", shared_experts=True,
                                              quantised=lambda config: True)})  # a per-config rule: not a cell
     assert new.splitlines()[0] == "| `model_type` | MoE | dense target | how | exact | shared experts | Auto class |"
     assert "| `a` | AMoe | A | twin | with norm_topk_prob | yes | `AutoModelForCausalLM` |" in new

@@ -500,7 +500,7 @@ FAMILY_COLUMNS: list[FamilyColumn] = [
     ("MoE", _moe_class),
     ("dense target", _dense_target),
     ("how", _attr("how")),                    # twin / configured dense / one expert
-    ("exact", _attr("exact")),                # when identical experts give the MoE's logits
+    ("exact", _attr("exactness")),           # when identical experts give the MoE's logits
     ("shared experts", _attr("shared_experts")),
     ("quantised", _attr("quantised")),
     ("Auto class", lambda family: f"`{family.auto_class}`" if getattr(family, "auto_class", None) else None),

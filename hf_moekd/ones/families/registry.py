@@ -90,6 +90,42 @@ class MoEFamily:
         if self.target == "twin" and not self.dense_type:
             raise ValueError(f"{self.model_type}: a twin target needs dense_type")
 
+    # ---- what the docs' family table shows (utils/render_docs.py)
+    @property
+    def dense_target(self) -> str | None:
+        return None if self.unsupported else (self.dense_type if self.target == "twin" else self.model_type)
+
+    @property
+    def how(self) -> str | None:
+        if self.unsupported:
+            return None
+        copies = f" ({self.copies} copies)" if self.copies > 1 else ""
+        return {"twin": "dense twin", "configured": "same class, configured dense",
+                "one_expert": f"same class, one expert{copies}"}[self.target]
+
+    @property
+    def exactness(self) -> str | None:
+        """When identical experts give the MoE's logits."""
+        if self.unsupported:
+            return None
+        if not self.exact:
+            return "no (approximation)"
+        return {"renormalised": "yes", "if_norm_topk": "with norm_topk_prob=True (else: calibration mean)"}.get(
+            getattr(self.routed_sum, "__name__", ""), "when a token's routing sum is constant (calibration mean folded)")
+
+    @property
+    def shared_experts(self) -> str | None:
+        if self.unsupported or self.read_experts is not None:
+            return None
+        return "kept in place (exact)" if self.target == "one_expert" else \
+            "folded into the FFN (exact; a sigmoid-gated one: its calibration mean)"
+
+    @property
+    def quantised(self) -> str | None:
+        if self.unsupported or self.read_experts is not None:
+            return None
+        return "FP8 block / MXFP4 dequantised on read" if self.streamed else "loaded whole by transformers"
+
     def normalize(self, name: str) -> str:
         """An on-disk tensor name as the in-memory model names it."""
         for pattern, repl in self.renames():
