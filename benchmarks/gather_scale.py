@@ -6,20 +6,24 @@ shared expert, bf16, published per-expert naming ``mlp.experts.{e}.gate_proj.wei
 heads and a 1024-token vocabulary keep the rest small) to --work_dir, then runs
 ``gather_experts(path, "weighted_average", output_dir=...)`` in a fresh process and records its peak resident memory
 (``VmHWM``) and the time spent merging the sparse block; time per expert is the marginal one between
-consecutive E (the block's fixed work, its shared expert and the written FFN, cancels out). The tensors hold a constant pattern, not
+consecutive E (the block's fixed work, its shared expert and the written FFN, cancels out). The page cache is dropped before each gather where
+the benchmark may (root), so every E reads from disk (``read_from_disk`` per run). The tensors hold a constant pattern, not
 random numbers (the weighted average reads and adds every value either way; writing 22 GB of random numbers would
 take longer than the measurement). The layer's experts are 0.66 GiB at E = 8 and 21 GiB at E = 256, so memory that
 does not depend on E is what the streaming reader (one expert at a time) must show.
 
 Targets (headline): peak RSS grows by less than 10% from E = 8 to E = 256; time per expert within 20% across E.
 
-    python benchmarks/gather_scale.py --work_dir /tmp/gather_scale   # ~23 GB of disk at E = 256, 10-20 minutes
+    python benchmarks/gather_scale.py --work_dir /tmp/gather_scale   # ~28 GB of disk, about 10 minutes
+
+Each E is gathered ``--repeats`` times (3), interleaved across E; times are medians, memory the maximum.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -114,27 +118,48 @@ def write_checkpoint(folder: Path, num_experts: int) -> float:
     return expert_bytes / 2**30
 
 
+def drop_page_cache() -> bool:
+    """Drop the OS page cache (root only), so that every E reads its checkpoint from disk: a just-written 5 GB
+    checkpoint is still cached, a 21 GB one is not, and the time per expert would compare memory with disk."""
+    subprocess.run(["sync"], check=False)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work_dir", default="/tmp/gather_scale")
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 64, 256])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="gathers per E, interleaved; medians are reported")
     args = parser.parse_args()
-    work, runs = Path(args.work_dir), {}
-    for num_experts in args.experts:
-        ckpt, out = work / f"E{num_experts}", work / f"E{num_experts}-dense"
-        expert_gib = write_checkpoint(ckpt, num_experts)
-        res = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), str(out), str(args.threads)], capture_output=True,
-                             text=True, cwd=REPO, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
-                                                       "PYTHONPATH": str(REPO)})
-        if res.returncode:
-            raise SystemExit(res.stderr[-3000:])
-        run = json.loads(res.stdout.strip().splitlines()[-1])
-        run.update(expert_gib=round(expert_gib, 3), seconds_per_expert=run["block_seconds"] / num_experts)
-        runs[str(num_experts)] = run
-        print(num_experts, json.dumps(run), flush=True)
-        shutil.rmtree(ckpt)
-        shutil.rmtree(out)
+    work, runs, expert_gib = Path(args.work_dir), {}, {}
+    for num_experts in args.experts:  # every checkpoint first, then the gathers interleaved (disk speed drifts)
+        expert_gib[num_experts] = write_checkpoint(work / f"E{num_experts}", num_experts)
+    reps: dict[int, list[dict]] = {e: [] for e in args.experts}
+    for rep in range(args.repeats):
+        for num_experts in args.experts:
+            ckpt, out = work / f"E{num_experts}", work / f"E{num_experts}-dense"
+            cold = drop_page_cache()
+            res = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), str(out), str(args.threads)],
+                                 capture_output=True, text=True, cwd=REPO,
+                                 env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+            if res.returncode:
+                raise SystemExit(res.stderr[-3000:])
+            run = {**json.loads(res.stdout.strip().splitlines()[-1]), "read_from_disk": cold}
+            reps[num_experts].append(run)
+            print(num_experts, rep, json.dumps(run), flush=True)
+            shutil.rmtree(out)
+    for num_experts, rs in reps.items():
+        shutil.rmtree(work / f"E{num_experts}")
+        median = lambda key: statistics.median(r[key] for r in rs)  # noqa: E731
+        runs[str(num_experts)] = {"seconds": median("seconds"), "block_seconds": median("block_seconds"),
+                                  "peak_rss_gib": max(r["peak_rss_gib"] for r in rs), "repeats": rs,
+                                  "expert_gib": round(expert_gib[num_experts], 3),
+                                  "seconds_per_expert": median("block_seconds") / num_experts}
     lo, hi = str(min(args.experts)), str(max(args.experts))
     # marginal time per expert between consecutive E (the block's fixed work, e.g. its shared expert, cancels out)
     sizes = sorted(int(e) for e in runs)
@@ -154,7 +179,7 @@ def main() -> None:
         "benchmark": "gather_scale", "command": "python " + " ".join(["benchmarks/gather_scale.py", *sys.argv[1:]]),
         "headline": headline, "runs": runs, "seeds": [], "settings": {
             "hidden": HIDDEN, "expert_width": EXPERT_WIDTH, "layers": 1, "dtype": "bfloat16", "strategy":
-            "weighted_average", "threads": args.threads, "shard_bytes": SHARD_BYTES}})
+            "weighted_average", "threads": args.threads, "shard_bytes": SHARD_BYTES, "repeats": args.repeats}})
 
 
 
