@@ -202,7 +202,12 @@ TINY_MOE = dict(vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attentio
                 topk_group=1, shared_expert_intermediate_size=48, moe_layer_start_index=1, n_shared_experts=1,
                 attn_layer_period=1, attn_layer_offset=0, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
                 qk_nope_head_dim=8, v_head_dim=16, index_head_dim=16, index_n_heads=2)
-TINY_MOE_OVERRIDES: dict[str, dict] = {"beam": {"mlp_layer_types": ["dense", "sparse", "sparse"]}}
+TINY_MOE_OVERRIDES: dict[str, dict] = {
+    "beam": {"mlp_layer_types": ["dense", "sparse", "sparse"]},
+    "zaya": {"num_experts_per_tok": 1},  # ZAYA supports top-1 only
+    "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv"], "num_dense_layers": 1},
+    "granitemoehybrid": {"layer_types": ["linear_attention", "attention", "linear_attention"]},
+}
 
 
 def _with_attention(config) -> None:

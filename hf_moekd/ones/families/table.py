@@ -128,7 +128,8 @@ for _t, _sum, _notes in (
     ("minimax", renormalised, "lightning-attention hybrid: no dense twin"),
     *((t, varies, "") for t in ("afmoe", "aria_text", "cohere2_moe", "flex_olmo", "flint",
                                 "granitemoe_swa", "granitemoeshared", "hunyuan_v1_moe", "inkling_text", "kolibri1",
-                                "laguna", "mellum", "minimax_m2", "qwen3_next", "qwen3_5_moe_text", "hy_v3")),
+                                "laguna", "mellum", "minimax_m2", "qwen3_next", "qwen3_5_moe_text", "hy_v3",
+                                "lfm2_moe", "granitemoehybrid")),
 ):
     register_family(MoEFamily(_t, routed_sum=_sum, notes=_notes))
 for _t in ("axk1", "axk2", "deepseek_v32", "glm_moe_dsa", "hy_v4", "nemotron_h", "solar_open"):
@@ -172,19 +173,15 @@ for _t, _why in (
                     "scale that no dense FFN (and no one-expert Llama-4, whose router score is constant) reproduces"),
     ("longcat_flash", "not verified here: LongCat-Flash mixes zero-computation (identity) experts into the routing, "
                       "and its tiny test model did not finish building on this machine"),
-    ("granitemoehybrid", "not verified here: the tiny test model's hybrid layer_types could not be given an attention "
-                         "layer, so the gathered checkpoint was not checked"),
     ("qwen4_exp_text", "not verified here: the tiny test model has no full-attention layer to generate with (its "
                        "indexed-attention layers need a setting this test does not know)"),
-    ("lfm2_moe", "not verified here: a tiny Lfm2MoeConfig fails to build (layer_types); the gathered checkpoint was "
-                 "not checked"),
-    ("mimo_v2_flash", "not verified here: a tiny MiMo-V2-Flash config fails in its attention (head sizes); the "
+    ("mimo_v2_flash", "not verified here: a tiny MiMo-V2-Flash model fails in its attention (head sizes); the "
                       "gathered checkpoint was not checked"),
     ("gemma4_text", "not verified here: Gemma-4 configs are per layer (per_layer_config) and a tiny MoE one could not "
                     "be built by this test; the gathered checkpoint was not checked"),
     ("dots3_note_text", "not verified here: dots3 configs are per layer (per_layer_config) and a tiny one could not be "
                         "built by this test; the gathered checkpoint was not checked"),
-    ("zaya", "not verified here: a tiny Zaya config fails its own architecture validation; the gathered checkpoint "
-             "was not checked"),
+    ("zaya", "not verified here: ZAYA's MLP router with its own residual path gives a one-expert model 5e-3 (relative) "
+             "away from the MoE even with identical experts in the tiny test; not gathered until that is understood"),
 ):
     register_family(MoEFamily(_t, unsupported=_why))
