@@ -6,8 +6,9 @@ into a dense twin model, then distillation with the MoE as teacher removes the g
 >>> dense = gather_experts(moe, GatheringConfig(strategy="svd", rank=16, align=True))  # or "svd-r16+align"
 
 * `gather`: the checkpoint-to-checkpoint gathering (`gather_experts`), streamed layer by layer;
-* `strategies`: the merge formulas (registered, `register_strategy`); `families`: where each MoE family keeps its
-  experts and which dense class it becomes (`register_family`);
+* `strategies`: the merge formulas (registered, `register_strategy`); `families`: the MoE architecture registry,
+  one entry per model_type saying which dense model it becomes (twin, configured dense, one expert;
+  `register_family`); `quantized`: FP8 / MXFP4 checkpoint weights dequantised on read;
 * `vit`: the V-MoE -> DenseViT pair of the project's image models (dense config, twin with the non-expert weights);
 * `config`: `GatheringConfig`, the settings of a gathering (also written `svd-r16+align`); `cli`: `hf-moekd gather`;
 * `report`: the study's table and the "% of MoE benefit"; `card`: the method's card sections.
