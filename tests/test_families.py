@@ -17,7 +17,7 @@ import textwrap
 import pytest
 import torch
 import transformers as tf
-from testing_utils import tiny_moe_lm
+from testing_utils import tiny_moe_config, tiny_moe_lm
 
 from hf_moekd.model_utils.moe_layout import moe_blocks
 from hf_moekd.ones import gather_experts
@@ -31,7 +31,7 @@ _EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_n
 
 def _varies(model_type: str) -> bool:
     family = FAMILIES[model_type]
-    return family.exact and family.routed_sum(tiny_moe_lm(model_type).config) is None
+    return family.exact and family.routed_sum(tiny_moe_config(model_type)) is None
 
 
 @pytest.fixture(scope="module")

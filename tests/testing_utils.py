@@ -221,18 +221,24 @@ def _with_attention(config) -> None:
             config.layer_types = [*kinds[:-1], full]
 
 
-def tiny_moe_lm(model_type: str, seed: int = 0, identical: bool = True, zero_router: bool = False):
-    """A tiny random MoE language model of `model_type` (experts all equal to expert 0 when `identical`; router,
-    router biases and shared-expert gates zero when `zero_router`: every token then gets the same routing weights)."""
+def tiny_moe_config(model_type: str):
+    """The tiny config of `model_type` that `tiny_moe_lm` builds."""
     import dataclasses
-
-    from hf_moekd.model_utils.moe_layout import moe_blocks
-    from hf_moekd.ones.families.targets import model_class
 
     cls = tf.CONFIG_MAPPING[model_type]
     names = {f.name for f in dataclasses.fields(cls)}
     config = cls(**{k: v for k, v in {**TINY_MOE, **TINY_MOE_OVERRIDES.get(model_type, {})}.items() if k in names})
     _with_attention(config)
+    return config
+
+
+def tiny_moe_lm(model_type: str, seed: int = 0, identical: bool = True, zero_router: bool = False):
+    """A tiny random MoE language model of `model_type` (experts all equal to expert 0 when `identical`; router,
+    router biases and shared-expert gates zero when `zero_router`: every token then gets the same routing weights)."""
+    from hf_moekd.model_utils.moe_layout import moe_blocks
+    from hf_moekd.ones.families.targets import model_class
+
+    config = tiny_moe_config(model_type)
     torch.manual_seed(seed)
     model = model_class(config, None, "AutoModelForCausalLM")(config).eval()
     with torch.no_grad():

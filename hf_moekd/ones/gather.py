@@ -131,7 +131,7 @@ class _CheckpointSource:
         return (self.config.architectures or [None])[0]
 
     def live_model(self, family: MoEFamily) -> torch.nn.Module:
-        logger.info("loading %s once to collect routing statistics", self.path)
+        logger.info("loading %s whole (routing statistics, or naming that needs transformers' conversions)", self.path)
         return model_class(self.config, self.arch(), family.auto_class).from_pretrained(self.path)
 
 
@@ -244,18 +244,15 @@ def _num_experts(block: torch.nn.Module, config) -> int:
 
 
 # --------------------------------------------------------------------------- main entry point
-def _block_finder(prefixes: Iterable[str]):
-    """name -> the sparse block holding it (None for non-block tensors)."""
+def _block_finder(prefixes: Iterable[str], names: Iterable[str]) -> dict[str, str | None]:
+    """name -> the sparse block holding it (None for non-block tensors), for every name."""
     known = set(prefixes)
 
     def block_of(name: str) -> str | None:
         parts = name.split(".")
-        for i in range(len(parts) - 1, 0, -1):
-            if (head := ".".join(parts[:i])) in known:
-                return head
-        return None
+        return next((h for i in range(len(parts) - 1, 0, -1) if (h := ".".join(parts[:i])) in known), None)
 
-    return block_of
+    return {n: block_of(n) for n in names}
 
 
 def _unit_of(name: str) -> tuple[str, int]:
@@ -332,12 +329,13 @@ def gather_experts(
     model_or_path, aux_dir = _merged_adapters(model_or_path, allow_pickle)  # aux_dir: tokenizer files come from it
     if allow_pickle and not isinstance(model_or_path, torch.nn.Module) and checkpoint_format(model_or_path) == "pickle":
         aux_dir, model_or_path = Path(model_or_path), _load_pickled(model_or_path)
-    if not isinstance(model_or_path, torch.nn.Module) and checkpoint_format(model_or_path) == "safetensors":
-        model_or_path, aux_dir = _whole_if_not_streamed(Path(model_or_path), aux_dir)
     is_live = isinstance(model_or_path, torch.nn.Module)
     source = _LiveSource(model_or_path) if is_live else _CheckpointSource(model_or_path)
+    family = get_family(source.config.model_type)
+    if not is_live and not family.streamed:  # naming that needs transformers' conversions: loaded whole
+        aux_dir, model_or_path, is_live = source.path, source.live_model(family), True
+        source = _LiveSource(model_or_path)
     moe_config = source.config
-    family = get_family(moe_config.model_type)
     options = {**gathering.strategy_options(), **extra}
     if "k" in inspect.signature(get_strategy(strategy)).parameters:
         options.setdefault("k", family.top_k(moe_config))
@@ -348,8 +346,8 @@ def gather_experts(
     dense_config, make_dense, expected, tied = template.config, template.cls, template.expected, template.tied
     names = source.keys(family)
     name_set = set(names)
-    block_of = _block_finder(moe_blocks)
-    blocks = sorted({b for n in names if (b := block_of(n))})
+    block_of = _block_finder(moe_blocks, names)
+    blocks = sorted({b for b in block_of.values() if b})
     stats: dict[str, RoutingStats] = {}
     if calibration_dataset is not None:
         model = source.live_model(family)
@@ -383,7 +381,7 @@ def gather_experts(
             with source.reader() as get:
                 by_block: dict[str, list[str]] = defaultdict(list)
                 for n in units[unit]:
-                    if (b := block_of(n)) is not None:
+                    if (b := block_of[n]) is not None:
                         by_block[b].append(n[len(b) + 1:])
                     else:
                         emit(family.dense_name(n), get(n))
@@ -444,19 +442,6 @@ def _write_card(tmp: Path, name: str, source: str | os.PathLike | None, hyperpar
     write_model_card(tmp, facts, model_id=name)
 
 
-def _whole_if_not_streamed(path: Path, aux_dir: Path | None) -> tuple[Any, Path | None]:
-    """(the MoE loaded whole, its folder) for families whose checkpoints cannot be streamed; else as given."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path)
-    family = get_family(config.model_type)
-    if family.streamed:
-        return path, aux_dir
-    arch = (config.architectures or [None])[0]
-    logger.info("%s checkpoints need transformers' weight conversions: loading %s whole", config.model_type, path)
-    return model_class(config, arch, family.auto_class).from_pretrained(path), path
-
-
 def _load_pickled(path: str | os.PathLike) -> torch.nn.Module:
     """A whole MoE from pickle weights, with the class its config names (else the family's Auto class)."""
     import transformers
@@ -488,8 +473,6 @@ def _gather_block(family: MoEFamily, config, block: MoEBlock, reader: BlockReade
     if not one_expert and block.layout is not None:
         for shared in shared_ffns(block, reader, st, moe):
             ffn = ffn.concat(shared)
-    if family.fold is not None:
-        ffn = family.fold(ffn, reader, st, config)
     return place_block(family, block, ffn.to(dtype), reader, template)
 
 

@@ -26,7 +26,7 @@ from torch import Tensor
 from transformers import PretrainedConfig
 
 from ..strategies import DenseFFN
-from .readers import BlockReader, Reader, disk_renames, fused_or_per_expert
+from .readers import Reader, disk_renames, fused_or_per_expert
 from .stats import StatFn
 
 __all__ = ["MoEFamily", "FAMILIES", "TARGETS", "register_family", "get_family", "copy_fields", "one_expert_fields",
@@ -34,7 +34,6 @@ __all__ = ["MoEFamily", "FAMILIES", "TARGETS", "register_family", "get_family", 
 
 TARGETS = ("twin", "configured", "one_expert")
 Writer = Callable[[str, DenseFFN], dict[str, Tensor]]
-Fold = Callable[[DenseFFN, BlockReader, Any, PretrainedConfig], DenseFFN]
 
 _COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 _TOPK_FIELDS = ("num_experts_per_tok", "moe_topk", "moe_k", "num_activated_experts")
@@ -69,11 +68,8 @@ class MoEFamily:
     """How to read a block's experts; None: transformers' fused experts (fused or per-expert tensors)."""
     write_dense: Writer | None = None
     """Where a block's merged FFN goes in a twin / configured model; None: the dense MLP of the same layer."""
-    fold: Fold | None = None
-    """Extra folding of a block into the dense FFN (twin / configured), after the shared experts."""
     router_stats: tuple[str, StatFn] | None = None
     """``(block submodule, hook)`` for families whose experts are not called with the routing (Switch)."""
-    extra_disk_renames: tuple[tuple[str, str], ...] = ()
     dense_renames: tuple[tuple[str, str], ...] = ()
     """Regex substitutions for copied (non-expert) tensor names in the dense model (twins that rename modules)."""
     input_name: str = "input_ids"
@@ -128,7 +124,7 @@ class MoEFamily:
 
     def normalize(self, name: str) -> str:
         """An on-disk tensor name as the in-memory model names it."""
-        for pattern, repl in self.renames():
+        for pattern, repl in disk_renames(self.model_type):
             name = re.sub(pattern, repl, name)
         return name
 
@@ -147,9 +143,6 @@ class MoEFamily:
 
     def reader(self) -> Reader:
         return self.read_experts or fused_or_per_expert(self.model_type)
-
-    def renames(self) -> tuple[tuple[str, str], ...]:
-        return disk_renames(self.model_type) + self.extra_disk_renames
 
     def dense_config(self, config: PretrainedConfig, width: int = 0) -> PretrainedConfig:
         """The dense model's config; ``width``: the widest gathered FFN of any block (shared experts included; 0:
