@@ -17,7 +17,7 @@ import textwrap
 import pytest
 import torch
 import transformers as tf
-from testing_utils import tiny_moe_config, tiny_moe_lm
+from testing_utils import fresh_process_logits, tiny_moe_config, tiny_moe_lm
 
 from hf_moekd.model_utils.moe_layout import moe_blocks
 from hf_moekd.ones import gather_experts
@@ -27,6 +27,18 @@ from hf_moekd.ones.strategies import MERGE_STRATEGIES
 LM_FAMILIES = sorted(t for t, f in FAMILIES.items() if not f.unsupported and f.read_experts is None)
 IDS = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(1))
 _EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _auto(model_type: str) -> str:
+    """The Auto class the tiny model of a family loads with: a causal LM, or the base model (text towers of
+    multimodal MoEs and encoders, which transformers registers only as base models)."""
+    return "AutoModelForCausalLM" if FAMILIES[model_type].auto_class == "AutoModelForCausalLM" else "AutoModel"
+
+
+def _output(model, ids):
+    """Logits of a causal LM, the last hidden state of a base model."""
+    out = model(input_ids=ids)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
 def _varies(model_type: str) -> bool:
@@ -47,7 +59,7 @@ def gathered(tmp_path_factory):
         gather_experts(ckpt, "weighted_average", calibration_dataset=[IDS] if varies else None, output_dir=dense_dir,
                        progress=False, return_model=False)
         with torch.no_grad():
-            out[model_type] = (dense_dir, moe(input_ids=IDS).logits, FAMILIES[model_type].exact)
+            out[model_type] = (dense_dir, _output(moe, IDS), FAMILIES[model_type].exact)
     return out
 
 
@@ -62,9 +74,9 @@ def test_gathered_checkpoint_matches_moe(gathered, model_type):
         assert config["model_type"] == family.dense_type
     if family.target == "one_expert":
         assert [config[f] for f in _EXPERT_FIELDS if config.get(f)] in ([family.copies], [family.copies] * 2)
-    dense = tf.AutoModelForCausalLM.from_pretrained(folder).eval()
+    dense = getattr(tf, _auto(model_type)).from_pretrained(folder).eval()
     with torch.no_grad():
-        logits = dense(input_ids=IDS).logits
+        logits = _output(dense, IDS)
     assert torch.isfinite(logits).all()
     err = ((logits - ref).abs().max() / ref.abs().max()).item()
     if exact:
@@ -72,20 +84,23 @@ def test_gathered_checkpoint_matches_moe(gathered, model_type):
 
 
 def test_stock_transformers_loads_and_generates(gathered, tmp_path):
-    """A fresh interpreter that never imports hf_moekd loads every output with AutoModelForCausalLM and generates."""
-    torch.save({"ids": IDS, "refs": {str(f): (ref, exact) for f, ref, exact in gathered.values()}}, tmp_path / "refs.pt")
+    """A fresh interpreter that never imports hf_moekd loads every output with a stock Auto class, gets the MoE's
+    outputs and generates (causal LMs; base models give their hidden states)."""
+    refs = {str(f): (ref, exact, _auto(t)) for t, (f, ref, exact) in gathered.items()}
+    torch.save({"ids": IDS, "refs": refs}, tmp_path / "refs.pt")
     script = textwrap.dedent(f"""
-        import sys, torch
-        from transformers import AutoModelForCausalLM
+        import sys, torch, transformers
         data = torch.load({str(tmp_path / "refs.pt")!r})
-        for path, (ref, exact) in data["refs"].items():
-            model = AutoModelForCausalLM.from_pretrained(path).eval()
+        for path, (ref, exact, auto) in data["refs"].items():
+            model = getattr(transformers, auto).from_pretrained(path).eval()
             with torch.no_grad():
-                logits = model(input_ids=data["ids"]).logits
-                err = ((logits - ref).abs().max() / ref.abs().max()).item()
+                out = model(input_ids=data["ids"])
+                out = out.logits if auto == "AutoModelForCausalLM" else out.last_hidden_state
+                err = ((out - ref).abs().max() / ref.abs().max()).item()
                 assert not exact or err <= 1e-4, (path, err)
-                new = model.generate(data["ids"], max_new_tokens=3, do_sample=False)
-            assert new.shape == (2, data["ids"].shape[1] + 3), (path, new.shape)
+                if auto == "AutoModelForCausalLM":
+                    new = model.generate(data["ids"], max_new_tokens=3, do_sample=False)
+                    assert new.shape == (2, data["ids"].shape[1] + 3), (path, new.shape)
             print(type(model).__name__, f"{{err:.1e}}")
         assert "hf_moekd" not in sys.modules
     """)
@@ -110,22 +125,91 @@ def test_every_strategy_runs_with_calibration(model_type):
     for strategy, options in [*runs, ("svd", {"align": True}), ("top_kg", {})]:
         dense = gather_experts(moe, strategy, calibration_dataset=[IDS], progress=False, **options)
         with torch.no_grad():
-            assert torch.isfinite(dense(input_ids=IDS).logits).all(), strategy
+            assert torch.isfinite(_output(dense, IDS)).all(), strategy
 
 
 def test_every_moe_family_of_transformers_has_an_entry():
-    """Each text MoE model_type transformers registers is in the registry: gathered, or refused with a reason."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    """Each MoE model_type that transformers registers with an Auto model class (causal LMs, seq2seq, and the base
+    models of multimodal text towers and encoders) is in the registry: gathered, or refused with a reason."""
+    from transformers.models.auto import modeling_auto as auto
 
+    with_model = {*auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, *auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+                  *auto.MODEL_MAPPING_NAMES}
     moe_types = []
     for model_type, cls in tf.CONFIG_MAPPING.items():
         fields = {f.name for f in getattr(cls, "__dataclass_fields__", {}).values()}
-        if fields & {*_EXPERT_FIELDS, "expert_capacity"} and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        if fields & {*_EXPERT_FIELDS, "expert_capacity"} and model_type in with_model:
             moe_types.append(model_type)
+    assert {"nllb-moe", "qwen3_vl_moe_text", "openai_privacy_filter"} <= set(moe_types)
     missing = sorted(set(moe_types) - set(FAMILIES))
     assert not missing, f"MoE families without a registry entry: {missing}"
     for family in FAMILIES.values():
         assert family.unsupported is None or len(family.unsupported) > 40  # a reason, not a placeholder
+
+
+def test_router_rows_and_expert_weight_of_one_expert_models(tmp_path):
+    """Gemma-4's per-expert scales (here 0.7, not the init's 1) go into the FFN and the kept expert's scale is 1;
+    ZAYA's one expert gets 1/2 (expert vs skip class) and the skip class keeps its -1 bias."""
+    for model_type, rows in (("gemma4_text", {"router.per_expert_scale": [1.0]}),
+                             ("zaya", {"gate.balancing_biases": [0.0, -1.0]})):
+        moe = tiny_moe_lm(model_type, zero_router=True)
+        with torch.no_grad():
+            for name, p in moe.named_parameters():
+                if name.endswith("per_expert_scale"):
+                    p.fill_(0.7)
+            ref = moe(input_ids=IDS).logits
+        moe.save_pretrained(tmp_path / model_type)
+        dense = gather_experts(tmp_path / model_type, "weighted_average", calibration_dataset=[IDS], progress=False)
+        with torch.no_grad():
+            assert ((dense(input_ids=IDS).logits - ref).abs().max() / ref.abs().max()).item() <= 1e-4, model_type
+        tensors = {**dict(dense.named_parameters()), **dict(dense.named_buffers())}
+        for block in moe_blocks(dense):
+            for rel, values in rows.items():
+                assert tensors[f"{block}.{rel}"].tolist() == values, (model_type, block, rel)
+
+
+# --------------------------------------------------------------------------- NLLB-MoE -> M2M100 (seq2seq)
+def _tiny_nllb_moe(identical: bool):
+    config = tf.NllbMoeConfig(vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=48,
+                              decoder_ffn_dim=48, encoder_attention_heads=4, decoder_attention_heads=4, num_experts=4,
+                              encoder_sparse_step=2, decoder_sparse_step=2, expert_capacity=64,
+                              max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = tf.NllbMoeForConditionalGeneration(config).eval()
+    if identical:
+        with torch.no_grad():
+            for prefix in moe_blocks(model):
+                experts = model.get_submodule(prefix).experts
+                for e in range(1, config.num_experts):
+                    experts[f"expert_{e}"].load_state_dict(experts["expert_0"].state_dict())
+    return model
+
+
+def test_nllb_moe_becomes_m2m100(tmp_path):
+    """Identical experts: the stock M2M100 (loaded in a fresh interpreter) has the MoE's logits; its sparse-layer
+    tensors are renamed to M2M100's (ffn.fc1 -> fc1, cross_attention -> encoder_attn, ...) and it generates."""
+    moe = _tiny_nllb_moe(identical=True)
+    assert sorted(moe_blocks(moe)) == ["model.decoder.layers.1.ffn", "model.encoder.layers.1.ffn"]
+    moe.save_pretrained(tmp_path / "moe", max_shard_size="100KB")
+    gather_experts(tmp_path / "moe", "weighted_average", output_dir=tmp_path / "dense", progress=False,
+                   return_model=False)
+    inputs = {"input_ids": IDS, "decoder_input_ids": IDS[:, :5]}
+    with torch.no_grad():
+        ref = moe(**inputs).logits  # eval: every expert output times 1 - moe_token_dropout (0.2)
+    result = fresh_process_logits(tmp_path / "dense", "AutoModelForSeq2SeqLM", inputs, tmp_path)
+    assert result["class"] == "M2M100ForConditionalGeneration"
+    assert ((result["logits"] - ref).abs().max() / ref.abs().max()).item() <= 1e-4
+    dense = tf.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "dense")
+    assert dense.generate(IDS, max_new_tokens=3, do_sample=False).shape[0] == 2
+
+
+def test_nllb_moe_strategies_with_calibration():
+    moe = _tiny_nllb_moe(identical=False)
+    for strategy, options in (("weighted_average", {}), ("svd", {"align": True}), ("top_kg", {})):
+        dense = gather_experts(moe, strategy, calibration_dataset=[IDS], progress=False, **options)
+        assert type(dense).__name__ == "M2M100ForConditionalGeneration"
+        with torch.no_grad():
+            assert torch.isfinite(dense(input_ids=IDS, decoder_input_ids=IDS[:, :5]).logits).all(), strategy
 
 
 # --------------------------------------------------------------------------- quantised checkpoints

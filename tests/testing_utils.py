@@ -207,6 +207,25 @@ TINY_MOE_OVERRIDES: dict[str, dict] = {
     "zaya": {"num_experts_per_tok": 1},  # ZAYA supports top-1 only
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv"], "num_dense_layers": 1},
     "granitemoehybrid": {"layer_types": ["linear_attention", "attention", "linear_attention"]},
+    "glm4v_moe_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                           "mrope_section": [2, 1, 1]}},  # sections of the rotary half-dim (4)
+    "mimo_v2_flash": {"num_key_value_heads": 2, "head_dim": 24,  # sliding layers double the KV heads; rotary dim
+                      "v_head_dim": 16, "mlp_layer_types": ["dense", "sparse", "sparse"]},  # 0.334 x 24 = 8
+    "gemma4_text": {"enable_moe_block": True, "top_k_experts": 2, "per_layer_config": {}, "vocab_size_per_layer_input": 96,
+                    "hidden_size_per_layer_input": 16, "layer_types": ["sliding_attention", "sliding_attention",
+                                                                       "full_attention"]},
+    "dots3_note_text": {"per_layer_config": {}, "mlp_layer_types": ["dense", "sparse", "sparse"],
+                        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]},
+    "longcat_flash": {"num_layers": 2, "head_dim": 8, "ffn_hidden_size": 96, "expert_ffn_hidden_size": 32, "zero_expert_num": 2,
+                      "moe_topk": 2},
+    "qwen4_exp_text": {"layer_types": ["linear_attention", "linear_attention", "indexed_attention"],
+                       "indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
+                       "indexer_compress_ratio": 1, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+                       "linear_num_key_heads": 2, "linear_num_value_heads": 4, "hc_lowrank": 8, "ple_embed_dim": 16,
+                       "ngram_vocab_size_base": 200, "split_ngram_parts": 4, "make_ngram_vocab_size_divisible_by": 8},
+    "glm5_next_text": {"qk_rope_head_dim": 0, "qk_nope_head_dim": 16,  # its DSA attention layers are NoPE
+                       "mlp_layer_types": ["dense", "sparse", "sparse"],
+                       "layer_types": ["linear_attention", "linear_attention", "indexed_attention"]},
 }
 
 
@@ -248,7 +267,10 @@ def tiny_moe_lm(model_type: str, seed: int = 0, identical: bool = True, zero_rou
                 for p in block.experts.parameters(recurse=False):
                     p.copy_(p[0:1].expand_as(p))
             if zero_router:
+                whole_layer = hasattr(block, "self_attn")  # Gemma-4: experts and router sit in the decoder layer
                 for n, p in [*block.named_parameters(), *block.named_buffers()]:
+                    if whole_layer and not (n.startswith("router.") and p.dim() == 2):
+                        continue
                     if not n.startswith(("experts.", "shared_expert.", "shared_experts.", "shared_mlp.")) and p.is_floating_point():
                         p.zero_()
     return model

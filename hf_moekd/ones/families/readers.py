@@ -132,12 +132,13 @@ def _first_present(r: BlockReader, candidates: list[tuple[str, ...]], num_expert
                      f"per-expert experts.{{e}}.<{'|'.join('/'.join(c) for c in candidates)}>.weight, found {shown}")
 
 
-def plain_reader(expert: str, w_in: str, w_out: str) -> Reader:
-    """Per-expert two-matrix FFNs, e.g. Switch ``experts.expert_{e}.wi / wo``."""
+def plain_reader(expert: str, w_in: str, w_out: str, bias: bool = False) -> Reader:
+    """Per-expert two-matrix FFNs, e.g. Switch ``experts.expert_{e}.wi / wo`` (NLLB-MoE's ``fc1 / fc2`` with biases)."""
 
     def read(r: BlockReader, config: PretrainedConfig, layout: ExpertsLayout | None) -> ExpertWeights:
         stack = _stacker(r, config.num_experts)
-        return ExpertWeights([stack(f"{expert}.{w_in}.weight")], stack(f"{expert}.{w_out}.weight"))
+        b_in, b_out = ([stack(f"{expert}.{w_in}.bias")], stack(f"{expert}.{w_out}.bias")) if bias else (None, None)
+        return ExpertWeights([stack(f"{expert}.{w_in}.weight")], stack(f"{expert}.{w_out}.weight"), b_in, b_out)
 
     return read
 

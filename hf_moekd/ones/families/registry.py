@@ -36,7 +36,7 @@ TARGETS = ("twin", "configured", "one_expert")
 Writer = Callable[[str, DenseFFN], dict[str, Tensor]]
 
 _COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-_TOPK_FIELDS = ("num_experts_per_tok", "moe_topk", "moe_k", "num_activated_experts")
+_TOPK_FIELDS = ("num_experts_per_tok", "moe_topk", "moe_k", "num_activated_experts", "top_k_experts")
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,13 @@ class MoEFamily:
     """False: checkpoints are loaded whole with ``from_pretrained`` (their naming needs conversions beyond renames)."""
     copy_router: bool = False
     """``one_expert``: the router keeps its first rows (instead of zero rows): for routers degenerate on equal logits."""
+    router_rows: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    """``one_expert``: values of expert-indexed router tensors (names relative to the block) in the dense model,
+    where zero rows would be wrong: Gemma-4's ``router.per_expert_scale`` (1: the kept expert's weight is 1, the
+    MoE's scales are in the FFN's calibration mean), ZAYA's ``gate.balancing_biases`` (its skip class keeps -1)."""
+    expert_weight: Callable[[PretrainedConfig], float] | None = None
+    """``one_expert``: the weight the dense model's router gives its one expert, where not 1 x the routed scaling
+    factor (ZAYA: a softmax over the expert and its skip class, both logits zero: 1/2)."""
     copies: int = 1
     """``one_expert``: experts in the dense model, each a copy of the gathered FFN (2 where the router needs two
     per group, DeepSeek-V3-style group scores: with renormalised top-1 weights the copies compute exactly one FFN)."""
@@ -106,7 +113,8 @@ class MoEFamily:
             return None
         if not self.exact:
             return "no (approximation)"
-        return {"renormalised": "yes", "if_norm_topk": "with norm_topk_prob=True (else: calibration mean)"}.get(
+        return {"renormalised": "yes", "if_norm_topk": "with norm_topk_prob=True (else: calibration mean)",
+                "eval_token_dropout": "in eval, while no token exceeds an expert's capacity"}.get(
             getattr(self.routed_sum, "__name__", ""), "when a token's routing sum is constant (calibration mean folded)")
 
     @property
@@ -139,6 +147,8 @@ class MoEFamily:
 
     def own_weight(self, config: PretrainedConfig) -> float:
         """The weight a ``one_expert`` model's router gives its expert: renormalised 1 times its scaling factor."""
+        if self.expert_weight is not None:
+            return self.expert_weight(config)
         return 1.0 if self.scale_outside else router_scale(config)
 
     def reader(self) -> Reader:

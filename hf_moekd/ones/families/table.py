@@ -30,6 +30,11 @@ def if_norm_topk(c: PretrainedConfig) -> float | None:
     return router_scale(c) if getattr(c, "norm_topk_prob", False) else None
 
 
+def eval_token_dropout(c: PretrainedConfig) -> float:
+    """NLLB-MoE: renormalised top-2 weights, every expert output times 1 - moe_token_dropout in eval."""
+    return 1.0 - c.moe_token_dropout
+
+
 def varies(c: PretrainedConfig) -> None:
     """Top-k probabilities not renormalised: the sum varies per token (the FFN gets its calibration mean)."""
     return None
@@ -117,6 +122,10 @@ for _t in ("exaone_moe", "glm4_moe_lite"):
     register_family(MoEFamily(_t, "configured", routed_sum=if_norm_topk,
                               dense_fields=all_dense(mlp_layer_types=lambda c: ["dense"] * c.num_hidden_layers),
                               notes="every mlp_layer_type dense; shared experts folded (exact)"))
+for _t in ("mimo_v2_flash", "dots3_note_text"):
+    register_family(MoEFamily(_t, "configured", routed_sum=if_norm_topk,
+                              dense_fields=all_dense(mlp_layer_types=lambda c: ["dense"] * c.num_hidden_layers),
+                              notes="every mlp_layer_type dense; shared experts folded (exact)"))
 register_family(MoEFamily("jamba", "configured", routed_sum=varies, dense_fields=all_dense(num_experts=lambda c: 1),
                           notes="num_experts = 1 makes every feed-forward a plain MLP"))
 
@@ -135,6 +144,15 @@ for _t, _sum, _notes in (
 for _t in ("axk1", "axk2", "deepseek_v32", "glm_moe_dsa", "hy_v4", "nemotron_h", "solar_open"):
     register_family(MoEFamily(_t, routed_sum=varies, copies=2,
                               notes="two copies of the gathered expert: the group router scores the top two per group"))
+register_family(MoEFamily("qwen4_exp_text", routed_sum=if_norm_topk,
+                          notes="indexed-attention / linear-attention hybrid with hyper-connections: no dense twin"))
+register_family(MoEFamily("gemma4_text", routed_sum=varies, router_rows=(("router.per_expert_scale", (1.0,)),),
+                          notes="the MoE block runs beside the layer's dense MLP (kept); per_expert_scale of the kept "
+                                "expert set to 1, the MoE's scales folded with the calibration mean"))
+register_family(MoEFamily("zaya", routed_sum=varies, expert_weight=lambda c: 0.5,
+                          router_rows=(("gate.balancing_biases", (0.0, -1.0)),),
+                          notes="top-1 over the experts and a skip class, not renormalised: the one expert's weight "
+                                "is 1/2 (expert and skip logits both zero, the skip class biased away as in the MoE)"))
 for _t in ("beam", "minimax_m3_vl_text"):
     register_family(MoEFamily(_t, routed_sum=varies, scale_outside=True, copies=2 if _t == "beam" else 1,
                               notes="routed_scaling_factor applied after the experts' sum, kept by the block"))
@@ -145,6 +163,27 @@ register_family(MoEFamily("phimoe", routed_sum=varies, exact=False, copies=2, co
                           notes="sparsemixer routing: the weights vary per token and equal logits are degenerate (nan): "
                                 "two copies keep the first two router rows; identical experts are not reproduced exactly"))
 
+# --------------------------------------------------------------------------- text towers of multimodal MoEs
+# Only a base model (AutoModel) is registered for these configs; a checkpoint's own architecture is kept.
+register_family(MoEFamily("qwen3_vl_moe_text", "twin", "qwen3_vl_text", if_norm_topk, twin_fields(),
+                          auto_class="AutoModel", notes="Qwen3-VL-MoE's text tower -> Qwen3-VL's dense text model"))
+for _t in ("glm4v_moe_text", "mistral4"):
+    register_family(MoEFamily(_t, "configured", routed_sum=if_norm_topk, auto_class="AutoModel",
+                              dense_fields=all_dense(first_k_dense_replace=_layers),
+                              notes="first_k_dense_replace = every layer; shared experts folded (exact)"))
+for _t, _streamed in (("mistral_large4_text", True), ("glm5_next_text", False)):
+    register_family(MoEFamily(_t, "configured", routed_sum=if_norm_topk, auto_class="AutoModel", streamed=_streamed,
+                              dense_fields=all_dense(mlp_layer_types=lambda c: ["dense"] * c.num_hidden_layers),
+                              notes="every mlp_layer_type dense; shared experts folded (exact)" + (
+                                  "" if _streamed else "; attention tensors need transformers' conversions: loaded "
+                                                       "whole, not streamed")))
+register_family(MoEFamily("muse_spark_text", routed_sum=varies, auto_class="AutoModel",
+                          notes="the experts' shared post_expert_norm is kept after the one expert: exact for "
+                                "identical experts, the norm of the gathered FFN's output otherwise"))
+register_family(MoEFamily("openai_privacy_filter", routed_sum=renormalised, auto_class="AutoModelForTokenClassification",
+                          notes="top-k weights divided by k and the block's output multiplied by k: the effective "
+                                "weights sum to 1 (a bidirectional token classifier)"))
+
 # --------------------------------------------------------------------------- non-fused experts
 register_family(MoEFamily(
     "switch_transformers", "twin", "t5", varies, _t5_fields, auto_class="AutoModelForSeq2SeqLM",
@@ -154,6 +193,15 @@ register_family(MoEFamily(
     notes="top-1 output scaled by the router probability (0 over expert_capacity): the FFN gets its calibration "
           "mean, exact when that probability is constant"))
 register_family(MoEFamily(
+    "nllb-moe", "twin", "m2m_100", eval_token_dropout, lambda c, w: {},
+    auto_class="AutoModelForSeq2SeqLM", read_experts=plain_reader("experts.expert_{e}", "fc1", "fc2", bias=True),
+    write_dense=mlp_writer(["{parent}.fc1"], "{parent}.fc2", bias=True),
+    dense_renames=((r"\.ffn\.(fc1|fc2)\.", r".\1."), (r"\.ff_layer_norm\.", ".final_layer_norm."),
+                   (r"\.cross_attention\.", ".encoder_attn."),
+                   (r"\.cross_attention_layer_norm\.", ".encoder_attn_layer_norm.")),
+    notes="top-2 weights renormalised, times 1 - moe_token_dropout in eval: exact in eval while no token exceeds "
+          "an expert's capacity (moe_eval_capacity_token_fraction); padding positions, which the MoE zeroes, differ"))
+register_family(MoEFamily(
     "vmoe", "twin", "dense_vit", lambda c: 1.0 if c.normalize_topk_weights else None,
     make_config=dense_vit_config, auto_class="AutoModelForImageClassification",
     read_experts=fused_reader("experts.w_in", "experts.w_out", "experts.b_in", "experts.b_out"),
@@ -161,7 +209,7 @@ register_family(MoEFamily(
     dense_renames=((r"^vmoe\.", "dense_vit."),), input_name="pixel_values",
     notes="the output ships DenseViT's code (auto_map): loads with trust_remote_code=True without hf_moekd"))
 
-__all__ = ["renormalised", "if_norm_topk", "varies", "all_dense", "twin_fields", "widest", "mlp_writer"]
+__all__ = ["renormalised", "if_norm_topk", "eval_token_dropout", "varies", "all_dense", "twin_fields", "widest", "mlp_writer"]
 
 # --------------------------------------------------------------------------- refused, with the reason
 for _t, _why in (
@@ -171,17 +219,9 @@ for _t, _why in (
                "routed heads would need an attention merge, which gathering FFN experts does not do"),
     ("llama4_text", "Llama-4 multiplies the experts' *input* by the router's sigmoid score: a token-dependent input "
                     "scale that no dense FFN (and no one-expert Llama-4, whose router score is constant) reproduces"),
-    ("longcat_flash", "not verified here: LongCat-Flash mixes zero-computation (identity) experts into the routing, "
-                      "and its tiny test model did not finish building on this machine"),
-    ("qwen4_exp_text", "not verified here: the tiny test model has no full-attention layer to generate with (its "
-                       "indexed-attention layers need a setting this test does not know)"),
-    ("mimo_v2_flash", "not verified here: a tiny MiMo-V2-Flash model fails in its attention (head sizes); the "
-                      "gathered checkpoint was not checked"),
-    ("gemma4_text", "not verified here: Gemma-4 configs are per layer (per_layer_config) and a tiny MoE one could not "
-                    "be built by this test; the gathered checkpoint was not checked"),
-    ("dots3_note_text", "not verified here: dots3 configs are per layer (per_layer_config) and a tiny one could not be "
-                        "built by this test; the gathered checkpoint was not checked"),
-    ("zaya", "not verified here: ZAYA's MLP router with its own residual path gives a one-expert model 5e-3 (relative) "
-             "away from the MoE even with identical experts in the tiny test; not gathered until that is understood"),
+    ("longcat_flash", "LongCat-Flash routes tokens to zero-computation experts that return the token itself times "
+                      "its weight, which no FFN reproduces, and its experts module is not a transformers fused one "
+                      "(gate_up_proj has rows for the zero-computation experts too): a dense model would drop them "
+                      "(an approximation, not implemented); needs its own reader and writer"),
 ):
     register_family(MoEFamily(_t, unsupported=_why))

@@ -119,7 +119,7 @@ def place_block(family: MoEFamily, block: MoEBlock, ffn: DenseFFN, reader: Block
         return family.write_dense(block.prefix, ffn)
     if family.target != "one_expert":
         return _dense_mlp(block.prefix, ffn, template.expected)
-    return {**_single_expert(block, ffn, family.copies), **_others(block, reader, template.expected, family.copy_router)}
+    return {**_single_expert(block, ffn, family.copies), **_others(block, reader, template.expected, family)}
 
 
 def _dense_mlp(prefix: str, ffn: DenseFFN, expected: dict[str, torch.Size]) -> dict[str, Tensor]:
@@ -160,20 +160,31 @@ def _single_expert(block: MoEBlock, ffn: DenseFFN, copies: int = 1) -> dict[str,
     return {k: v.expand(copies, *v.shape[1:]).contiguous() for k, v in out.items()}
 
 
-def _others(block: MoEBlock, reader: BlockReader, expected: dict[str, torch.Size], copy_rows: bool = False,
+def _expert_weight(rel: str) -> bool:
+    """``experts.gate_up_proj`` / ``experts.down_proj_bias`` (fused) or ``experts.3.w1.weight`` (per expert)."""
+    parts = rel.split(".")
+    return parts[0] == "experts" and (len(parts) == 2 or parts[1].isdigit())
+
+
+def _others(block: MoEBlock, reader: BlockReader, expected: dict[str, torch.Size], family: MoEFamily,
             ) -> dict[str, Tensor]:
-    """Every non-expert tensor of the block, copied; expert-indexed ones (router rows, score biases) are cut to the
-    dense model's expert count, as zero rows (or their first rows with ``copy_rows``): with one expert the router's
-    choice is fixed and its weight is 1 after softmax / renormalisation."""
+    """Every tensor of the block but the experts' own weights, copied (modules inside the experts, such as a norm
+    applied to each expert's output, included); expert-indexed ones (router rows, score biases) are cut to the
+    dense model's expert count, as zero rows (their first rows with ``family.copy_router``, the values of
+    ``family.router_rows``): with one expert the router's choice is fixed and its weight is 1 after softmax /
+    renormalisation."""
     out: dict[str, Any] = {}
     for rel in sorted(reader.names):
-        if rel.startswith("experts."):
+        if _expert_weight(rel):
             continue
         name, t = f"{block.prefix}.{rel}", reader.get(rel)
         shape = expected.get(name)
         if shape is None:
             raise ValueError(f"tensor {name!r} has no place in the one-expert model; the checkpoint does not match its config")
-        if t.shape != shape:
-            t = t[tuple(slice(0, n) for n in shape)].clone() if copy_rows and t.dim() == len(shape) else t.new_zeros(shape)
+        if rel in (fixed := dict(family.router_rows)):
+            t = torch.tensor(fixed[rel], dtype=t.dtype).reshape(shape)
+        elif t.shape != shape:
+            t = t[tuple(slice(0, n) for n in shape)].clone() if family.copy_router and t.dim() == len(shape) \
+                else t.new_zeros(shape)
         out[name] = t
     return out
