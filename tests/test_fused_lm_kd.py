@@ -275,6 +275,25 @@ def test_heads_that_cannot_be_fused_fall_back_with_one_log_line(tmp_path, caplog
     torch.testing.assert_close(loss, 0.5 * kd + 0.5 * ce, rtol=1e-5, atol=1e-6)
 
 
+def test_bf16_autocast_keeps_the_fused_path(tmp_path, caplog):
+    """Under bf16 autocast the head's logits are rounded to 8 significant bits: the first-batch check allows for it
+    (it turned the fused path off before), and training runs fused."""
+    from datasets import Dataset
+
+    batch = causal_batch()
+    data = Dataset.from_dict({k: v.tolist() for k, v in batch.items()}).with_format("torch")
+    logging.getLogger("hf_moekd.distillation.fused").propagate = True
+    with caplog.at_level(logging.WARNING, logger="hf_moekd.distillation.fused"):
+        trainer = DistillationTrainer(model=mistral(0).train(), teacher_model=mistral(1),
+                                      args=args(tmp_path, alpha=0.5, bf16=True, max_steps=2, per_device_train_batch_size=3,
+                                                save_strategy="no"),
+                                      train_dataset=data)
+        trainer.train()
+    assert trainer.fused_lm.enabled and trainer.fused_lm.heads["teacher"] is not None
+    assert not [r for r in caplog.records if "Fused LM distillation" in r.message]
+    assert torch.isfinite(torch.tensor(trainer.state.log_history[-1]["train_loss"]))
+
+
 def test_capture_records_the_head_input_and_restores_an_instance_forward():
     """The swapped head returns zero-width logits and puts back a forward set on the instance (accelerate's hooks)."""
     head = torch.nn.Linear(4, 10)

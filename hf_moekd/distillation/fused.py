@@ -83,13 +83,16 @@ def dense_head(model: nn.Module) -> tuple[Head | None, str]:
 
 
 @contextmanager
-def capture_head_input(head: nn.Module, store: dict[str, torch.Tensor], check: bool) -> Iterator[None]:
+def capture_head_input(head: nn.Module, store: dict[str, Any], check: bool) -> Iterator[None]:
     """Within the block, `head(x)` records x in `store["hidden"]` and returns zero-width logits (with `check`, the
-    real logits of the last position, for `FusedLM.verified`)."""
+    real logits of the last position and the dtype they were computed in, e.g. under autocast, for
+    `FusedLM.verified`)."""
     def forward(x: torch.Tensor) -> torch.Tensor:
         store["hidden"] = x
         if check:
-            return F.linear(x[..., -1:, :].to(head.weight.device), head.weight, head.bias)
+            logits = F.linear(x[..., -1:, :].to(head.weight.device), head.weight, head.bias)
+            store["head_dtype"] = logits.dtype
+            return logits
         return x.new_zeros(*x.shape[:-1], 0)
 
     previous = head.__dict__.get("forward")  # e.g. accelerate's device-map hook
@@ -292,13 +295,19 @@ class FusedLM:
         return FusedBatch(self) if self.enabled else None
 
 
+def _tolerance(*dtypes: torch.dtype | None) -> float:
+    """Relative tolerance of the head check: a few units in the last place of the lowest precision the model's head
+    ran in (bf16 autocast rounds each logit to 8 significant bits; the fused loss itself runs in float32)."""
+    return 4 * max(torch.finfo(d).eps for d in dtypes if d is not None and d.is_floating_point)
+
+
 class FusedBatch:
     """One micro-batch: captures the heads' inputs during the forward passes, then serves the `ce` and `logits_kd`
     terms from one fused pass (`DistillationBatch.extras[FUSED_LM]`)."""
 
     def __init__(self, owner: FusedLM) -> None:
         self.owner = owner
-        self.stores: dict[str, dict[str, torch.Tensor]] = {"student": {}, "teacher": {}}
+        self.stores: dict[str, dict[str, Any]] = {"student": {}, "teacher": {}}
         self.sums: torch.Tensor | None = None
         self.counts: tuple[str, str] = ("item", "item")
 
@@ -326,10 +335,11 @@ class FusedBatch:
             ok = hidden is not None and theirs is not None and theirs.shape[-1] == head.vocab
             if ok:
                 with torch.no_grad():
+                    tol = _tolerance(theirs.dtype, head.weight.dtype, self.stores[role].get("head_dtype"))
                     ours = head.logits(hidden[..., -1:, :]).to(theirs.device)
                     theirs = theirs.float()
-                    ok = ours.shape == theirs.shape and torch.allclose(ours, theirs, rtol=1e-3,
-                                                                       atol=1e-4 * (1 + theirs.abs().max().item()))
+                    ok = ours.shape == theirs.shape and torch.allclose(ours, theirs, rtol=max(1e-3, tol),
+                                                                       atol=max(1e-4, tol) * (1 + theirs.abs().max().item()))
             self.owner.checked.add(role)
             if not ok:
                 why = "its logits are not softcap(hidden @ lm_head.weight.T + bias)"
