@@ -85,6 +85,8 @@ def train(model: PreTrainedModel, data, args: ImageArguments, seed: int, epochs:
     `data` is a `datasets.Dataset` of images (read into memory) or, with `data_collator`, any dataset it batches.
     `extra_loss_terms` are registered loss terms as 'name=weight' (e.g. MoDE's 'mode=0.1'); `term_options` are options
     of the run's terms by name, e.g. ``{"logits_kd": {"per": "logit"}}``; `progress` names a bar of epochs.
+    Trains on a CUDA GPU when one is visible (as `Trainer` does); model and teacher are back on the CPU afterwards,
+    where the studies evaluate and save.
     """
     if teacher is None:
         loss = {"alpha": 0.0, "extra_loss_terms": list(extra_loss_terms or [])}
@@ -95,7 +97,7 @@ def train(model: PreTrainedModel, data, args: ImageArguments, seed: int, epochs:
         targs = DistillationArguments(
             output_dir=tmp, num_train_epochs=epochs, per_device_train_batch_size=args.batch_size,
             learning_rate=args.learning_rate, weight_decay=0.01, save_strategy="no", report_to=[], disable_tqdm=True,
-            seed=seed, use_cpu=True, logging_strategy="no", **loss,
+            seed=seed, use_cpu=not torch.cuda.is_available(), logging_strategy="no", **loss,
         )
         weights = targs.loss_weights()
         terms = {name: (weights[name], get_loss_class(name).from_args(targs, model, teacher, **options))
@@ -106,7 +108,9 @@ def train(model: PreTrainedModel, data, args: ImageArguments, seed: int, epochs:
         if progress:
             trainer.add_callback(EpochProgressCallback(progress))
         trainer.train()
-    return model.eval()
+    if teacher is not None:
+        teacher.cpu()
+    return model.cpu().eval()
 
 
 def study_settings(args: ImageArguments) -> dict[str, Any]:
