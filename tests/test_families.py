@@ -147,6 +147,14 @@ def test_every_moe_family_of_transformers_has_an_entry():
         assert family.unsupported is None or len(family.unsupported) > 40  # a reason, not a placeholder
 
 
+def test_unflagged_experts_layout_is_read_off_the_shapes():
+    """Llama-4's experts module is not flagged by @use_experts_implementation: [E, H, 2I] / [E, I, H] is found from
+    the shapes (here 2I == H, so only down_proj tells)."""
+    for prefix, block in moe_blocks(tiny_moe_lm("llama4_text")).items():
+        assert block.layout is not None and block.layout.transposed, prefix
+    assert not any(b.layout.transposed for b in moe_blocks(tiny_moe_lm("mixtral")).values())
+
+
 def test_router_rows_and_expert_weight_of_one_expert_models(tmp_path):
     """Gemma-4's per-expert scales (here 0.7, not the init's 1) go into the FFN and the kept expert's scale is 1;
     ZAYA's one expert gets 1/2 (expert vs skip class) and the skip class keeps its -1 bias."""

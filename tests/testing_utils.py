@@ -223,6 +223,8 @@ TINY_MOE_OVERRIDES: dict[str, dict] = {
                        "indexer_compress_ratio": 1, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
                        "linear_num_key_heads": 2, "linear_num_value_heads": 4, "hc_lowrank": 8, "ple_embed_dim": 16,
                        "ngram_vocab_size_base": 200, "split_ngram_parts": 4, "make_ngram_vocab_size_divisible_by": 8},
+    "llama4_text": {"intermediate_size": 32, "intermediate_size_mlp": 96, "num_experts_per_tok": 1,  # Llama-4: top-1
+                    "moe_layers": [1, 2]},
     "glm5_next_text": {"qk_rope_head_dim": 0, "qk_nope_head_dim": 16,  # its DSA attention layers are NoPE
                        "mlp_layer_types": ["dense", "sparse", "sparse"],
                        "layer_types": ["linear_attention", "linear_attention", "indexed_attention"]},

@@ -41,10 +41,20 @@ def fused_experts_layout(module: nn.Module) -> ExpertsLayout | None:
     proj, down = params.get("gate_up_proj", params.get("up_proj")), params.get("down_proj")
     if proj is None or down is None or proj.dim() != 3 or down.dim() != 3 or not hasattr(module, "num_experts"):
         return None
+    transposed = getattr(module, "is_transposed", None)
+    if transposed is None:  # not flagged by @use_experts_implementation (Llama-4): read it off the shapes
+        transposed = _transposed_by_shape(proj.shape, down.shape, getattr(module, "hidden_size", None))
     return ExpertsLayout(
-        num_experts=int(module.num_experts), gated="gate_up_proj" in params,
-        transposed=bool(getattr(module, "is_transposed", False)),
+        num_experts=int(module.num_experts), gated="gate_up_proj" in params, transposed=bool(transposed),
         concatenated=bool(getattr(module, "is_concatenated", True)), bias=bool(getattr(module, "has_bias", False)))
+
+
+def _transposed_by_shape(proj: tuple[int, ...], down: tuple[int, ...], hidden: int | None) -> bool:
+    """``[E, H, 2I]`` / ``[E, I, H]`` when only that reading puts the hidden size where it belongs."""
+    if hidden is None:
+        return False
+    plain, transposed = proj[2] == hidden == down[1], proj[1] == hidden == down[2]
+    return transposed and not plain
 
 
 @dataclass(frozen=True)

@@ -469,7 +469,7 @@ def _gather_block(family: MoEFamily, config, block: MoEBlock, reader: BlockReade
     # the dense model's own weight on the gathered FFN: 1, or (one expert) the router's renormalised 1 x its scale
     own = family.own_weight(config) if one_expert else 1.0
     if routed is not None and routed != own:
-        ffn = ffn.scale_output(routed / own)
+        ffn = ffn.scale_input(routed / own) if family.input_scaled else ffn.scale_output(routed / own)
     if not one_expert and block.layout is not None:
         for shared in shared_ffns(block, reader, st, moe):
             ffn = ffn.concat(shared)

@@ -164,6 +164,10 @@ class DenseFFN(FFNTensors):
         """Multiply the FFN's output by ``c`` (scales ``out_proj`` and ``out_bias``)."""
         return replace(self, out_proj=self.out_proj * c, out_bias=None if self.out_bias is None else self.out_bias * c)
 
+    def scale_input(self, c: float) -> "DenseFFN":
+        """The FFN of ``c`` times its input (scales ``in_proj``; biases unchanged)."""
+        return replace(self, in_proj=[w * c for w in self.in_proj])
+
     def concat(self, other: "DenseFFN") -> "DenseFFN":
         """Side-by-side FFN computing ``self(x) + other(x)`` (hidden units concatenated)."""
         if len(self.in_proj) != len(other.in_proj):

@@ -54,6 +54,9 @@ class MoEFamily:
     """Config fields of the dense model, given the MoE config and the widest gathered FFN (shared experts included)."""
     make_config: Callable[[PretrainedConfig], PretrainedConfig] | None = None
     """Builds the dense config outright (instead of ``dense_fields``), for twins outside transformers."""
+    input_scaled: bool = False
+    """The routing weight multiplies the experts' *input* (Llama-4): the dense FFN's input weights get the weight's
+    calibration mean (exact for top-1 routing whose weight is the same for every token)."""
     scale_outside: bool = False
     """The block multiplies the experts' sum by ``routed_scaling_factor`` itself (not inside the routing weights)."""
     streamed: bool = True

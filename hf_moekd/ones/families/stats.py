@@ -3,7 +3,8 @@
 Every fused experts module of transformers is called as ``experts(hidden [T, H], top_k_index [T, k],
 top_k_weights [T, k])`` (V-MoE's experts too), whichever router produced the routing: a forward pre-hook on the
 experts module reads each family's own routing from there (:func:`experts_call_stats`). Switch Transformers' experts
-are a plain ``ModuleDict``; their router output is read instead (:func:`switch_router_stats`).
+are a plain ``ModuleDict`` and Llama-4's experts receive inputs already scaled: their router output is read instead
+(:func:`switch_router_stats`, :func:`sigmoid_router_stats`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-__all__ = ["RoutingStats", "StatFn", "experts_call_stats", "switch_router_stats", "shared_gate_stats"]
+__all__ = ["RoutingStats", "StatFn", "experts_call_stats", "switch_router_stats", "sigmoid_router_stats",
+           "shared_gate_stats"]
 
 
 @dataclass
@@ -74,6 +76,14 @@ def switch_router_stats(args: tuple, kwargs: dict, out: Any, mask: Tensor | None
     st.counts += dispatch.sum(0).double()
     st.tokens += dispatch.shape[0]
     st.routed_mass += float((prob[:, 0] * dispatch.sum(-1)).sum())  # dropped tokens get no expert output
+
+
+def sigmoid_router_stats(args: tuple, kwargs: dict, out: Any, mask: Tensor | None, st: RoutingStats) -> None:
+    """Llama-4 routers returning ``(scores [T, E], logits)``: the chosen experts' sigmoid scores, 0 elsewhere."""
+    scores = _masked(out[0].float(), mask)
+    st.counts += (scores > 0).sum(0).double()
+    st.tokens += scores.shape[0]
+    st.routed_mass += float(scores.sum())
 
 
 def shared_gate_stats(args: tuple, kwargs: dict, out: Tensor, mask: Tensor | None, st: RoutingStats) -> None:

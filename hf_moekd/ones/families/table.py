@@ -14,7 +14,7 @@ from ..strategies import DenseFFN
 from ..vit import dense_vit_config
 from .readers import fused_reader, plain_reader
 from .registry import MoEFamily, register_family, router_scale
-from .stats import switch_router_stats
+from .stats import sigmoid_router_stats, switch_router_stats
 
 Fields = Callable[[PretrainedConfig, int], dict[str, Any]]
 
@@ -126,6 +126,11 @@ for _t in ("mimo_v2_flash", "dots3_note_text"):
     register_family(MoEFamily(_t, "configured", routed_sum=if_norm_topk,
                               dense_fields=all_dense(mlp_layer_types=lambda c: ["dense"] * c.num_hidden_layers),
                               notes="every mlp_layer_type dense; shared experts folded (exact)"))
+register_family(MoEFamily(
+    "llama4_text", "configured", routed_sum=varies, input_scaled=True, router_stats=("router", sigmoid_router_stats),
+    dense_fields=lambda c, w: {"moe_layers": [], "intermediate_size_mlp": widest(c, w, "intermediate_size_mlp")},
+    notes="no MoE layers; the router's sigmoid score scales the experts' input: folded into the FFN's input weights "
+          "with its calibration mean (exact when the score is constant, top-1); shared expert folded (exact)"))
 register_family(MoEFamily("jamba", "configured", routed_sum=varies, dense_fields=all_dense(num_experts=lambda c: 1),
                           notes="num_experts = 1 makes every feed-forward a plain MLP"))
 
@@ -217,8 +222,6 @@ for _t, _why in (
              "to a dense MLP: there is no expert FFN to gather (its dense MLP already is the dense part)"),
     ("jetmoe", "JetMoE routes attention heads too (mixture of attention heads): a dense attention that reproduces the "
                "routed heads would need an attention merge, which gathering FFN experts does not do"),
-    ("llama4_text", "Llama-4 multiplies the experts' *input* by the router's sigmoid score: a token-dependent input "
-                    "scale that no dense FFN (and no one-expert Llama-4, whose router score is constant) reproduces"),
     ("longcat_flash", "LongCat-Flash routes tokens to zero-computation experts that return the token itself times "
                       "its weight, which no FFN reproduces, and its experts module is not a transformers fused one "
                       "(gate_up_proj has rows for the zero-computation experts too): a dense model would drop them "
