@@ -174,6 +174,7 @@ def _others(block: MoEBlock, reader: BlockReader, expected: dict[str, torch.Size
     ``family.router_rows``): with one expert the router's choice is fixed and its weight is 1 after softmax /
     renormalisation."""
     out: dict[str, Any] = {}
+    fixed = dict(family.router_rows)
     for rel in sorted(reader.names):
         if _expert_weight(rel):
             continue
@@ -181,7 +182,7 @@ def _others(block: MoEBlock, reader: BlockReader, expected: dict[str, torch.Size
         shape = expected.get(name)
         if shape is None:
             raise ValueError(f"tensor {name!r} has no place in the one-expert model; the checkpoint does not match its config")
-        if rel in (fixed := dict(family.router_rows)):
+        if rel in fixed:
             t = torch.tensor(fixed[rel], dtype=t.dtype).reshape(shape)
         elif t.shape != shape:
             t = t[tuple(slice(0, n) for n in shape)].clone() if family.copy_router and t.dim() == len(shape) \
