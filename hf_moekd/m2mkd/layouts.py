@@ -1,7 +1,6 @@
 """How each supported kind of model keeps its stem, blocks and head, and how to call one block on its own.
 
-Two layouts, each covering a dense model (teacher, meta model) and its modular MoE twin (student); the V-MoE pair is
-read from the MoE registry (:mod:`hf_moekd.ones.families`: V-MoE's dense twin), MiniMoE is BERT's MoE form.
+Two layouts, each covering a dense model (teacher, meta model) and its modular MoE twin (student):
 
 * `vit`: DenseViT and V-MoE image classifiers. Stem `<base>.embeddings`, blocks `<base>.encoder.layer`,
   head `<base>.layernorm` then `classifier` on the CLS token.
@@ -23,7 +22,6 @@ from ..models.minimoe.modeling_minimoe import MiniMoELayer
 from ..models.minimoe.modeling_minimoe import load_balancing_loss as minimoe_balancing_loss
 from ..models.vmoe.modeling_vmoe import VMoELayer
 from ..models.vmoe.modeling_vmoe import load_balancing_loss as vmoe_balancing_loss
-from ..ones.families import get_family
 
 Inputs = dict[str, torch.Tensor]
 Routers = tuple[torch.Tensor, ...]
@@ -59,9 +57,7 @@ class Layout:
 
 
 class ViTLayout(Layout):
-    # the dense member is V-MoE's dense twin in the MoE registry (gathering's target for a V-MoE)
-    name, dense_type = "vit", get_family("vmoe").dense_type
-    model_types = (dense_type, "vmoe")
+    name, model_types, dense_type = "vit", ("dense_vit", "vmoe"), "dense_vit"
     head_names = ("{base}.layernorm", "classifier")
 
     def embed(self, stem: nn.ModuleDict, inputs: Inputs) -> torch.Tensor:
