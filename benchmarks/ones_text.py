@@ -111,6 +111,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--max_length", type=int, default=64)
     parser.add_argument("--gatherings", nargs="+", default=["weighted_average", "weighted_average+align", "svd", "top_experts"])
+    parser.add_argument("--result_name", default="ones_text", help="benchmarks/results/<name>.json (e.g. ones_text_top_kg "
+                        "for a run of other gatherings, keeping ones_text.json)")
     a = parser.parse_args()
     tokenizer, data, collator = sst2_data(a.data_dir, a.train_samples, a.max_length)
     config = moe_config(tokenizer, a)
@@ -143,7 +145,7 @@ def main() -> None:
                 "best_benefit_preserved_pct": ones_rows[best]["benefit_preserved_pct"],
                 "best_ones_delta_vs_dense": ones_rows[best]["delta_vs_dense_mean"],
                 "controls_acc": {k: v["accuracy_mean"] for k, v in models.items() if k.startswith("dense,") or "no KD" in k}}
-    write_result("ones_text", {"headline": headline, "summary": summary,
+    write_result(a.result_name, {"headline": headline, "summary": summary,
                                "per_seed": {k: mean_std(v) for k, v in merged.accuracy.items()},
                                "seeds": a.seeds, "args": merged.args, "table": merged.table()})
 

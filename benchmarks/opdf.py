@@ -106,6 +106,8 @@ def main() -> None:
                         help="constraint weights (several: a sweep, one row each; none: no constraint row)")
     parser.add_argument("--teacher", action="append", default=[], metavar="TASK=DIR",
                         help="reuse a fine-tuned teacher, e.g. sst2=runs/kd_quality/sst2/teacher-seed0")
+    parser.add_argument("--result_name", default="opdf", help="benchmarks/results/<name>.json (e.g. opdf_official_schedule "
+                        "for the official 6-epoch schedule, keeping opdf.json)")
     a = parser.parse_args()
     given = dict(t.split("=", 1) for t in a.teacher)
     tasks = previous_tasks(a)
@@ -116,7 +118,7 @@ def main() -> None:
         headline.update({f"{task}/{name}": round(v["mean"], 4) for name, v in r["table"].items()})
         headline.update({f"{task}/{name}_minus_plain": round(v["mean"], 4) for name, v in r["paired_delta"].items()})
         headline.update({f"{task}/{k}": round(v, 3) for k, v in r["ratios"].items()})
-    write_result("opdf", {"headline": headline, "tasks": tasks, "seeds": a.seeds,
+    write_result(a.result_name, {"headline": headline, "tasks": tasks, "seeds": a.seeds,
                           "settings": {"teacher_samples": TEACHER_SAMPLES, "teacher_epochs": 3, "batch_size": 32}})
 
 
@@ -129,7 +131,7 @@ def task_settings(task: str, a: argparse.Namespace) -> dict:
 
 def previous_tasks(a: argparse.Namespace) -> dict:
     """Tasks of the previous result file that this run does not redo (each keeps its own settings and command)."""
-    kept = kept_tasks(previous_result("opdf"), ["tasks"], a.tasks)["tasks"]
+    kept = kept_tasks(previous_result(a.result_name), ["tasks"], a.tasks)["tasks"]
     return {t: r for t, r in kept.items() if t in TASKS}
 
 
