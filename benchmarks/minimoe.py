@@ -35,8 +35,8 @@ from pathlib import Path
 from transformers import AutoConfig
 
 import hf_moekd  # noqa: F401  (registers MiniMoE with the Auto classes)
-from common import (DEFAULT_DATA, REPO, interleaved_medians, kept_tasks, latency_ratio, mean_std, previous_result,
-                    run_script, task_command, teacher, write_result)
+from common import (DEFAULT_DATA, REPO, TEACHER_SAMPLES, interleaved_medians, kept_tasks, latency_ratio, mean_std,
+                    previous_result, run_script, task_command, teacher, write_result)
 
 METRICS = {"sst2": "eval_accuracy", "mrpc": "eval_f1", "rte": "eval_accuracy", "cola": "eval_matthews_correlation",
            "stsb": "eval_pearson", "conll": "test_f1"}
@@ -143,7 +143,7 @@ def main() -> None:
         raise SystemExit("--kinds minimoe_moefy is the teacher_layers setting's variant (a random MiniMoE student is "
                          "moefied already)")
 
-    table, teachers, models = {}, {}, {}
+    table, teachers, budgets, models = {}, {}, {}, {}
     starts = {(size, kind): stage1(size, kind, a) for size in a.sizes for kind in kinds}
     for (size, kind), path in starts.items():
         config = AutoConfig.from_pretrained(path)
@@ -154,6 +154,9 @@ def main() -> None:
         teacher_dir = teacher(task, Path(a.work_dir), a.data_dir, given, "minimoe")
         if (teacher_dir / "all_results.json").exists():
             teachers[task] = json.loads((teacher_dir / "all_results.json").read_text()).get(metric)
+        budgets[task] = (f"given with --teacher ({given[task]})" if task in given else
+                         f"trained here: {TEACHER_SAMPLES[task]} train examples, 3 epochs, lr 1e-4, batch 32 "
+                         "(benchmarks/common.py)")
         kd = ["--teacher_model_name_or_path", str(teacher_dir), "--alpha", "0.5", "--temperature", "2",
               "--teacher_logits_cache", str(Path(a.work_dir, task, "teacher-logits"))]
         for (size, kind), start in starts.items():
@@ -199,6 +202,7 @@ def main() -> None:
                 "alpha": 0.5, "temperature": 2}
     payload = previous_tasks(RESULT_NAMES[a.student_init], a.tasks, a.student_init)
     for section, values in (("table", table), ("minimoe_minus_dense_paired", gaps), ("teachers", teachers),
+                            ("teacher_budget_by_task", budgets),
                             ("metric", {t: METRICS[t] for t in a.tasks}),
                             ("settings_by_task", {t: settings for t in a.tasks}),
                             ("command_by_task", {t: " ".join([Path(sys.executable).name, *sys.argv]) for t in a.tasks})):
@@ -214,7 +218,8 @@ def main() -> None:
     write_result(RESULT_NAMES[a.student_init], {"headline": headline, **payload, "models": models})
 
 
-TASK_SECTIONS = ("table", "minimoe_minus_dense_paired", "teachers", "metric", "settings_by_task", "command_by_task")
+TASK_SECTIONS = ("table", "minimoe_minus_dense_paired", "teachers", "teacher_budget_by_task", "metric", "settings_by_task",
+                 "command_by_task")
 
 
 def previous_tasks(name: str, redo: list[str], student_init: str) -> dict:
