@@ -29,7 +29,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 from common import write_result  # noqa: E402
-from lm_kd_large_vocab import qwen3, rows  # noqa: E402
+from lm_kd_large_vocab import qwen3, rows, train_args  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 VARIANTS = {"fused_fp32": (True, False), "unfused_fp32": (False, False), "fused_bf16": (True, True),
@@ -66,12 +66,10 @@ def trainer(fused: bool, bf16: bool, vocab: int, seq: int, steps: int, tmp: str,
             logging_steps: int = 0):
     from hf_moekd import DistillationArguments, DistillationTrainer
 
-    args = DistillationArguments(
-        output_dir=tmp, per_device_train_batch_size=4, max_steps=steps, learning_rate=1e-4, lr_scheduler_type="constant",
-        weight_decay=0.0, train_sampling_strategy="sequential", report_to=[], save_strategy="no", disable_tqdm=True,
-        logging_strategy="steps" if logging_steps else "no", logging_steps=logging_steps or 500, seed=0,
-        dataloader_num_workers=0, max_grad_norm=0.0, bf16=bf16, alpha=1.0, temperature=1.0,
-        kd_divergence="forward_kl", fused_lm_kd=fused, use_cpu=not CUDA)
+    settings = {**train_args(tmp, steps), "use_cpu": not CUDA, "bf16": bf16}  # lm_kd_large_vocab.py's training
+    if logging_steps:
+        settings.update(logging_strategy="steps", logging_steps=logging_steps)
+    args = DistillationArguments(alpha=1.0, temperature=1.0, kd_divergence="forward_kl", fused_lm_kd=fused, **settings)
     return DistillationTrainer(model=qwen3(vocab, seq, 0).train(), teacher_model=qwen3(vocab, seq, 1).eval(), args=args,
                                train_dataset=rows(vocab, seq, 4 * steps), callbacks=[clock] if clock else [])
 

@@ -32,14 +32,14 @@ from tqdm.auto import tqdm
 
 from ..cards import CARD_KEY, run_facts, write_model_card
 from ..integrations.peft import is_adapter_folder, is_peft_model, load_adapter, merge_peft
+from ..model_utils.moe_layout import MoEBlock
 from ..utils.outputs import atomic_output_dir, checkpoint_format, refuse_pickle
 from .config import STRATEGY_ARGUMENTS, GatheringConfig, as_gathering_config
-from ..model_utils.moe_layout import MoEBlock
 from .families import BlockReader, MoEFamily, RoutingStats, get_family
-from .families.stats import experts_call_stats, shared_gate_stats
-from .quantized import QuantizedNames, check_quantization
-from .families.targets import DenseTemplate, dense_template, model_class, moe_structure, place_block, shared_ffns
 from .families.readers import materialize
+from .families.stats import experts_call_stats, shared_gate_stats
+from .families.targets import DenseTemplate, dense_template, model_class, moe_structure, place_block, shared_ffns
+from .quantized import QuantizedNames, check_quantization
 from .strategies import STREAMING, expert_spectra, get_strategy, merge_experts, validate_options
 
 logger = logging.getLogger(__name__)

@@ -111,21 +111,23 @@ register_family(MoEFamily(
 register_family(MoEFamily("granitemoe", "twin", "granite", renormalised, twin_fields()))
 
 # --------------------------------------------------------------------------- configured dense
+def configured(model_type: str, field: str, notes: str = "", **kw: Any) -> MoEFamily:
+    """A ``configured`` entry whose config turns every layer dense through ``field``: ``first_k_dense_replace`` =
+    every layer, or every ``mlp_layer_types`` entry ``"dense"``; top-k renormalised with ``norm_topk_prob``."""
+    fields = {"first_k_dense_replace": all_dense(first_k_dense_replace=_layers),
+              "mlp_layer_types": all_dense(mlp_layer_types=lambda c: ["dense"] * c.num_hidden_layers)}
+    what = {"first_k_dense_replace": "first_k_dense_replace = every layer", "mlp_layer_types": "every mlp_layer_type dense"}
+    return register_family(MoEFamily(model_type, "configured", routed_sum=if_norm_topk, dense_fields=fields[field],
+                                     notes=f"{what[field]}; shared experts folded (exact){notes}", **kw))
+
+
 for _t in ("deepseek_v2", "deepseek_v3", "glm4_moe", "dots1"):
-    register_family(MoEFamily(_t, "configured", routed_sum=if_norm_topk,
-                              dense_fields=all_dense(first_k_dense_replace=_layers),
-                              notes="first_k_dense_replace = every layer; shared experts folded (exact)"))
+    configured(_t, "first_k_dense_replace")
 register_family(MoEFamily("ernie4_5_moe", "configured", routed_sum=renormalised,
                           dense_fields=all_dense(moe_layer_start_index=_layers),
                           notes="moe_layer_start_index past the last layer; shared experts folded (exact)"))
-for _t in ("exaone_moe", "glm4_moe_lite"):
-    register_family(MoEFamily(_t, "configured", routed_sum=if_norm_topk,
-                              dense_fields=all_dense(mlp_layer_types=lambda c: ["dense"] * c.num_hidden_layers),
-                              notes="every mlp_layer_type dense; shared experts folded (exact)"))
-for _t in ("mimo_v2_flash", "dots3_note_text"):
-    register_family(MoEFamily(_t, "configured", routed_sum=if_norm_topk,
-                              dense_fields=all_dense(mlp_layer_types=lambda c: ["dense"] * c.num_hidden_layers),
-                              notes="every mlp_layer_type dense; shared experts folded (exact)"))
+for _t in ("exaone_moe", "glm4_moe_lite", "mimo_v2_flash", "dots3_note_text"):
+    configured(_t, "mlp_layer_types")
 register_family(MoEFamily(
     "llama4_text", "configured", routed_sum=varies, input_scaled=True, router_stats=("router", sigmoid_router_stats),
     dense_fields=lambda c, w: {"moe_layers": [], "intermediate_size_mlp": widest(c, w, "intermediate_size_mlp")},
@@ -173,15 +175,10 @@ register_family(MoEFamily("phimoe", routed_sum=varies, exact=False, copies=2, co
 register_family(MoEFamily("qwen3_vl_moe_text", "twin", "qwen3_vl_text", if_norm_topk, twin_fields(),
                           auto_class="AutoModel", notes="Qwen3-VL-MoE's text tower -> Qwen3-VL's dense text model"))
 for _t in ("glm4v_moe_text", "mistral4"):
-    register_family(MoEFamily(_t, "configured", routed_sum=if_norm_topk, auto_class="AutoModel",
-                              dense_fields=all_dense(first_k_dense_replace=_layers),
-                              notes="first_k_dense_replace = every layer; shared experts folded (exact)"))
-for _t, _streamed in (("mistral_large4_text", True), ("glm5_next_text", False)):
-    register_family(MoEFamily(_t, "configured", routed_sum=if_norm_topk, auto_class="AutoModel", streamed=_streamed,
-                              dense_fields=all_dense(mlp_layer_types=lambda c: ["dense"] * c.num_hidden_layers),
-                              notes="every mlp_layer_type dense; shared experts folded (exact)" + (
-                                  "" if _streamed else "; attention tensors need transformers' conversions: loaded "
-                                                       "whole, not streamed")))
+    configured(_t, "first_k_dense_replace", auto_class="AutoModel")
+configured("mistral_large4_text", "mlp_layer_types", auto_class="AutoModel")
+configured("glm5_next_text", "mlp_layer_types", auto_class="AutoModel", streamed=False,
+           notes="; attention tensors need transformers' conversions: loaded whole, not streamed")
 register_family(MoEFamily("muse_spark_text", routed_sum=varies, auto_class="AutoModel",
                           notes="the experts' shared post_expert_norm is kept after the one expert: exact for "
                                 "identical experts, the norm of the gathered FFN's output otherwise"))
@@ -214,7 +211,7 @@ register_family(MoEFamily(
     dense_renames=((r"^vmoe\.", "dense_vit."),), input_name="pixel_values",
     notes="the output ships DenseViT's code (auto_map): loads with trust_remote_code=True without hf_moekd"))
 
-__all__ = ["renormalised", "if_norm_topk", "eval_token_dropout", "varies", "all_dense", "twin_fields", "widest", "mlp_writer"]
+__all__ = ["renormalised", "if_norm_topk", "eval_token_dropout", "varies", "all_dense", "configured", "twin_fields", "widest", "mlp_writer"]
 
 # --------------------------------------------------------------------------- refused, with the reason
 for _t, _why in (
