@@ -9,9 +9,10 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import psutil
 from transformers import TrainerCallback as TrainerCallbackBase
@@ -34,12 +35,20 @@ class RSSSampler(threading.Thread):
             time.sleep(0.005)
 
 
+def accelerator() -> str | None:
+    """Name of the GPU that training runs here use (Trainer picks it up), None on a CPU-only machine."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
 def environment() -> dict[str, Any]:
-    """Versions and machine, recorded with every result."""
+    """Versions and machine (with the GPU the runs could use, if any), recorded with every result."""
     return {
         "python": platform.python_version(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "cpu_count": os.cpu_count(),
+        "accelerator": accelerator(),
         "versions": {p: version(p) for p in ("torch", "transformers", "accelerate", "datasets", "hf_moekd")},
     }
 
@@ -92,15 +101,48 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
-def run_script(cmd: list[str], out: Path, tag: str) -> dict:
-    """Run one example-script command (offline) unless `out/all_results.json` exists; return that file's content."""
+def run_script(cmd: list[str], out: Path, tag: str, threads: int | None = None) -> dict:
+    """Run one example-script command (offline) unless `out/all_results.json` exists; return that file's content.
+    `threads` caps its CPU threads (OMP_NUM_THREADS) when several run at once."""
     result_file = Path(out) / "all_results.json"
     if not result_file.exists():
         start = time.time()
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
         subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
         print(f"[{tag}] {Path(out).name}: {time.time() - start:.0f} s", file=sys.stderr, flush=True)
     return json.loads(result_file.read_text())
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def in_parallel(fn: Callable[[T], R], items: Sequence[T], workers: int = 1) -> list[R]:
+    """`[fn(item) for item in items]`, `workers` at a time (threads: each item's work is a subprocess)."""
+    if workers <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
+
+
+def run_scripts(jobs: Sequence[tuple[list[str], Path]], tag: str, workers: int = 1) -> list[dict]:
+    """`run_script` over independent `(cmd, out)` jobs, `workers` at a time, each with an equal share of the CPU
+    threads when several run (a machine with many cores or a GPU); results in the jobs' order."""
+    threads = threads_per_run(workers)
+    return in_parallel(lambda job: run_script(*job, tag, threads=threads), jobs, workers)
+
+
+def threads_per_run(workers: int) -> int | None:
+    """CPU threads of each of `workers` runs at once (None: one run, torch's default)."""
+    return max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+
+
+def add_workers_argument(parser: Any) -> None:
+    """The `--workers` option of the benchmarks that run many independent training scripts."""
+    parser.add_argument("--workers", type=int, default=1,
+                        help="training runs at a time (independent runs: teachers, seeds, learning rates); >1 on a "
+                             "machine with many cores or a GPU, each run then gets cpu_count / workers threads")
 
 
 # Teachers: all-MiniLM-L6-v2 fine-tuned 3 epochs on a fixed subset of each task's train split (batch 32, lr 1e-4).
@@ -123,11 +165,17 @@ def task_command(task: str, out: Path, seed: int, data_dir: str | Path, samples:
 
 def teacher(task: str, work_dir: Path, data_dir: str | Path, given: dict[str, str], tag: str) -> Path:
     """The task's fine-tuned teacher: `given[task]` if passed, else trained once into `work_dir/<task>/teacher`."""
-    if task in given:
-        return Path(given[task])
-    out = Path(work_dir, task, "teacher")
-    run_script(task_command(task, out, 0, data_dir, TEACHER_SAMPLES[task], 3, 1e-4, []), out, tag)
-    return out
+    return teachers([task], work_dir, data_dir, given, tag)[task]
+
+
+def teachers(tasks: Sequence[str], work_dir: Path, data_dir: str | Path, given: dict[str, str], tag: str,
+             workers: int = 1) -> dict[str, Path]:
+    """`teacher` of each task, the missing ones trained `workers` at a time."""
+    outs = {task: Path(given[task]) if task in given else Path(work_dir, task, "teacher") for task in tasks}
+    jobs = [(task_command(t, outs[t], 0, data_dir, TEACHER_SAMPLES[t], 3, 1e-4, []), outs[t]) for t in tasks
+            if t not in given]
+    run_scripts(jobs, tag, workers)
+    return outs
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, float]:

@@ -35,8 +35,9 @@ from pathlib import Path
 from transformers import AutoConfig
 
 import hf_moekd  # noqa: F401  (registers MiniMoE with the Auto classes)
-from common import (DEFAULT_DATA, REPO, TEACHER_SAMPLES, interleaved_medians, kept_tasks, latency_ratio, mean_std,
-                    previous_result, run_script, task_command, teacher, write_result)
+from common import (DEFAULT_DATA, REPO, TEACHER_SAMPLES, accelerator, add_workers_argument, in_parallel, interleaved_medians,
+                    kept_tasks, latency_ratio, mean_std, previous_result, run_script, run_scripts, task_command, teachers,
+                    threads_per_run, write_result)
 
 METRICS = {"sst2": "eval_accuracy", "mrpc": "eval_f1", "rte": "eval_accuracy", "cola": "eval_matthews_correlation",
            "stsb": "eval_pearson", "conll": "test_f1"}
@@ -93,7 +94,7 @@ def run_dir(a: argparse.Namespace, task: str, kind: str, size: str, lr: float, s
     return Path(a.work_dir, task, f"{kind}-{size}{init_suffix(a)}-lr{lr:g}-seed{seed}")
 
 
-def stage1(size: str, kind: str, a: argparse.Namespace) -> Path:
+def stage1(size: str, kind: str, a: argparse.Namespace, threads: int | None = None) -> Path:
     out = Path(a.work_dir, "stage1", f"{kind}-{size}{init_suffix(a)}")
     cmd = [
         sys.executable, "examples/run_task_agnostic.py", "--data_dir", a.data_dir, "--output_dir", str(out),
@@ -102,8 +103,18 @@ def stage1(size: str, kind: str, a: argparse.Namespace) -> Path:
         str(a.stage1_lr), "--seed", "0", "--logging_steps", "50", "--save_strategy", "steps", "--save_steps", "200",
         "--save_total_limit", "1", "--resume_from_checkpoint", "last", "--disable_tqdm", "true",
     ]
-    run_script(cmd, out, "minimoe")
+    run_script(cmd, out, "minimoe", threads=threads)
     return out
+
+
+def stage2_job(a: argparse.Namespace, key: tuple, start: Path, teacher_dir: Path) -> tuple[list[str], Path]:
+    """Command and folder of the stage-2 run `key` = (task, size, kind, lr, seed) from stage-1 model `start`."""
+    task, size, kind, lr, seed = key
+    out = run_dir(a, task, kind, size, lr, seed)
+    kd = ["--teacher_model_name_or_path", str(teacher_dir), "--alpha", "0.5", "--temperature", "2",
+          "--teacher_logits_cache", str(Path(a.work_dir, task, "teacher-logits"))]
+    return task_command(task, out, seed, a.data_dir, a.train_samples, a.epochs, lr,
+                        ["--model_name_or_path", str(start), *kd]), out
 
 
 def flops_per_token(config, seq_len: int = 64) -> int:
@@ -136,6 +147,7 @@ def main() -> None:
                         help="stage-2 learning rates; each student is reported at its best (mean over seeds)")
     parser.add_argument("--teacher", action="append", default=[], metavar="TASK=DIR",
                         help="reuse a fine-tuned teacher, e.g. sst2=runs/opdf/sst2/teacher")
+    add_workers_argument(parser)
     a = parser.parse_args()
     given = dict(t.split("=", 1) for t in a.teacher)
     kinds = ["dense", *(k for k in a.kinds if k != "dense")]
@@ -143,33 +155,35 @@ def main() -> None:
         raise SystemExit("--kinds minimoe_moefy is the teacher_layers setting's variant (a random MiniMoE student is "
                          "moefied already)")
 
-    table, teachers, budgets, models = {}, {}, {}, {}
-    starts = {(size, kind): stage1(size, kind, a) for size in a.sizes for kind in kinds}
+    table, teacher_scores, budgets, models = {}, {}, {}, {}
+    pairs = [(size, kind) for size in a.sizes for kind in kinds]
+    threads = threads_per_run(a.workers)
+    starts = dict(zip(pairs, in_parallel(lambda p: stage1(*p, a, threads), pairs, a.workers)))
     for (size, kind), path in starts.items():
         config = AutoConfig.from_pretrained(path)
         models[f"{kind}-{size}"] = {"flops_per_token": flops_per_token(config),
                                     "params": json.loads((path / "all_results.json").read_text())["trainable_params"]}
+    teacher_dirs = teachers(a.tasks, Path(a.work_dir), a.data_dir, given, "minimoe", a.workers)
+    grid = [(task, size, kind, lr, seed) for task in a.tasks for size, kind in starts for lr in a.lrs
+            for seed in a.seeds]
+    jobs = [stage2_job(a, key, starts[key[1:3]], teacher_dirs[key[0]]) for key in grid]
+    results = dict(zip(grid, run_scripts(jobs, "minimoe", a.workers)))
     for task in a.tasks:
         metric = METRICS[task]
-        teacher_dir = teacher(task, Path(a.work_dir), a.data_dir, given, "minimoe")
-        if (teacher_dir / "all_results.json").exists():
-            teachers[task] = json.loads((teacher_dir / "all_results.json").read_text()).get(metric)
+        teacher_file = teacher_dirs[task] / "all_results.json"
+        if teacher_file.exists():
+            teacher_scores[task] = json.loads(teacher_file.read_text()).get(metric)
         budgets[task] = (f"given with --teacher ({given[task]})" if task in given else
                          f"trained here: {TEACHER_SAMPLES[task]} train examples, 3 epochs, lr 1e-4, batch 32 "
                          "(benchmarks/common.py)")
-        kd = ["--teacher_model_name_or_path", str(teacher_dir), "--alpha", "0.5", "--temperature", "2",
-              "--teacher_logits_cache", str(Path(a.work_dir, task, "teacher-logits"))]
-        for (size, kind), start in starts.items():
+        for size, kind in starts:
             by_lr = {}
             for lr in a.lrs:
                 by_lr[lr] = []
                 for seed in a.seeds:
-                    out = run_dir(a, task, kind, size, lr, seed)
-                    cmd = task_command(task, out, seed, a.data_dir, a.train_samples, a.epochs, lr,
-                                       ["--model_name_or_path", str(start), *kd])
-                    result = run_script(cmd, out, "minimoe")
+                    result = results[task, size, kind, lr, seed]
                     if result.get("run_kind") != "distil":
-                        raise RuntimeError(f"{out} did not distil; delete it and rerun")
+                        raise RuntimeError(f"{run_dir(a, task, kind, size, lr, seed)} did not distil; delete it and rerun")
                     by_lr[lr].append(result[metric])
             best = max(a.lrs, key=lambda lr: statistics.fmean(by_lr[lr]))
             row = table[f"{task}/{kind}-{size}"] = {**mean_std(by_lr[best]), "lr": best,
@@ -199,9 +213,9 @@ def main() -> None:
                 "minimoe_expert_init": "copy" if a.student_init == "teacher_layers" else "moefy",
                 "stage1_samples": a.stage1_samples, "stage1_epochs": a.stage1_epochs, "stage1_lr": a.stage1_lr,
                 "train_samples": a.train_samples, "epochs": a.epochs, "lrs": a.lrs, "seeds": a.seeds, "batch_size": 32,
-                "alpha": 0.5, "temperature": 2}
+                "alpha": 0.5, "temperature": 2, "accelerator": accelerator()}
     payload = previous_tasks(RESULT_NAMES[a.student_init], a.tasks, a.student_init)
-    for section, values in (("table", table), ("minimoe_minus_dense_paired", gaps), ("teachers", teachers),
+    for section, values in (("table", table), ("minimoe_minus_dense_paired", gaps), ("teachers", teacher_scores),
                             ("teacher_budget_by_task", budgets),
                             ("metric", {t: METRICS[t] for t in a.tasks}),
                             ("settings_by_task", {t: settings for t in a.tasks}),

@@ -31,8 +31,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from common import (DEFAULT_DATA, REPO, TEACHER_SAMPLES, interleaved_medians, kept_tasks, latency_ratio, mean_std,
-                    previous_result, run_script, task_command, teacher, write_result)
+from common import (DEFAULT_DATA, REPO, TEACHER_SAMPLES, accelerator, add_workers_argument, interleaved_medians, kept_tasks,
+                    latency_ratio, mean_std, previous_result, run_scripts, task_command, teacher, write_result)
 
 TASKS = {  # metric, student training subset and epochs (MRPC/RTE: the whole train split)
     "sst2": ("eval_accuracy", 2000, 1), "mrpc": ("eval_f1", 3668, 1), "rte": ("eval_accuracy", 2490, 1),
@@ -108,6 +108,7 @@ def main() -> None:
                         help="reuse a fine-tuned teacher, e.g. sst2=runs/kd_quality/sst2/teacher-seed0")
     parser.add_argument("--result_name", default="opdf", help="benchmarks/results/<name>.json (e.g. opdf_official_schedule "
                         "for the official 6-epoch schedule, keeping opdf.json)")
+    add_workers_argument(parser)
     a = parser.parse_args()
     given = dict(t.split("=", 1) for t in a.teacher)
     tasks = previous_tasks(a)
@@ -126,7 +127,7 @@ def task_settings(task: str, a: argparse.Namespace) -> dict:
     """What shapes one task's rows (a saved task is kept in the result file only when these are unchanged)."""
     _, samples, epochs = TASKS[task]
     return {"train_samples": a.train_samples or samples, "epochs": a.epochs or epochs, "lrs": a.lrs, "seeds": a.seeds,
-            "constraint_weights": a.constraint_weights, "gauges": a.gauges}
+            "constraint_weights": a.constraint_weights, "gauges": a.gauges, "accelerator": accelerator()}
 
 
 def previous_tasks(a: argparse.Namespace) -> dict:
@@ -141,19 +142,19 @@ def run_task(task: str, a: argparse.Namespace, given: dict[str, str]) -> dict:
     teacher_file = teacher_dir / "all_results.json"
     kd = ["--teacher_model_name_or_path", str(teacher_dir), "--teacher_logits_cache", str(Path(a.work_dir, task, "teacher-logits"))]
     table, extras, values, best_lr = {}, {}, {}, {}
-    for name, extra in variants(a.constraint_weights, a.gauges).items():
+    rows = variants(a.constraint_weights, a.gauges)
+    grid = [(name, lr, seed) for name in rows for lr in a.lrs for seed in a.seeds]
+    outs = {key: Path(a.work_dir, task, f"{key[0]}-lr{key[1]:g}-seed{key[2]}") for key in grid}
+    jobs = [(task_command(task, outs[name, lr, seed], seed, a.data_dir, a.train_samples or samples, a.epochs or epochs,
+                          lr, [*rows[name], *kd]), outs[name, lr, seed]) for name, lr, seed in grid]
+    done = dict(zip(grid, run_scripts(jobs, "opdf", a.workers)))
+    for key, result in done.items():
+        if result.get("run_kind") != "distil":
+            raise RuntimeError(f"{outs[key]} did not distil; delete it and rerun")
+    for name in rows:
         by_lr = {}
         for lr in a.lrs:
-            results = []
-            for seed in a.seeds:
-                out = Path(a.work_dir, task, f"{name}-lr{lr:g}-seed{seed}")
-                cmd = task_command(task, out, seed, a.data_dir, a.train_samples or samples, a.epochs or epochs, lr,
-                                   [*extra, *kd])
-                result = run_script(cmd, out, "opdf")
-                if result.get("run_kind") != "distil":
-                    raise RuntimeError(f"{out} did not distil; delete it and rerun")
-                results.append(result)
-            by_lr[lr] = results
+            results = by_lr[lr] = [done[name, lr, seed] for seed in a.seeds]
             scores = [r[metric] for r in results]
             print(f"[opdf] {task} {name} lr {lr:g}: {statistics.fmean(scores):.4f}", file=sys.stderr, flush=True)
         best_lr[name] = max(a.lrs, key=lambda lr: statistics.fmean(r[metric] for r in by_lr[lr]))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -268,6 +269,25 @@ def test_teacher_cache_key_changes_with_teacher(tmp_path):
     precompute_teacher_logits(tiny_bert(1), train, cache_dir=tmp_path)
     precompute_teacher_logits(tiny_bert(2), train, cache_dir=tmp_path)
     assert len([p for p in tmp_path.iterdir() if p.name.startswith("teacher-logits-")]) == 2
+
+
+def test_teacher_cache_written_by_two_runs_at_once(tmp_path):
+    """Concurrent runs (benchmarks' --workers) compute the same cache: the later rename finds the folder in place
+    and keeps it instead of failing."""
+    from hf_moekd.distillation.teacher_outputs import _save_atomically
+
+    first = precompute_teacher_logits(tiny_bert(1), tiny_dataset(n=4))
+    target = tmp_path / "teacher-logits-key"
+    _save_atomically(first, target, {"teacher": "a"})
+    _save_atomically(first, target, {"teacher": "b"})  # the slower writer of the same key
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]  # no temporary folder left
+    assert json.loads((target / "hf_moekd_teacher.json").read_text()) == {"teacher": "a"}
+    stray = tmp_path / "other" / "teacher-logits-key"
+    stray.mkdir(parents=True)
+    (stray / "unrelated.txt").write_text("x")
+    with pytest.raises(OSError):  # a folder in the way that is no cache: still an error
+        _save_atomically(first, stray, {})
+    assert sorted(p.name for p in stray.parent.iterdir()) == [stray.name]
 
 
 def test_moe_student_keeps_its_load_balancing_loss(tmp_path):

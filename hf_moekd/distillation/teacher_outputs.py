@@ -119,12 +119,18 @@ def precompute_teacher_logits(
 
 
 def _save_atomically(dataset: datasets.Dataset, target: Path, meta: dict[str, str]) -> None:
+    """Write to a temporary folder, then rename; when a concurrent run (same key: same content) renamed its copy
+    first, ours is dropped."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         dataset.save_to_disk(str(tmp))
         (tmp / "hf_moekd_teacher.json").write_text(json.dumps(meta))
         tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "dataset_info.json").exists():
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
