@@ -138,11 +138,32 @@ def threads_per_run(workers: int) -> int | None:
     return max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
 
 
+def teacher_budget(teacher_dir: Path) -> str | None:
+    """What a fine-tuned teacher folder's own run says of its budget (examples, epochs, lr, batch, device), or None
+    when it holds no all_results.json."""
+    path = Path(teacher_dir) / "all_results.json"
+    if not path.exists():
+        return None
+    r = json.loads(path.read_text())
+    card, hp = r.get("model_card", {}), r.get("model_card", {}).get("hyperparameters", {})
+    examples = round(r["train_samples_per_second"] * r["train_runtime"] / r["epoch"])
+    return (f"{examples} train examples, {r['epoch']:g} epochs, lr {hp.get('learning_rate', '?'):g}, batch "
+            f"{hp.get('total_train_batch_size', '?')}, on {card.get('device', 'unknown')}")
+
+
+def run_devices(results: Iterable[dict]) -> list[str]:
+    """The devices that training runs used, read off their model cards (e.g. ["NVIDIA H200"] or ["cpu"])."""
+    return sorted({r.get("model_card", {}).get("device", "unknown") for r in results})
+
+
 def add_workers_argument(parser: Any) -> None:
     """The `--workers` option of the benchmarks that run many independent training scripts."""
     parser.add_argument("--workers", type=int, default=1,
                         help="training runs at a time (independent runs: teachers, seeds, learning rates); >1 on a "
                              "machine with many cores or a GPU, each run then gets cpu_count / workers threads")
+    parser.add_argument("--no_speed", action="store_true",
+                        help="skip the timing measurements (step-time, latency ratios): they mean nothing while runs "
+                             "share the machine (--workers) or when the runs were trained on another machine")
 
 
 # Teachers: all-MiniLM-L6-v2 fine-tuned 3 epochs on a fixed subset of each task's train split (batch 32, lr 1e-4).

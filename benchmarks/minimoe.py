@@ -35,9 +35,9 @@ from pathlib import Path
 from transformers import AutoConfig
 
 import hf_moekd  # noqa: F401  (registers MiniMoE with the Auto classes)
-from common import (DEFAULT_DATA, REPO, TEACHER_SAMPLES, accelerator, add_workers_argument, in_parallel, interleaved_medians,
-                    kept_tasks, latency_ratio, mean_std, previous_result, run_script, run_scripts, task_command, teachers,
-                    threads_per_run, write_result)
+from common import (DEFAULT_DATA, REPO, TEACHER_SAMPLES, add_workers_argument, in_parallel, interleaved_medians,
+                    kept_tasks, latency_ratio, mean_std, previous_result, run_devices, run_script, run_scripts,
+                    task_command, teacher_budget, teachers, threads_per_run, write_result)
 
 METRICS = {"sst2": "eval_accuracy", "mrpc": "eval_f1", "rte": "eval_accuracy", "cola": "eval_matthews_correlation",
            "stsb": "eval_pearson", "conll": "test_f1"}
@@ -173,9 +173,9 @@ def main() -> None:
         teacher_file = teacher_dirs[task] / "all_results.json"
         if teacher_file.exists():
             teacher_scores[task] = json.loads(teacher_file.read_text()).get(metric)
-        budgets[task] = (f"given with --teacher ({given[task]})" if task in given else
-                         f"trained here: {TEACHER_SAMPLES[task]} train examples, 3 epochs, lr 1e-4, batch 32 "
-                         "(benchmarks/common.py)")
+        budgets[task] = (f"given with --teacher ({given[task]}): {teacher_budget(teacher_dirs[task]) or 'unknown'}"
+                         if task in given else f"trained here: {TEACHER_SAMPLES[task]} train examples, 3 epochs, lr "
+                         "1e-4, batch 32 (benchmarks/common.py)")
         for size, kind in starts:
             by_lr = {}
             for lr in a.lrs:
@@ -190,7 +190,7 @@ def main() -> None:
                                                     "by_lr": {f"{lr:g}": mean_std(v) for lr, v in by_lr.items()}}
             print(f"[minimoe] {task} {kind}-{size}: {row['mean']:.4f} ± {row['std']:.4f} (lr {best:g})",
                   file=sys.stderr, flush=True)
-    probe_task = next((t for t in a.tasks if t != "conll"), None)
+    probe_task = None if a.no_speed else next((t for t in a.tasks if t != "conll"), None)
     latency, breakdown = {}, {}
     if probe_task is not None:  # saved stage-2 sequence classifiers of seed 0
         for size in a.sizes:
@@ -213,12 +213,13 @@ def main() -> None:
                 "minimoe_expert_init": "copy" if a.student_init == "teacher_layers" else "moefy",
                 "stage1_samples": a.stage1_samples, "stage1_epochs": a.stage1_epochs, "stage1_lr": a.stage1_lr,
                 "train_samples": a.train_samples, "epochs": a.epochs, "lrs": a.lrs, "seeds": a.seeds, "batch_size": 32,
-                "alpha": 0.5, "temperature": 2, "accelerator": accelerator()}
+                "alpha": 0.5, "temperature": 2}
     payload = previous_tasks(RESULT_NAMES[a.student_init], a.tasks, a.student_init)
     for section, values in (("table", table), ("minimoe_minus_dense_paired", gaps), ("teachers", teacher_scores),
                             ("teacher_budget_by_task", budgets),
                             ("metric", {t: METRICS[t] for t in a.tasks}),
-                            ("settings_by_task", {t: settings for t in a.tasks}),
+                            ("settings_by_task", {t: {**settings, "devices": run_devices(
+                                r for key, r in results.items() if key[0] == t)} for t in a.tasks}),
                             ("command_by_task", {t: " ".join([Path(sys.executable).name, *sys.argv]) for t in a.tasks})):
         payload[section].update(values)
     if latency:  # else the previous file's latency is kept

@@ -31,8 +31,9 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from common import (DEFAULT_DATA, REPO, TEACHER_SAMPLES, accelerator, add_workers_argument, interleaved_medians, kept_tasks,
-                    latency_ratio, mean_std, previous_result, run_scripts, task_command, teacher, write_result)
+from common import (DEFAULT_DATA, REPO, TEACHER_SAMPLES, add_workers_argument, interleaved_medians, kept_tasks,
+                    latency_ratio, mean_std, previous_result, run_devices, run_scripts, task_command, teacher,
+                    write_result)
 
 TASKS = {  # metric, student training subset and epochs (MRPC/RTE: the whole train split)
     "sst2": ("eval_accuracy", 2000, 1), "mrpc": ("eval_f1", 3668, 1), "rte": ("eval_accuracy", 2490, 1),
@@ -127,7 +128,7 @@ def task_settings(task: str, a: argparse.Namespace) -> dict:
     """What shapes one task's rows (a saved task is kept in the result file only when these are unchanged)."""
     _, samples, epochs = TASKS[task]
     return {"train_samples": a.train_samples or samples, "epochs": a.epochs or epochs, "lrs": a.lrs, "seeds": a.seeds,
-            "constraint_weights": a.constraint_weights, "gauges": a.gauges, "accelerator": accelerator()}
+            "constraint_weights": a.constraint_weights, "gauges": a.gauges}
 
 
 def previous_tasks(a: argparse.Namespace) -> dict:
@@ -166,21 +167,29 @@ def run_task(task: str, a: argparse.Namespace, given: dict[str, str]) -> dict:
                         "trainable_params": results[0]["trainable_params"]}
         print(f"[opdf] {task} {name}: {table[name]['mean']:.4f} ± {table[name]['std']:.4f} (lr {best_lr[name]:g})",
               file=sys.stderr, flush=True)
-    plain = extras["plain_kd"]["train_runtime_mean"]
     others = [name for name in table if name != "plain_kd"]
-    ratios = {f"{name}/train_runtime_ratio": extras[name]["train_runtime_mean"] / plain for name in others}
-    opdf = f"opdf_{a.gauges[0]}"
-    ratios[f"{opdf}/kd_step_time_ratio_interleaved"] = kd_step_time_ratio(teacher_dir, task, a.gauges[0])
-    ratios[f"{opdf}/latency_ratio_contracted"] = latency_ratio(Path(a.work_dir, task, f"{opdf}-lr{best_lr[opdf]:g}-seed0"),
-                                                            Path(a.work_dir, task, f"plain_kd-lr{best_lr['plain_kd']:g}-seed0"),
-                                                            task=task)
+    ratios = {} if a.no_speed else speed_ratios(task, a, teacher_dir, extras, best_lr)
     return {
         "metric": metric, "table": table, "extras": extras, "ratios": ratios,
         "paired_delta": {name: mean_std([x - y for x, y in zip(values[name], values["plain_kd"])])
                          for name in others},
         "teacher": json.loads(teacher_file.read_text()).get(metric) if teacher_file.exists() else None,
-        "settings": task_settings(task, a), "command": " ".join(["python", *sys.argv]),
+        "settings": {**task_settings(task, a), "devices": run_devices(done.values())},
+        "command": " ".join(["python", *sys.argv]),
     }
+
+
+def speed_ratios(task: str, a: argparse.Namespace, teacher_dir: Path, extras: dict, best_lr: dict) -> dict[str, float]:
+    """OPDF / plain: training runtime of the runs, KD step time measured interleaved, contracted CPU latency."""
+    plain = extras["plain_kd"]["train_runtime_mean"]
+    ratios = {f"{name}/train_runtime_ratio": extras[name]["train_runtime_mean"] / plain for name in extras
+              if name != "plain_kd"}
+    opdf = f"opdf_{a.gauges[0]}"
+    ratios[f"{opdf}/kd_step_time_ratio_interleaved"] = kd_step_time_ratio(teacher_dir, task, a.gauges[0])
+    ratios[f"{opdf}/latency_ratio_contracted"] = latency_ratio(Path(a.work_dir, task, f"{opdf}-lr{best_lr[opdf]:g}-seed0"),
+                                                            Path(a.work_dir, task, f"plain_kd-lr{best_lr['plain_kd']:g}-seed0"),
+                                                            task=task)
+    return ratios
 
 if __name__ == "__main__":
     main()
