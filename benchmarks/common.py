@@ -156,8 +156,8 @@ def run_devices(results: Iterable[dict]) -> list[str]:
     return sorted({r.get("model_card", {}).get("device", "unknown") for r in results})
 
 
-def add_workers_argument(parser: Any) -> None:
-    """The `--workers` option of the benchmarks that run many independent training scripts."""
+def add_parallel_arguments(parser: Any) -> None:
+    """`--workers` and `--no_speed` of the benchmarks that run many independent training scripts."""
     parser.add_argument("--workers", type=int, default=1,
                         help="training runs at a time (independent runs: teachers, seeds, learning rates); >1 on a "
                              "machine with many cores or a GPU, each run then gets cpu_count / workers threads")

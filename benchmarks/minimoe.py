@@ -35,7 +35,7 @@ from pathlib import Path
 from transformers import AutoConfig
 
 import hf_moekd  # noqa: F401  (registers MiniMoE with the Auto classes)
-from common import (DEFAULT_DATA, REPO, TEACHER_SAMPLES, add_workers_argument, in_parallel, interleaved_medians,
+from common import (DEFAULT_DATA, REPO, add_parallel_arguments, in_parallel, interleaved_medians,
                     kept_tasks, latency_ratio, mean_std, previous_result, run_devices, run_script, run_scripts,
                     task_command, teacher_budget, teachers, threads_per_run, write_result)
 
@@ -147,7 +147,7 @@ def main() -> None:
                         help="stage-2 learning rates; each student is reported at its best (mean over seeds)")
     parser.add_argument("--teacher", action="append", default=[], metavar="TASK=DIR",
                         help="reuse a fine-tuned teacher, e.g. sst2=runs/opdf/sst2/teacher")
-    add_workers_argument(parser)
+    add_parallel_arguments(parser)
     a = parser.parse_args()
     given = dict(t.split("=", 1) for t in a.teacher)
     kinds = ["dense", *(k for k in a.kinds if k != "dense")]
@@ -173,9 +173,8 @@ def main() -> None:
         teacher_file = teacher_dirs[task] / "all_results.json"
         if teacher_file.exists():
             teacher_scores[task] = json.loads(teacher_file.read_text()).get(metric)
-        budgets[task] = (f"given with --teacher ({given[task]}): {teacher_budget(teacher_dirs[task]) or 'unknown'}"
-                         if task in given else f"trained here: {TEACHER_SAMPLES[task]} train examples, 3 epochs, lr "
-                         "1e-4, batch 32 (benchmarks/common.py)")
+        budgets[task] = (f"given with --teacher ({given[task]})" if task in given else
+                         "trained here (benchmarks/common.py)") + f": {teacher_budget(teacher_dirs[task]) or 'unknown'}"
         for size, kind in starts:
             by_lr = {}
             for lr in a.lrs:

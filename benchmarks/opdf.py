@@ -31,7 +31,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from common import (DEFAULT_DATA, REPO, TEACHER_SAMPLES, add_workers_argument, interleaved_medians, kept_tasks,
+from common import (DEFAULT_DATA, REPO, TEACHER_SAMPLES, add_parallel_arguments, interleaved_medians, kept_tasks,
                     latency_ratio, mean_std, previous_result, run_devices, run_scripts, task_command, teacher,
                     write_result)
 
@@ -109,7 +109,7 @@ def main() -> None:
                         help="reuse a fine-tuned teacher, e.g. sst2=runs/kd_quality/sst2/teacher-seed0")
     parser.add_argument("--result_name", default="opdf", help="benchmarks/results/<name>.json (e.g. opdf_official_schedule "
                         "for the official 6-epoch schedule, keeping opdf.json)")
-    add_workers_argument(parser)
+    add_parallel_arguments(parser)
     a = parser.parse_args()
     given = dict(t.split("=", 1) for t in a.teacher)
     tasks = previous_tasks(a)
@@ -190,6 +190,7 @@ def speed_ratios(task: str, a: argparse.Namespace, teacher_dir: Path, extras: di
                                                             Path(a.work_dir, task, f"plain_kd-lr{best_lr['plain_kd']:g}-seed0"),
                                                             task=task)
     return ratios
+
 
 if __name__ == "__main__":
     main()

@@ -205,7 +205,9 @@ class ResultsPage:
         by_task = d.get("command_by_task")
         if isinstance(by_task, dict) and by_task:
             lines += ["", "Per task (the run that measured each task's numbers):", ""]
-            lines += [f"- `{task}`: `{command}`" for task, command in by_task.items()]
+            devices = {t: s.get("devices") for t, s in d.get("settings_by_task", {}).items() if isinstance(s, dict)}
+            lines += [f"- `{task}`" + (f" (trained on {', '.join(devices[task])})" if devices.get(task) else "")
+                      + f": `{command}`" for task, command in by_task.items()]
         env = d.get("environment")
         if isinstance(env, dict):
             versions = env.get("versions", {})
