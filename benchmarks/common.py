@@ -129,13 +129,8 @@ def in_parallel(fn: Callable[[T], R], items: Sequence[T], workers: int = 1) -> l
 def run_scripts(jobs: Sequence[tuple[list[str], Path]], tag: str, workers: int = 1) -> list[dict]:
     """`run_script` over independent `(cmd, out)` jobs, `workers` at a time, each with an equal share of the CPU
     threads when several run (a machine with many cores or a GPU); results in the jobs' order."""
-    threads = threads_per_run(workers)
+    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None  # None: torch's default
     return in_parallel(lambda job: run_script(*job, tag, threads=threads), jobs, workers)
-
-
-def threads_per_run(workers: int) -> int | None:
-    """CPU threads of each of `workers` runs at once (None: one run, torch's default)."""
-    return max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
 
 
 def teacher_budget(teacher_dir: Path) -> str | None:
@@ -145,7 +140,8 @@ def teacher_budget(teacher_dir: Path) -> str | None:
     if not path.exists():
         return None
     r = json.loads(path.read_text())
-    card, hp = r.get("model_card", {}), r.get("model_card", {}).get("hyperparameters", {})
+    card = r.get("model_card", {})
+    hp = card.get("hyperparameters", {})
     examples = round(r["train_samples_per_second"] * r["train_runtime"] / r["epoch"])
     return (f"{examples} train examples, {r['epoch']:g} epochs, lr {hp.get('learning_rate', '?'):g}, batch "
             f"{hp.get('total_train_batch_size', '?')}, on {card.get('device', 'unknown')}")

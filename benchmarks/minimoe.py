@@ -35,9 +35,9 @@ from pathlib import Path
 from transformers import AutoConfig
 
 import hf_moekd  # noqa: F401  (registers MiniMoE with the Auto classes)
-from common import (DEFAULT_DATA, REPO, add_parallel_arguments, in_parallel, interleaved_medians,
-                    kept_tasks, latency_ratio, mean_std, previous_result, run_devices, run_script, run_scripts,
-                    task_command, teacher_budget, teachers, threads_per_run, write_result)
+from common import (DEFAULT_DATA, REPO, add_parallel_arguments, interleaved_medians, kept_tasks, latency_ratio,
+                    mean_std, previous_result, run_devices, run_scripts, task_command, teacher_budget, teachers,
+                    write_result)
 
 METRICS = {"sst2": "eval_accuracy", "mrpc": "eval_f1", "rte": "eval_accuracy", "cola": "eval_matthews_correlation",
            "stsb": "eval_pearson", "conll": "test_f1"}
@@ -94,7 +94,8 @@ def run_dir(a: argparse.Namespace, task: str, kind: str, size: str, lr: float, s
     return Path(a.work_dir, task, f"{kind}-{size}{init_suffix(a)}-lr{lr:g}-seed{seed}")
 
 
-def stage1(size: str, kind: str, a: argparse.Namespace, threads: int | None = None) -> Path:
+def stage1_job(size: str, kind: str, a: argparse.Namespace) -> tuple[list[str], Path]:
+    """Command and folder of the task-agnostic stage of the `kind` student of `size`."""
     out = Path(a.work_dir, "stage1", f"{kind}-{size}{init_suffix(a)}")
     cmd = [
         sys.executable, "examples/run_task_agnostic.py", "--data_dir", a.data_dir, "--output_dir", str(out),
@@ -103,8 +104,7 @@ def stage1(size: str, kind: str, a: argparse.Namespace, threads: int | None = No
         str(a.stage1_lr), "--seed", "0", "--logging_steps", "50", "--save_strategy", "steps", "--save_steps", "200",
         "--save_total_limit", "1", "--resume_from_checkpoint", "last", "--disable_tqdm", "true",
     ]
-    run_script(cmd, out, "minimoe", threads=threads)
-    return out
+    return cmd, out
 
 
 def stage2_job(a: argparse.Namespace, key: tuple, start: Path, teacher_dir: Path) -> tuple[list[str], Path]:
@@ -156,9 +156,9 @@ def main() -> None:
                          "moefied already)")
 
     table, teacher_scores, budgets, models = {}, {}, {}, {}
-    pairs = [(size, kind) for size in a.sizes for kind in kinds]
-    threads = threads_per_run(a.workers)
-    starts = dict(zip(pairs, in_parallel(lambda p: stage1(*p, a, threads), pairs, a.workers)))
+    stage1_jobs = {(size, kind): stage1_job(size, kind, a) for size in a.sizes for kind in kinds}
+    run_scripts(list(stage1_jobs.values()), "minimoe", a.workers)
+    starts = {pair: out for pair, (_, out) in stage1_jobs.items()}
     for (size, kind), path in starts.items():
         config = AutoConfig.from_pretrained(path)
         models[f"{kind}-{size}"] = {"flops_per_token": flops_per_token(config),

@@ -127,13 +127,10 @@ def _save_atomically(dataset: datasets.Dataset, target: Path, meta: dict[str, st
         dataset.save_to_disk(str(tmp))
         (tmp / "hf_moekd_teacher.json").write_text(json.dumps(meta))
         tmp.rename(target)
-    except OSError:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "dataset_info.json").exists():
+        if not (isinstance(error, OSError) and (target / "dataset_info.json").exists()):
             raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 class TeacherLogitsCollator:
