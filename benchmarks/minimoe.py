@@ -9,7 +9,8 @@ Teacher per task: all-MiniLM-L6-v2 fine-tuned (benchmarks/common.py's recipe). T
   the dense student computes. `--kinds ... minimoe_moefy` adds the MiniMoE student with the official `moefy`
   partition instead (the start used before issue 29: FFN output about a third of the dense one's).
 * `random` (the official recipe: both students from random init, MiniMoE experts moefied from a random wide FFN;
-  results/minimoe_random.json): for budgets where random students learn (at 10,000 stage-1 sentences they do not).
+  results/minimoe_random.json): for budgets where random students learn (at 10,000 stage-1 sentences they do not;
+  measured with `--stage1_samples 200000 --stage1_epochs 3 --train_samples 20000`, on a GPU).
 
 Students: dense BERT (3L-384H; `--sizes` adds 4L-192H in the random setting) and its MiniMoE twin
 (`--moe_experts 4`: four top-1 FFN experts, each the size of the dense FFN, so the same FLOPs per token plus a
