@@ -126,11 +126,17 @@ def in_parallel(fn: Callable[[T], R], items: Sequence[T], workers: int = 1) -> l
         return list(pool.map(fn, items))
 
 
-def run_scripts(jobs: Sequence[tuple[list[str], Path]], tag: str, workers: int = 1) -> list[dict]:
+def run_scripts(jobs: Sequence[tuple[list[str], Path]], tag: str, workers: int = 1,
+                run_kind: str | None = None) -> list[dict]:
     """`run_script` over independent `(cmd, out)` jobs, `workers` at a time, each with an equal share of the CPU
-    threads when several run (a machine with many cores or a GPU); results in the jobs' order."""
+    threads when several run (a machine with many cores or a GPU); results in the jobs' order. With `run_kind`
+    (e.g. "distil"), a run whose all_results.json records another kind is an error."""
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None  # None: torch's default
-    return in_parallel(lambda job: run_script(*job, tag, threads=threads), jobs, workers)
+    results = in_parallel(lambda job: run_script(*job, tag, threads=threads), jobs, workers)
+    for (_, out), result in zip(jobs, results):
+        if run_kind is not None and result.get("run_kind") != run_kind:
+            raise RuntimeError(f"{out} did not {run_kind}; delete it and rerun")
+    return results
 
 
 def teacher_budget(teacher_dir: Path) -> str | None:

@@ -168,7 +168,7 @@ def main() -> None:
     grid = [(task, size, kind, lr, seed) for task in a.tasks for size, kind in starts for lr in a.lrs
             for seed in a.seeds]
     jobs = [stage2_job(a, key, starts[key[1:3]], teacher_dirs[key[0]]) for key in grid]
-    results = dict(zip(grid, run_scripts(jobs, "minimoe", a.workers)))
+    results = dict(zip(grid, run_scripts(jobs, "minimoe", a.workers, run_kind="distil")))
     for task in a.tasks:
         metric = METRICS[task]
         teacher_file = teacher_dirs[task] / "all_results.json"
@@ -177,14 +177,7 @@ def main() -> None:
         budgets[task] = (f"given with --teacher ({given[task]})" if task in given else
                          "trained here (benchmarks/common.py)") + f": {teacher_budget(teacher_dirs[task]) or 'unknown'}"
         for size, kind in starts:
-            by_lr = {}
-            for lr in a.lrs:
-                by_lr[lr] = []
-                for seed in a.seeds:
-                    result = results[task, size, kind, lr, seed]
-                    if result.get("run_kind") != "distil":
-                        raise RuntimeError(f"{run_dir(a, task, kind, size, lr, seed)} did not distil; delete it and rerun")
-                    by_lr[lr].append(result[metric])
+            by_lr = {lr: [results[task, size, kind, lr, seed][metric] for seed in a.seeds] for lr in a.lrs}
             best = max(a.lrs, key=lambda lr: statistics.fmean(by_lr[lr]))
             row = table[f"{task}/{kind}-{size}"] = {**mean_std(by_lr[best]), "lr": best,
                                                     "by_lr": {f"{lr:g}": mean_std(v) for lr, v in by_lr.items()}}

@@ -36,6 +36,14 @@ def test_run_scripts_runs_missing_jobs_with_a_share_of_the_threads(tmp_path, mon
     assert alone == [{"threads": None, "name": "one"}]  # one run: torch's default threads
 
 
+def test_run_scripts_refuses_a_run_of_another_kind(tmp_path):
+    (tmp_path / "all_results.json").write_text(json.dumps({"run_kind": "fine-tune"}))
+    job = ([sys.executable, "-c", "raise SystemExit(1)"], tmp_path)
+    assert common.run_scripts([job], "t") == [{"run_kind": "fine-tune"}]
+    with pytest.raises(RuntimeError, match="did not distil; delete it and rerun"):
+        common.run_scripts([job], "t", run_kind="distil")
+
+
 def test_run_facts_read_off_the_results(tmp_path):
     results = {"epoch": 3.0, "train_runtime": 12.1, "train_samples_per_second": 4000 * 3 / 12.1,
                "model_card": {"device": "NVIDIA H200",
